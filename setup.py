@@ -1,0 +1,25 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+readme = here / "README.md"
+
+setup(
+    name="torch_rlprune",
+    version="0.1.0",
+    description="Reinforcement-learning pruning policies on top of torch.nn.utils.prune",
+    long_description=readme.read_text(encoding="utf-8") if readme.exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(exclude=["tests", "tests.*", "benchmarks", "benchmarks.*", "examples", "examples.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1,<3",
+        "torchvision>=0.16",
+        "torch-pruning>=1.4,<2",
+        "timm>=0.9",
+        "numpy>=1.22",
+        "tqdm>=4.60",
+    ],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+)

@@ -1,0 +1,189 @@
+"""AMC: AutoML for Model Compression (He et al., ECCV 2018), the DDPG agent.
+
+Algorithm, as in the paper (Sec. 3) and its reference code:
+
+    for episode = 1..E:
+        s_1 = embedding of layer 1
+        for t = 1..T:                                   # one step per prunable layer
+            a_t = random U(0,1)               if episode <= warm-up
+                  TN(mu(s_t), delta, [0, 1])  otherwise   # truncated-normal exploration
+            env clips a_t so the budget stays reachable; s_{t+1} = next layer's embedding
+        R = score of the pruned model (sparse reward, only at the end)
+        store (s_t, a_t, R, s_{t+1}) for every t            # every step gets the final reward
+        after warm-up, one DDPG update per stored step:
+            R' = R - moving average of batch rewards         # variance-reducing baseline
+            critic: Q(s,a) -> R' + gamma * Q'(s', mu'(s'))   (gamma = 1)
+            actor:  maximise Q(s, mu(s));  soft-update target networks (tau)
+        delta <- delta * decay
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import register_agent
+from .base import Agent
+
+
+@dataclass
+class AMCConfig:
+    episodes: int = 300
+    """Total episodes. Reference code: 800; paper: 400 for ImageNet. CPU-scaled: a small
+    search space (tens of layers) converges in a few hundred episodes (closing note of
+    the foundation issue has the measurement)."""
+    warmup: int = 100
+    """Random episodes that only fill the replay buffer (reference code: 100)."""
+    hidden: int = 300
+    """Width of both hidden layers of actor and critic (paper: 300-300)."""
+    lr_actor: float = 1e-4
+    """Actor learning rate (reference code: 1e-4)."""
+    lr_critic: float = 1e-3
+    """Critic learning rate (reference code: 1e-3)."""
+    tau: float = 0.01
+    """Soft target-network update rate (reference code: 0.01)."""
+    discount: float = 1.0
+    """Discount factor (paper: 1, the reward arrives only at the end)."""
+    batch_size: int = 64
+    """Minibatch size of each DDPG update (reference code: 64)."""
+    replay_per_layer: int = 100
+    """Replay capacity per layer, in transitions (reference code: rmsize = 100 x layers)."""
+    init_delta: float = 0.5
+    """Initial std of the truncated-normal exploration noise (reference code: 0.5)."""
+    delta_decay: float = 0.95
+    """Per-episode decay of the noise after warm-up (reference code: 0.95)."""
+    moving_alpha: float = 0.5
+    """Update rate of the moving-average reward baseline (reference code: 0.5)."""
+    init_w: float = 3e-3
+    """Uniform init range of the output layers (DDPG, Lillicrap et al. 2016)."""
+
+
+class Actor(nn.Module):
+    def __init__(self, state_dim: int, hidden: int, init_w: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(state_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                 nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid())
+        nn.init.uniform_(self.net[4].weight, -init_w, init_w)
+
+    def forward(self, state):
+        return self.net(state)
+
+
+class Critic(nn.Module):
+    def __init__(self, state_dim: int, hidden: int, init_w: float):
+        super().__init__()
+        self.state_in = nn.Linear(state_dim, hidden)
+        self.action_in = nn.Linear(1, hidden)
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        nn.init.uniform_(self.head[3].weight, -init_w, init_w)
+
+    def forward(self, state, action):
+        return self.head(self.state_in(state) + self.action_in(action))
+
+
+class ReplayBuffer:
+    """Fixed-size ring buffer of (s, a, r, s', done)."""
+
+    def __init__(self, capacity: int, state_dim: int):
+        self.s = np.zeros((capacity, state_dim), np.float32)
+        self.a = np.zeros((capacity, 1), np.float32)
+        self.r = np.zeros((capacity, 1), np.float32)
+        self.s2 = np.zeros((capacity, state_dim), np.float32)
+        self.done = np.zeros((capacity, 1), np.float32)
+        self.capacity, self.size, self.pos = capacity, 0, 0
+
+    def add(self, s, a, r, s2, done):
+        i = self.pos
+        self.s[i], self.a[i], self.r[i], self.s2[i], self.done[i] = s, a, r, s2, float(done)
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, rng: np.random.Generator, batch_size: int):
+        idx = rng.integers(0, self.size, size=min(batch_size, self.size))
+        return tuple(torch.from_numpy(x[idx]) for x in (self.s, self.a, self.r, self.s2, self.done))
+
+
+def truncated_normal(rng: np.random.Generator, mu: float, sigma: float, low=0.0, high=1.0) -> float:
+    """One sample of N(mu, sigma) truncated to [low, high] (rejection; clip as a last resort)."""
+    for _ in range(100):
+        x = rng.normal(mu, sigma)
+        if low <= x <= high:
+            return float(x)
+    return float(np.clip(mu, low, high))
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        for t, s in zip(target.parameters(), source.parameters()):
+            t.mul_(1 - tau).add_(s, alpha=tau)
+
+
+@register_agent
+class AMCAgent(Agent):
+    """DDPG over per-layer amounts with AMC's exploration and reward baseline."""
+
+    name = "amc"
+    Config = AMCConfig
+
+    def _build(self, state_dim: int, num_layers: int) -> None:
+        c = self.config
+        self.actor = Actor(state_dim, c.hidden, c.init_w)
+        self.critic = Critic(state_dim, c.hidden, c.init_w)
+        self.actor_target = Actor(state_dim, c.hidden, c.init_w)
+        self.critic_target = Critic(state_dim, c.hidden, c.init_w)
+        self.actor_target.load_state_dict(self.actor.state_dict())
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=c.lr_actor)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=c.lr_critic)
+        self.memory = ReplayBuffer(c.replay_per_layer * num_layers, state_dim)
+        self.moving_average = None
+        self.delta = c.init_delta
+
+    def act(self, state: np.ndarray, explore: bool) -> float:
+        with torch.no_grad():
+            mu = float(self.actor(torch.from_numpy(state)[None])[0, 0])
+        return truncated_normal(self.rng, mu, self.delta) if explore else mu
+
+    def update(self) -> None:
+        c = self.config
+        s, a, r, s2, done = self.memory.sample(self.rng, c.batch_size)
+        batch_mean = float(r.mean())
+        if self.moving_average is None:
+            self.moving_average = batch_mean
+        else:
+            self.moving_average += c.moving_alpha * (batch_mean - self.moving_average)
+        r = r - self.moving_average
+        with torch.no_grad():
+            target_q = r + c.discount * (1 - done) * self.critic_target(s2, self.actor_target(s2))
+        critic_loss = nn.functional.mse_loss(self.critic(s, a), target_q)
+        self.critic_opt.zero_grad()
+        critic_loss.backward()
+        self.critic_opt.step()
+        actor_loss = -self.critic(s, self.actor(s)).mean()
+        self.actor_opt.zero_grad()
+        actor_loss.backward()
+        self.actor_opt.step()
+        soft_update(self.actor_target, self.actor, c.tau)
+        soft_update(self.critic_target, self.critic, c.tau)
+
+    def search(self, env, episodes: int) -> None:
+        c = self.config
+        self._build(env.observation_dim, env.num_steps)
+        for episode in range(episodes):
+            warmup = episode < c.warmup
+            env.phase = "warmup" if warmup else "explore"
+            state, done, trajectory = env.reset(), False, []
+            while not done:
+                action = float(self.rng.uniform(0, 1)) if warmup else self.act(state, explore=True)
+                next_state, reward, done, info = env.step(action)
+                # Store the amount actually applied (after clipping): it is what produced the outcome.
+                trajectory.append((state, info["amount"], next_state, done))
+                state = next_state
+            for s, a, s2, d in trajectory:
+                self.memory.add(s, a, reward, s2, d)
+                if not warmup:
+                    self.update()
+            if not warmup:
+                self.delta *= c.delta_decay

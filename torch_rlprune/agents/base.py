@@ -1,0 +1,44 @@
+"""What every agent is: a named search procedure over a :class:`LayerwisePruningEnv`."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+__all__ = ["Agent"]
+
+
+class Agent:
+    """Base class. A subclass sets ``name``, ``Config`` (a dataclass whose fields are the
+    hyper-parameters, with ``episodes`` among them) and implements :meth:`search`.
+
+    Agents only call ``env.reset()``, ``env.step(amount)`` and read ``env.action_bounds()``,
+    ``env.observation_dim`` and ``env.num_steps``: they never touch the model.
+    """
+
+    name = "agent"
+    Config: Any = None
+
+    def __init__(self, config: Optional[Any] = None, seed: int = 0, **overrides):
+        if config is None:
+            config = self.Config()
+        elif isinstance(config, dict):
+            overrides = {**config, **overrides}
+            config = self.Config()
+        if not isinstance(config, self.Config):
+            raise TypeError(f"agent_config for {self.name!r} must be a {self.Config.__name__} or a dict")
+        known = {f.name for f in dataclasses.fields(self.Config)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"agent_config: unknown option(s) {unknown} for agent {self.name!r}; "
+                             f"allowed: {sorted(known)}")
+        self.config = dataclasses.replace(config, **overrides)
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+
+    def search(self, env, episodes: int) -> None:
+        raise NotImplementedError
+
+    def hyperparameters(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self.config)

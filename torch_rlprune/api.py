@@ -1,0 +1,286 @@
+"""``rl_prune``: search a per-layer pruning plan with an RL agent and apply it in place."""
+from __future__ import annotations
+
+import numbers
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .agents import Agent, get_agent_class, list_agents
+from .calibration import build_calibration, primary_output
+from .env import BUDGETS, LayerwisePruningEnv
+from .masking import InPlaceMask
+from .plan import PruningPlan, apply_plan
+from .rewards import REWARDS, make_reward
+from .safety import ModelSnapshot
+from .structure import PrunableTensor, find_prunable, trace_execution
+
+__all__ = ["rl_prune", "global_rl_unstructured", "PruneResult", "STRUCTURES", "pruned_fraction"]
+
+STRUCTURES = ("unstructured",)
+
+
+@dataclass
+class PruneResult:
+    """What :func:`rl_prune` returns.
+
+    Attributes:
+        model: the same module object that was passed in, now pruned in place.
+        plan: the :class:`PruningPlan` that was applied.
+        sparsity: achieved fraction of the budget's cost removed, read back from the masks.
+        history: one dict per episode: reward, score, sparsity, best_reward, phase, seconds.
+        baseline_score: the unpruned model's score under the same reward.
+        wall_time: seconds for the whole call.
+        forward_seconds: seconds of one scoring pass of the unpruned model (an episode's floor).
+    """
+
+    model: nn.Module
+    plan: PruningPlan
+    sparsity: float
+    history: List[dict]
+    baseline_score: float
+    wall_time: float
+    forward_seconds: float
+    layers: List[PrunableTensor] = field(repr=False, default_factory=list)
+
+    @property
+    def score(self) -> float:
+        return self.plan.score
+
+    @property
+    def episode_seconds(self) -> float:
+        """Median wall time of one episode (agent work included)."""
+        return statistics.median(h["seconds"] for h in self.history) if self.history else float("nan")
+
+    def summary(self) -> str:
+        p = self.plan
+        lines = [f"rl_prune: agent={p.agent} reward={p.reward} budget={p.budget} structure={p.structure} "
+                 f"episodes={p.episodes} seed={p.seed}",
+                 f"target {p.target:.4f}  achieved {self.sparsity:.4f}  "
+                 f"score {p.score:.4f} (unpruned {self.baseline_score:.4f})  wall time {self.wall_time:.1f}s  "
+                 f"episode {self.episode_seconds * 1e3:.0f} ms vs forward {self.forward_seconds * 1e3:.0f} ms",
+                 f"{'layer':<40} {'kind':<8} {'params':>10} {'pruned':>8}"]
+        for name, amount in p.amounts.items():
+            layer = next((lay for lay in self.layers if lay.name == name), None)
+            kind = layer.kind if layer is not None else ""
+            lines.append(f"{name:<40} {kind:<8} {p.numels[name]:>10} {amount:>8.1%}")
+        return "\n".join(lines)
+
+
+def _check_fraction(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in (0, 1), got {type(value).__name__}")
+    if not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{name} must be in (0, 1) (the fraction of prunable weights removed), got {value!r}")
+    return float(value)
+
+
+def _importance_by_name(importance_scores, layers: List[PrunableTensor]) -> Dict[str, torch.Tensor]:
+    if not importance_scores:
+        return {}
+    by_key = {}
+    for key, scores in importance_scores.items():
+        if isinstance(key, tuple):
+            match = [lay for lay in layers if lay.module is key[0] and lay.param_name == key[1]]
+            if not match:
+                raise ValueError("importance_scores: a (module, name) key is not among the pruned tensors")
+            key = match[0].name
+        by_key[key] = scores
+    unknown = set(by_key) - {lay.name for lay in layers}
+    if unknown:
+        raise ValueError(f"importance_scores: unknown tensor(s) {sorted(unknown)}")
+    return by_key
+
+
+def pruned_fraction(layers: List[PrunableTensor], budget: str = "params") -> float:
+    """Fraction of the layers' cost (params, or MACs) that their prune masks remove."""
+    removed = total = 0.0
+    for layer in layers:
+        mask = layer.existing_mask
+        cost = 1 if budget == "params" else layer.out_positions * max(layer.calls, 1)
+        total += layer.numel * cost
+        if mask is not None:
+            removed += float((mask == 0).sum()) * cost
+    return removed / total
+
+
+def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity", agent="amc",
+             episodes: Optional[int] = None, budget: str = "params", structure: str = "unstructured",
+             exclude=None, example_inputs=None, seed: int = 0, verbose: bool = True,
+             agent_config=None, calibration_samples: int = 512, max_amount: float = 0.98,
+             importance_scores=None, parameters=None) -> PruneResult:
+    """Search per-layer pruning amounts with an RL agent and prune ``model`` in place.
+
+    Args:
+        model: any ``nn.Module`` (timm models included). Pruned in place; the same object
+            is returned in ``result.model``.
+        target: fraction of prunable weights to remove (of MACs with ``budget="macs"``),
+            in (0, 1). Met within 0.5 percentage points, always.
+        data: calibration data: a DataLoader, an iterable of batches (tensors or
+            ``(inputs, labels)``), a Dataset, or a tensor. ``None`` synthesises Gaussian
+            inputs from ``example_inputs`` or timm's ``pretrained_cfg`` (with a warning).
+        reward: ``"fidelity"`` (label-free agreement with the unpruned model),
+            ``"accuracy"`` (needs labels) or ``callable(model) -> float``.
+        agent: a registered name (``list_agents()``) or an :class:`Agent` instance.
+        episodes: episodes to run; ``None`` takes the agent's default.
+        budget: ``"params"`` or ``"macs"``.
+        structure: ``"unstructured"``.
+        exclude: module names or modules to leave unpruned (with everything below them).
+        example_inputs: one input batch, used when ``data`` is None.
+        seed: makes the search bit-for-bit reproducible.
+        verbose: show a progress bar.
+        agent_config: the agent's config dataclass or a dict of overrides.
+        calibration_samples: inputs taken from ``data`` to score plans on.
+        max_amount: largest fraction removable from any single tensor.
+        importance_scores: optional ``{name or (module, name): tensor}`` ranking entries
+            (smallest pruned first) instead of weight magnitude.
+        parameters: optional ``[(module, name), ...]`` restricting the search to these tensors.
+
+    Returns:
+        :class:`PruneResult`.
+
+    The model is touched only after every argument has been checked; if anything fails
+    or is interrupted (KeyboardInterrupt included), parameters, buffers, hooks and
+    training flags are exactly as before the call.
+    """
+    started = time.perf_counter()
+    # ---- validate everything before any weight is touched
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    target = _check_fraction(target, "target")
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    if isinstance(agent, Agent):
+        agent_obj = agent
+    else:
+        if not isinstance(agent, str):
+            raise TypeError(f"agent must be a name from {list_agents()} or an Agent instance")
+        agent_cls = get_agent_class(agent)
+    if not (callable(reward) or reward in REWARDS):
+        raise ValueError(f"reward must be one of {REWARDS} or a callable(model) -> float, got {reward!r}")
+    if episodes is not None and (isinstance(episodes, bool) or not isinstance(episodes, numbers.Integral)
+                                 or episodes < 1):
+        raise ValueError(f"episodes must be a positive integer or None, got {episodes!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, numbers.Integral) \
+            or calibration_samples < 1:
+        raise ValueError(f"calibration_samples must be a positive integer, got {calibration_samples!r}")
+    if isinstance(max_amount, bool) or not isinstance(max_amount, numbers.Real) or not 0 < max_amount <= 1:
+        raise ValueError(f"max_amount must be in (0, 1], got {max_amount!r}")
+    if not isinstance(agent, Agent):
+        agent_obj = agent_cls(agent_config, seed=int(seed))
+    episodes = int(episodes if episodes is not None else agent_obj.config.episodes)
+
+    layers = find_prunable(model, exclude, parameters)
+    if not layers:
+        raise ValueError("the model has no prunable layers (Conv/Linear weights) left after 'exclude'")
+
+    snapshot = ModelSnapshot(model)
+    env = None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            model.eval()
+            calibration = build_calibration(model, data, example_inputs, int(calibration_samples), seed=int(seed))
+            try:
+                with torch.inference_mode():
+                    out = primary_output(model(calibration.inputs[0]))
+            except Exception as err:
+                raise ValueError(f"data: the model cannot run on a batch of shape "
+                                 f"{tuple(calibration.inputs[0].shape)}: {err}") from err
+            if out is None:
+                raise ValueError("data: the model's output holds no tensor to score")
+            scorer = make_reward(reward, calibration)
+            scorer.prepare(model)
+
+            def run_first_batch():
+                with torch.inference_mode():
+                    model(calibration.inputs[0])
+
+            layers, unused = trace_execution(model, layers, run_first_batch)
+            if unused:
+                warnings.warn(f"rl_prune: {len(unused)} layer(s) never ran in a forward pass and are not "
+                              f"pruned: {[u.name for u in unused][:5]}", UserWarning, stacklevel=2)
+            if not layers:
+                raise ValueError("none of the prunable layers ran in a forward pass of the model")
+            scores = _importance_by_name(importance_scores, layers)
+            masks = [InPlaceMask(layer, scores.get(layer.name)) for layer in layers]
+            env = LayerwisePruningEnv(layers, masks, lambda: scorer(model), target, budget, max_amount)
+            if env.existing_fraction > target + 0.005:
+                raise ValueError(f"target {target} is below what the model's existing masks already remove "
+                                 f"({env.existing_fraction:.4f})")
+            if env.max_fraction < target - 0.005:
+                raise ValueError(f"target {target} cannot be reached with at most max_amount={max_amount} of "
+                                 f"each layer removed (at most {env.max_fraction:.4f})")
+
+            tick = time.perf_counter()
+            baseline = float(scorer(model))
+            forward_seconds = time.perf_counter() - tick
+
+            bar = tqdm(total=episodes, desc=f"rl_prune[{agent_obj.name}]", disable=not verbose,
+                       leave=False, dynamic_ncols=True)
+            env.callbacks.append(lambda rec: (bar.update(1), bar.set_postfix(best=f"{rec.best_reward:.4f}",
+                                                                             last=f"{rec.reward:.4f}")))
+            try:
+                agent_obj.search(env, episodes)
+            finally:
+                bar.close()
+                env.restore()
+            if env.best_k is None:
+                raise RuntimeError(f"agent {agent_obj.name!r} finished without completing an episode")
+            plan = PruningPlan(amounts=env.best_amounts(), numels={lay.name: lay.numel for lay in layers},
+                               target=target, sparsity=env.achieved(env.best_k), budget=budget,
+                               structure=structure, agent=agent_obj.name,
+                               reward=scorer.name, seed=int(seed), score=env.best_score,
+                               baseline_score=baseline, episodes=len(env.history),
+                               metadata={"agent_config": agent_obj.hyperparameters(),
+                                         "calibration_samples": calibration.num_samples,
+                                         "synthetic_calibration": calibration.synthetic,
+                                         "max_amount": max_amount})
+            apply_plan(model, plan, scores)
+            achieved = pruned_fraction(layers, budget)
+            if abs(achieved - target) > 0.005:
+                raise RuntimeError(f"internal error: achieved {achieved:.4f} for target {target}; "
+                                   "please report this")
+    except BaseException:
+        if env is not None:
+            env.restore()
+        snapshot.restore()
+        raise
+    snapshot_modes = {id(m): t for m, t, _, _ in snapshot.modules}
+    for m in model.modules():
+        m.training = snapshot_modes.get(id(m), m.training)
+    return PruneResult(model, plan, achieved, [h.as_dict() for h in env.history], baseline,
+                       time.perf_counter() - started, forward_seconds, layers)
+
+
+def global_rl_unstructured(parameters, target: float, importance_scores=None, *, model: nn.Module,
+                           agent="amc", reward="fidelity", data=None, **kwargs) -> PruneResult:
+    """RL counterpart of ``prune.global_unstructured``: one search over exactly ``parameters``.
+
+    Args:
+        parameters: iterable of ``(module, name)`` tuples, as for ``prune.global_unstructured``.
+        target: fraction of these tensors' entries to remove overall, in (0, 1).
+        importance_scores: optional ``{(module, name): tensor}``, as for ``global_unstructured``.
+        model: the model the tensors belong to (needed to score plans).
+        agent, reward, data, **kwargs: as for :func:`rl_prune`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError("global_rl_unstructured needs model= (the nn.Module the parameters belong to)")
+    try:
+        parameters = list(parameters)
+    except TypeError:
+        raise TypeError("parameters must be an iterable of (module, name) tuples") from None
+    if not parameters:
+        raise ValueError("parameters is empty: give at least one (module, name) tuple")
+    return rl_prune(model, target, data=data, reward=reward, agent=agent, parameters=parameters,
+                    importance_scores=importance_scores, **kwargs)

@@ -1,0 +1,162 @@
+"""A pruning plan: the portable result of a search, and how to apply it to any model."""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from .methods import PolicyUnstructured
+from .safety import ModelSnapshot
+
+__all__ = ["PruningPlan", "apply_plan", "PlanError"]
+
+PLAN_FORMAT_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan file or dict that is not a valid plan, or does not fit the model."""
+
+
+@dataclass
+class PruningPlan:
+    """Per-tensor amounts found by a search.
+
+    Attributes:
+        amounts: qualified parameter name (``"layer1.0.conv1.weight"``) -> fraction of that
+            tensor's entries removed, counting entries an earlier mask already removed.
+        numels: entries per tensor, to check that a model the plan is applied to matches.
+        target: the fraction of the budget's cost the plan was searched for.
+        sparsity: the fraction it achieves (of the budget's cost).
+        budget, structure, agent, reward, seed: how it was searched.
+        score: the best reward, and ``baseline_score`` the unpruned model's.
+    """
+
+    amounts: Dict[str, float]
+    numels: Dict[str, int]
+    target: float
+    sparsity: float
+    budget: str = "params"
+    structure: str = "unstructured"
+    agent: str = "amc"
+    reward: str = "fidelity"
+    seed: Optional[int] = None
+    score: Optional[float] = None
+    baseline_score: Optional[float] = None
+    episodes: Optional[int] = None
+    metadata: dict = field(default_factory=dict)
+    version: int = PLAN_FORMAT_VERSION
+
+    def counts(self) -> Dict[str, int]:
+        """Exact number of entries removed per tensor."""
+        return {name: int(round(a * self.numels[name])) for name, a in self.amounts.items()}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data) -> "PruningPlan":
+        """Build a plan from untrusted data, checking every field's type and range."""
+        if not isinstance(data, dict):
+            raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
+        required = {"amounts", "numels", "target", "sparsity"}
+        missing = required - set(data)
+        if missing:
+            raise PlanError(f"plan is missing field(s) {sorted(missing)}")
+        allowed = set(cls.__dataclass_fields__)
+        unknown = set(data) - allowed
+        if unknown:
+            raise PlanError(f"plan has unknown field(s) {sorted(unknown)}")
+        if data.get("version", PLAN_FORMAT_VERSION) != PLAN_FORMAT_VERSION:
+            raise PlanError(f"plan format version {data.get('version')!r} is not supported "
+                            f"(this library reads version {PLAN_FORMAT_VERSION})")
+        amounts, numels = data["amounts"], data["numels"]
+        if not isinstance(amounts, dict) or not isinstance(numels, dict) or set(amounts) != set(numels):
+            raise PlanError("plan 'amounts' and 'numels' must be objects with the same keys")
+        for name, a in amounts.items():
+            if not isinstance(name, str) or isinstance(a, bool) or not isinstance(a, numbers.Real) \
+                    or not math.isfinite(a) or not 0.0 <= a <= 1.0:
+                raise PlanError(f"plan amount for {name!r} must be a number in [0, 1], got {a!r}")
+        for name, n in numels.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise PlanError(f"plan numel for {name!r} must be a positive integer, got {n!r}")
+        for key in ("target", "sparsity"):
+            v = data[key]
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0:
+                raise PlanError(f"plan {key!r} must be a number in [0, 1], got {v!r}")
+        for key in ("budget", "structure", "agent", "reward"):
+            if key in data and not isinstance(data[key], str):
+                raise PlanError(f"plan {key!r} must be a string")
+        if "metadata" in data and not isinstance(data["metadata"], dict):
+            raise PlanError("plan 'metadata' must be an object")
+        return cls(**{k: data[k] for k in data})
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        return path
+
+    @classmethod
+    def load(cls, path) -> "PruningPlan":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise PlanError(f"{path}: not a valid JSON plan ({err})") from None
+        return cls.from_dict(data)
+
+
+def _resolve(model: nn.Module, qualified: str):
+    module_name, _, param_name = qualified.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        raise PlanError(f"the plan names {qualified!r} but the model has no module {module_name!r}") from None
+    tensor = getattr(module, param_name + "_orig", None)
+    if tensor is None:
+        tensor = getattr(module, param_name, None)
+    if not isinstance(tensor, torch.Tensor):
+        raise PlanError(f"the plan names {qualified!r} but {module_name!r} has no tensor {param_name!r}")
+    return module, param_name, tensor
+
+
+def apply_plan(model: nn.Module, plan: PruningPlan, importance_scores: Optional[Dict[str, torch.Tensor]] = None):
+    """Prune ``model`` in place as ``plan`` says, through ``torch.nn.utils.prune``.
+
+    Each tensor gets a :class:`PolicyUnstructured` hook removing its planned fraction of
+    smallest-magnitude entries (or smallest ``importance_scores[name]``). Tensors that are
+    already pruned keep their mask; the plan's fraction counts those entries. The whole
+    plan is checked against the model before anything changes, and a failure part-way
+    leaves the model as it was.
+
+    Returns:
+        the same ``model``.
+    """
+    if not isinstance(plan, PruningPlan):
+        raise TypeError(f"plan must be a PruningPlan, got {type(plan).__name__}")
+    if plan.structure != "unstructured":
+        raise PlanError(f"plan structure {plan.structure!r} is not supported by this version")
+    importance_scores = importance_scores or {}
+    resolved = []
+    for name, amount in plan.amounts.items():
+        module, param_name, tensor = _resolve(model, name)
+        if tensor.numel() != plan.numels[name]:
+            raise PlanError(f"{name!r} has {tensor.numel()} entries but the plan was made for "
+                            f"{plan.numels[name]}")
+        resolved.append((name, module, param_name, int(round(amount * tensor.numel()))))
+    snapshot = ModelSnapshot(model)
+    try:
+        with torch.no_grad():
+            for name, module, param_name, k_total in resolved:
+                mask = getattr(module, param_name + "_mask", None)
+                k_existing = 0 if mask is None else int((mask == 0).sum())
+                PolicyUnstructured.apply(module, param_name, amount=max(k_total - k_existing, 0),
+                                         importance_scores=importance_scores.get(name))
+    except BaseException:
+        snapshot.restore()
+        raise
+    return model

@@ -1,0 +1,136 @@
+"""How a masked model is scored. Higher is better; every score is computed in eval
+mode under ``inference_mode`` on the fixed calibration batches."""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional
+
+import torch
+from torch import nn
+
+from .calibration import CalibrationSet, primary_output
+
+__all__ = ["Reward", "FidelityReward", "AccuracyReward", "CallableReward", "make_reward", "REWARDS"]
+
+REWARDS = ("fidelity", "accuracy")
+
+
+class Reward:
+    """Scores ``model`` as it currently is. Subclasses set ``name``."""
+
+    name = "reward"
+
+    def prepare(self, model: nn.Module) -> None:
+        """Called once on the unpruned model before the search starts."""
+
+    def __call__(self, model: nn.Module) -> float:
+        raise NotImplementedError
+
+
+def _forward_all(model: nn.Module, inputs: List[torch.Tensor]):
+    with torch.inference_mode():
+        for x in inputs:
+            yield primary_output(model(x))
+
+
+class FidelityReward(Reward):
+    """Label-free agreement of the pruned model with the original.
+
+    For classifier outputs ``(N, C)`` the score is the *expected top-1 agreement*: the
+    mean probability the pruned model gives to the class the original model predicts
+    (1.0 when it reproduces the original's decisions with full confidence). It is a
+    smooth version of "how often does the pruned model still say what the original
+    said", so RL gets a graded signal where hard agreement would move in steps. For
+    any other output the score is ``1 / (1 + relative squared error)``. The original
+    outputs are computed once, in :meth:`prepare`.
+    """
+
+    name = "fidelity"
+
+    def __init__(self, calibration: CalibrationSet):
+        self.calibration = calibration
+        self._teacher: Optional[List[torch.Tensor]] = None
+        self._classifier = False
+
+    def prepare(self, model: nn.Module) -> None:
+        outs = list(_forward_all(model, self.calibration.inputs))
+        self._classifier = all(o.dim() == 2 and o.shape[1] > 1 for o in outs)
+        if self._classifier:
+            self._teacher = [o.argmax(1) for o in outs]
+        else:
+            self._teacher = [o.float().clone() for o in outs]
+            self._scale = sum(float(((o - o.mean()) ** 2).sum()) for o in self._teacher) or 1.0
+
+    def __call__(self, model: nn.Module) -> float:
+        if self._teacher is None:
+            raise RuntimeError("FidelityReward.prepare(model) must run on the unpruned model first")
+        total, count = 0.0, 0
+        for out, teacher in zip(_forward_all(model, self.calibration.inputs), self._teacher):
+            if self._classifier:
+                prob = torch.softmax(out.float(), dim=1).gather(1, teacher[:, None])
+                total += float(prob.sum())
+                count += len(teacher)
+            else:
+                total += float(((out.float() - teacher) ** 2).sum())
+        if self._classifier:
+            return total / count
+        return 1.0 / (1.0 + total / self._scale)
+
+
+class AccuracyReward(Reward):
+    """Top-1 accuracy on the labelled calibration batches."""
+
+    name = "accuracy"
+
+    def __init__(self, calibration: CalibrationSet):
+        if calibration.labels is None:
+            raise ValueError("reward='accuracy' needs labelled batches: pass data yielding (inputs, labels)")
+        self.calibration = calibration
+
+    def prepare(self, model: nn.Module) -> None:
+        with torch.inference_mode():
+            out = primary_output(model(self.calibration.inputs[0]))
+        labels = self.calibration.labels[0]
+        if out is None or out.dim() != 2:
+            raise ValueError("reward='accuracy' needs a classifier whose output is (batch, classes)")
+        if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or labels.dim() != 1:
+            raise ValueError("data: reward='accuracy' needs integer class labels of shape (batch,)")
+        if int(labels.max()) >= out.shape[1] or int(labels.min()) < 0:
+            raise ValueError(f"data: labels range over [{int(labels.min())}, {int(labels.max())}] but the "
+                             f"model has {out.shape[1]} classes")
+
+    def __call__(self, model: nn.Module) -> float:
+        correct = 0
+        for out, y in zip(_forward_all(model, self.calibration.inputs), self.calibration.labels):
+            correct += int((out.argmax(1) == y).sum())
+        return correct / self.calibration.num_samples
+
+
+class CallableReward(Reward):
+    """Any ``fn(model) -> float`` the user supplies (e.g. validation accuracy)."""
+
+    def __init__(self, fn: Callable[[nn.Module], float]):
+        self.fn = fn
+        self.name = getattr(fn, "__name__", "callable")
+
+    def __call__(self, model: nn.Module) -> float:
+        value = self.fn(model)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"reward callable must return a float, got {type(value).__name__}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"reward callable returned {value}; rewards must be finite")
+        return value
+
+
+def make_reward(reward, calibration: CalibrationSet) -> Reward:
+    if isinstance(reward, Reward):
+        return reward
+    if callable(reward):
+        return CallableReward(reward)
+    if reward == "fidelity":
+        return FidelityReward(calibration)
+    if reward == "accuracy":
+        return AccuracyReward(calibration)
+    raise ValueError(f"reward must be one of {REWARDS} or a callable(model) -> float, got {reward!r}")

@@ -1,0 +1,215 @@
+"""Which tensors can be pruned, in which order the model uses them, and what they cost.
+
+This module knows the model's structure and nothing about policies: it finds the
+Conv/Linear weights, traces one forward pass to learn execution order, feature-map
+sizes and how often each layer runs, and describes every layer with the numbers
+AMC's state embedding needs.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["PRUNABLE_TYPES", "PrunableTensor", "find_prunable", "trace_execution"]
+
+PRUNABLE_TYPES: Tuple[type, ...] = (
+    nn.Linear,
+    nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
+# A stable numeric code per layer kind for the state embedding.
+_KIND_CODES = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3,
+               "convtranspose1d": 4, "convtranspose2d": 5, "convtranspose3d": 6}
+
+
+def _kind(module: nn.Module) -> str:
+    for cls in PRUNABLE_TYPES:
+        if isinstance(module, cls):
+            return cls.__name__.lower()
+    raise TypeError(f"{type(module).__name__} is not a prunable layer type")
+
+
+@dataclass
+class PrunableTensor:
+    """One weight tensor that takes part in the search, with its static description."""
+
+    module_name: str
+    param_name: str
+    module: nn.Module = field(repr=False, compare=False)
+    kind: str = ""
+    in_channels: int = 0
+    out_channels: int = 0
+    kernel_size: int = 1        # product of the kernel dims (1 for Linear)
+    stride: int = 1
+    groups: int = 1
+    numel: int = 0
+    in_positions: int = 1       # spatial positions (or tokens) of the input, per sample
+    out_positions: int = 1      # spatial positions (or tokens) of the output, per sample
+    calls: int = 0              # forward calls per model forward (weight sharing counts twice)
+
+    @property
+    def name(self) -> str:
+        """Qualified parameter name, the key a :class:`PruningPlan` uses."""
+        return f"{self.module_name}.{self.param_name}" if self.module_name else self.param_name
+
+    @property
+    def kind_code(self) -> int:
+        return _KIND_CODES[self.kind]
+
+    @property
+    def macs(self) -> int:
+        """Dense multiply-accumulates per sample: each weight is used once per output position."""
+        return self.numel * self.out_positions * max(self.calls, 1)
+
+    @property
+    def existing_mask(self) -> Optional[torch.Tensor]:
+        """The mask torch.nn.utils.prune already holds for this tensor, if any."""
+        return getattr(self.module, self.param_name + "_mask", None)
+
+    @property
+    def original(self) -> torch.Tensor:
+        """The unmasked values (``weight_orig`` when already pruned)."""
+        orig = getattr(self.module, self.param_name + "_orig", None)
+        return orig if orig is not None else getattr(self.module, self.param_name)
+
+
+def _describe(module_name: str, module: nn.Module, param_name: str) -> PrunableTensor:
+    kind = _kind(module)
+    weight = getattr(module, param_name + "_orig", None)
+    if weight is None:
+        weight = getattr(module, param_name)
+    if kind == "linear":
+        in_ch, out_ch, kernel, stride, groups = module.in_features, module.out_features, 1, 1, 1
+    else:
+        in_ch, out_ch = module.in_channels, module.out_channels
+        kernel = math.prod(module.kernel_size)
+        stride = module.stride[0]
+        groups = module.groups
+    return PrunableTensor(module_name, param_name, module, kind, in_ch, out_ch, kernel, stride,
+                          groups, weight.numel())
+
+
+def _resolve_exclude(model: nn.Module, exclude) -> set:
+    """Module names to leave out; unknown names are an error, with suggestions."""
+    if exclude is None:
+        return set()
+    if isinstance(exclude, (str, nn.Module)):
+        exclude = [exclude]
+    try:
+        items = list(exclude)
+    except TypeError:
+        raise TypeError(f"exclude must be a module name, a module, or a list of them; "
+                        f"got {type(exclude).__name__}") from None
+    names = {id(m): n for n, m in model.named_modules()}
+    all_names = set(names.values())
+    out = set()
+    for item in items:
+        if isinstance(item, nn.Module):
+            if id(item) not in names:
+                raise ValueError(f"exclude: module {type(item).__name__} is not part of the model")
+            out.add(names[id(item)])
+        elif isinstance(item, str):
+            name = item[:-len(".weight")] if item.endswith(".weight") and item not in all_names else item
+            if name not in all_names:
+                close = difflib.get_close_matches(name, sorted(all_names), n=3)
+                hint = f"; did you mean {close}?" if close else ""
+                raise ValueError(f"exclude: the model has no module named {item!r}{hint}")
+            out.add(name)
+        else:
+            raise TypeError(f"exclude entries must be module names (str) or modules, "
+                            f"got {type(item).__name__}")
+    return out
+
+
+def find_prunable(model: nn.Module, exclude=None,
+                  parameters: Optional[Sequence[Tuple[nn.Module, str]]] = None) -> List[PrunableTensor]:
+    """Every Conv/Linear weight of ``model`` (module order), minus ``exclude``.
+
+    ``exclude`` removes a module and everything below it. ``parameters`` (a list of
+    ``(module, name)`` pairs, as ``prune.global_unstructured`` takes) restricts the
+    search to exactly those tensors instead.
+    """
+    excluded = _resolve_exclude(model, exclude)
+
+    def is_excluded(name: str) -> bool:
+        return any(name == e or name.startswith(e + ".") or e == "" for e in excluded)
+
+    if parameters is not None:
+        names = {id(m): n for n, m in model.named_modules()}
+        found = []
+        for pair in parameters:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], nn.Module)
+                    and isinstance(pair[1], str)):
+                raise TypeError("parameters must be an iterable of (module, name) tuples")
+            module, pname = pair
+            if id(module) not in names:
+                raise ValueError(f"parameters: a {type(module).__name__} is not part of the model")
+            if not isinstance(getattr(module, pname + "_orig", getattr(module, pname, None)), torch.Tensor):
+                raise ValueError(f"parameters: {names[id(module)]!r} has no tensor named {pname!r}")
+            if not isinstance(module, PRUNABLE_TYPES):
+                raise ValueError(f"parameters: {names[id(module)]!r} is a {type(module).__name__}; "
+                                 f"supported layer types are {[t.__name__ for t in PRUNABLE_TYPES]}")
+            if not is_excluded(names[id(module)]):
+                found.append(_describe(names[id(module)], module, pname))
+        return found
+    return [_describe(name, m, "weight") for name, m in model.named_modules()
+            if isinstance(m, PRUNABLE_TYPES) and not is_excluded(name)]
+
+
+def _positions(shape: torch.Size, kind: str) -> int:
+    """Spatial positions (conv) or tokens (linear) per sample of an activation."""
+    if kind == "linear":
+        return math.prod(shape[1:-1]) if len(shape) > 2 else 1
+    return math.prod(shape[2:]) if len(shape) > 2 else 1
+
+
+def trace_execution(model: nn.Module, layers: Iterable[PrunableTensor],
+                    run_forward) -> Tuple[List[PrunableTensor], List[PrunableTensor]]:
+    """Run ``run_forward()`` once with hooks and return ``(used, unused)`` layers.
+
+    ``used`` is in first-call order (the order data flows, which is what AMC's
+    layer-by-layer MDP assumes; module registration order is often different,
+    e.g. a ResNet's downsample conv is registered last but runs mid-block).
+    Feature-map sizes and call counts are filled in from the trace.
+    """
+    layers = list(layers)
+    by_module = {}
+    for layer in layers:
+        by_module.setdefault(id(layer.module), []).append(layer)
+    order: List[int] = []
+    handles = []
+
+    def hook(module, inputs, output):
+        key = id(module)
+        group = by_module[key]
+        if group[0].calls == 0:
+            order.append(key)
+            x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+            for layer in group:
+                if x is not None:
+                    layer.in_positions = _positions(x.shape, layer.kind)
+                if isinstance(output, torch.Tensor):
+                    layer.out_positions = _positions(output.shape, layer.kind)
+        for layer in group:
+            layer.calls += 1
+
+    for layer in layers:
+        layer.calls = 0
+    seen = set()
+    for layer in layers:
+        if id(layer.module) not in seen:
+            seen.add(id(layer.module))
+            handles.append(layer.module.register_forward_hook(hook))
+    try:
+        run_forward()
+    finally:
+        for h in handles:
+            h.remove()
+    used = [layer for key in order for layer in by_module[key]]
+    unused = [layer for layer in layers if layer.calls == 0]
+    return used, unused
