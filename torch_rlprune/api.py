@@ -103,7 +103,7 @@ def pruned_fraction(layers: List[PrunableTensor], budget: str = "params") -> flo
     removed = total = 0.0
     for layer in layers:
         mask = layer.existing_mask
-        cost = 1 if budget == "params" else layer.out_positions * max(layer.calls, 1)
+        cost = 1 if budget == "params" else layer.macs_per_weight
         total += layer.numel * cost
         if mask is not None:
             removed += float((mask == 0).sum()) * cost
@@ -221,6 +221,10 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
             if env.max_fraction < target - 0.005:
                 raise ValueError(f"target {target} cannot be reached with at most max_amount={max_amount} of "
                                  f"each layer removed (at most {env.max_fraction:.4f})")
+            closest = env.achieved(env.closest_plan())
+            if abs(closest - target) > 0.005:
+                raise ValueError(f"target {target} cannot be met within 0.5 percentage points: the layers are "
+                                 f"too coarse (the closest plan removes {closest:.4f})")
 
             tick = time.perf_counter()
             baseline = float(scorer(model))
@@ -256,7 +260,7 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
             env.restore()
         snapshot.restore()
         raise
-    snapshot_modes = {id(m): t for m, t, _, _ in snapshot.modules}
+    snapshot_modes = {id(m): t for m, t, *_ in snapshot.modules}
     for m in model.modules():
         m.training = snapshot_modes.get(id(m), m.training)
     return PruneResult(model, plan, achieved, [h.as_dict() for h in env.history], baseline,

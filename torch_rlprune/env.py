@@ -75,7 +75,7 @@ class LayerwisePruningEnv:
         self.target = float(target)
         self.budget = budget
         self.n = np.array([m.numel for m in self.masks], dtype=np.int64)
-        self.cost = np.array([1 if budget == "params" else layer.out_positions * max(layer.calls, 1)
+        self.cost = np.array([1 if budget == "params" else layer.macs_per_weight
                               for layer in self.layers], dtype=np.float64)
         self.k_min = np.array([m.k_min for m in self.masks], dtype=np.int64)
         self.k_max = np.maximum(self.k_min, np.floor(max_amount * self.n).astype(np.int64))
@@ -190,7 +190,37 @@ class LayerwisePruningEnv:
         for mask, kk in zip(self.masks, k):
             mask.set_k(int(kk))
 
+    def _repair(self) -> None:
+        """Spend the rounding left over by coarse layers on layers that can absorb it.
+
+        The clipping bounds treat the remaining layers' budget as continuous, but a layer
+        whose weights each cost many MACs moves the total in large steps; going through
+        layers from coarse to fine, each takes the whole multiples of its cost that the
+        residual still holds, so what is left is below half the finest layer's cost.
+        """
+        residual = self.goal - float((self.k * self.cost).sum())
+        for j in np.argsort(-self.cost, kind="stable"):
+            step = int(round(residual / self.cost[j]))
+            if step:
+                new = int(min(max(self.k[j] + step, self.k_min[j]), self.k_max[j]))
+                residual -= (new - self.k[j]) * self.cost[j]
+                self.k[j] = new
+
+    def closest_plan(self) -> np.ndarray:
+        """A plan as close to the budget as the clipping and repair reach (uniform actions,
+        nothing evaluated): used to refuse targets no plan can meet before a search starts."""
+        self.reset()
+        while self.t < self.num_steps:
+            lo, hi = self._k_bounds(self.t)
+            self.k[self.t] = min(max(int(round(self.target * self.n[self.t])), lo), hi)
+            self.t += 1
+        self._repair()
+        k = self.k.copy()
+        self.reset()
+        return k
+
     def _finish_episode(self) -> EpisodeRecord:
+        self._repair()
         score = self.evaluate(self.k)
         reward = score
         if reward > self.best_reward:

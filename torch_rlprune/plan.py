@@ -17,6 +17,8 @@ from .safety import ModelSnapshot
 __all__ = ["PruningPlan", "apply_plan", "PlanError"]
 
 PLAN_FORMAT_VERSION = 1
+PLAN_BUDGETS = ("params", "macs")
+PLAN_STRUCTURES = ("unstructured",)
 
 
 class PlanError(ValueError):
@@ -92,6 +94,18 @@ class PruningPlan:
         for key in ("budget", "structure", "agent", "reward"):
             if key in data and not isinstance(data[key], str):
                 raise PlanError(f"plan {key!r} must be a string")
+        if data.get("budget", "params") not in PLAN_BUDGETS:
+            raise PlanError(f"plan 'budget' must be one of {PLAN_BUDGETS}, got {data['budget']!r}")
+        if data.get("structure", "unstructured") not in PLAN_STRUCTURES:
+            raise PlanError(f"plan 'structure' must be one of {PLAN_STRUCTURES}, got {data['structure']!r}")
+        for key in ("seed", "episodes"):
+            v = data.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise PlanError(f"plan {key!r} must be an integer or null, got {v!r}")
+        for key in ("score", "baseline_score"):
+            v = data.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)):
+                raise PlanError(f"plan {key!r} must be a finite number or null, got {v!r}")
         if "metadata" in data and not isinstance(data["metadata"], dict):
             raise PlanError("plan 'metadata' must be an object")
         return cls(**{k: data[k] for k in data})
@@ -104,9 +118,11 @@ class PruningPlan:
     @classmethod
     def load(cls, path) -> "PruningPlan":
         try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise PlanError(f"{path}: not a valid JSON plan ({err})") from None
+        except RecursionError:
+            raise PlanError(f"{path}: not a valid JSON plan (nested too deeply)") from None
         return cls.from_dict(data)
 
 

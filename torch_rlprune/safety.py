@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
 __all__ = ["ModelSnapshot"]
@@ -24,14 +25,17 @@ class ModelSnapshot:
         self.modules = []
         for module in model.modules():
             dicts = {name: OrderedDict(getattr(module, name)) for name in _DICTS if hasattr(module, name)}
-            self.modules.append((module, module.training, dicts, set(module.__dict__)))
+            # Tensor attributes too: a prune hook replaces `weight` by a new tensor at every forward.
+            tensors = {k: v for k, v in module.__dict__.items() if isinstance(v, torch.Tensor)}
+            self.modules.append((module, module.training, dicts, set(module.__dict__), tensors))
 
     def restore(self) -> None:
-        for module, training, dicts, attributes in self.modules:
+        for module, training, dicts, attributes, tensors in self.modules:
             for name, saved in dicts.items():
                 live = getattr(module, name)
                 live.clear()
                 live.update(saved)
             for extra in set(module.__dict__) - attributes:
                 del module.__dict__[extra]
+            module.__dict__.update(tensors)
             module.training = training

@@ -51,6 +51,7 @@ class PrunableTensor:
     in_positions: int = 1       # spatial positions (or tokens) of the input, per sample
     out_positions: int = 1      # spatial positions (or tokens) of the output, per sample
     calls: int = 0              # forward calls per model forward (weight sharing counts twice)
+    positions_per_forward: int = 0  # output positions summed over every call of one model forward
 
     @property
     def name(self) -> str:
@@ -62,9 +63,15 @@ class PrunableTensor:
         return _KIND_CODES[self.kind]
 
     @property
+    def macs_per_weight(self) -> int:
+        """Multiply-accumulates each weight takes part in per sample: once per output position of
+        every call (a layer shared across resolutions counts each call at its own size)."""
+        return max(self.positions_per_forward, self.out_positions)
+
+    @property
     def macs(self) -> int:
-        """Dense multiply-accumulates per sample: each weight is used once per output position."""
-        return self.numel * self.out_positions * max(self.calls, 1)
+        """Dense multiply-accumulates per sample."""
+        return self.numel * self.macs_per_weight
 
     @property
     def existing_mask(self) -> Optional[torch.Tensor]:
@@ -197,9 +204,11 @@ def trace_execution(model: nn.Module, layers: Iterable[PrunableTensor],
                     layer.out_positions = _positions(output.shape, layer.kind)
         for layer in group:
             layer.calls += 1
+            if isinstance(output, torch.Tensor):
+                layer.positions_per_forward += _positions(output.shape, layer.kind)
 
     for layer in layers:
-        layer.calls = 0
+        layer.calls = layer.positions_per_forward = 0
     seen = set()
     for layer in layers:
         if id(layer.module) not in seen:

@@ -34,12 +34,16 @@ class AMCConfig:
     """Total episodes. Reference code: 800; paper: 400 for ImageNet. CPU-scaled: a small
     search space (tens of layers) converges in a few hundred episodes (closing note of
     the foundation issue has the measurement)."""
-    warmup: int = 100
-    """Random episodes that only fill the replay buffer (reference code: 100)."""
+    warmup: int = 50
+    """Random episodes that only fill the replay buffer (reference code: 100 of 800; CPU-scaled
+    to 50 of 300, the same ~1/6 share)."""
     hidden: int = 300
     """Width of both hidden layers of actor and critic (paper: 300-300)."""
-    lr_actor: float = 1e-4
-    """Actor learning rate (reference code: 1e-4)."""
+    lr_actor: float = 1e-3
+    """Actor learning rate (reference code: 1e-4). Measured on Fashion-MNIST resnet18 at 80%
+    unstructured, 300 episodes: with 1e-4 (and decay 0.95) the policy's mean reward stayed at
+    0.15-0.18 and the best plan was a warm-up one (0.68 agreement); with 1e-3 (and decay 0.99)
+    it climbed to 0.70-0.73 and the best plan reached 0.91."""
     lr_critic: float = 1e-3
     """Critic learning rate (reference code: 1e-3)."""
     tau: float = 0.01
@@ -52,8 +56,9 @@ class AMCConfig:
     """Replay capacity per layer, in transitions (reference code: rmsize = 100 x layers)."""
     init_delta: float = 0.5
     """Initial std of the truncated-normal exploration noise (reference code: 0.5)."""
-    delta_decay: float = 0.95
-    """Per-episode decay of the noise after warm-up (reference code: 0.95)."""
+    delta_decay: float = 0.99
+    """Per-episode decay of the noise after warm-up (reference code: 0.95 over 700 episodes;
+    0.99 keeps exploring through our shorter search, see ``lr_actor``)."""
     moving_alpha: float = 0.5
     """Update rate of the moving-average reward baseline (reference code: 0.5)."""
     init_w: float = 3e-3

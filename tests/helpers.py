@@ -1,0 +1,200 @@
+"""Shared builders and independent checks for the torch_rlprune test-suite.
+
+Everything here re-derives what the library claims from first principles (mask buffers,
+forward hooks, raw tensors) and never calls the library's own bookkeeping, so a test that
+uses these helpers cannot pass just because the library agrees with itself.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+BUDGET_TOLERANCE = 0.005  # the contract: achieved sparsity within 0.5 percentage points of the target
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
+              "_forward_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+            nn.ConvTranspose3d)
+
+
+# --------------------------------------------------------------------------- models
+def small_cnn(in_channels: int = 1, classes: int = 10) -> nn.Sequential:
+    """A quick conv net for 16x16 inputs: 72 + 1152 + 10240 prunable weights."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 8 * 8, classes))
+
+
+def fmnist_cnn() -> nn.Sequential:
+    """The Fashion-MNIST classifier the learning test prunes (conv 1->16->32 with BN, Linear 10)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 10))
+
+
+class CallOrderNet(nn.Module):
+    """Registers ``b`` before ``a`` but calls ``a`` first; never calls ``unused``. Input (N, 3, L >= 6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Linear(8 * 4, 10)
+        self.unused = nn.Linear(5, 5)
+        self.a = nn.Conv1d(3, 8, 3)
+
+    def forward(self, x):
+        return self.b(nn.functional.adaptive_avg_pool1d(self.a(x), 4).flatten(1))
+
+
+def seeded(builder, seed: int = 0, *args, **kwargs) -> nn.Module:
+    """``builder(*args, **kwargs)`` with its initialisation drawn from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return builder(*args, **kwargs)
+
+
+def inputs(shape, seed: int = 0) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- masks and budgets
+def pruned_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    """Qualified name -> module, for every module with a ``weight_mask`` buffer."""
+    return {name: m for name, m in model.named_modules() if "weight_mask" in dict(m.named_buffers(recurse=False))}
+
+
+def weight_masks(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {f"{name}.weight" if name else "weight": m.weight_mask.clone()
+            for name, m in pruned_modules(model).items()}
+
+
+def macs_per_weight(model: nn.Module, example: torch.Tensor) -> Dict[nn.Module, int]:
+    """Per prunable module: multiply-accumulates each of its weights takes part in per sample.
+
+    That is the number of output positions (spatial positions for convs, tokens for Linear),
+    summed over every call the module gets in one forward pass.
+    """
+    cost: Dict[nn.Module, int] = {}
+
+    def hook(module, args, output):
+        if isinstance(module, nn.Linear):
+            positions = math.prod(output.shape[1:-1]) if output.dim() > 2 else 1
+        else:
+            positions = math.prod(output.shape[2:])
+        cost[module] = cost.get(module, 0) + positions
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRUNABLE)]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return cost
+
+
+def mask_sparsity(model: nn.Module, budget: str = "params", example: Optional[torch.Tensor] = None,
+                  modules: Optional[List[nn.Module]] = None) -> float:
+    """Fraction of the budget's cost removed, counted from the ``weight_mask`` buffers.
+
+    ``modules`` are the tensors the budget is over (default: every module holding a mask).
+    With ``budget="macs"`` each weight counts as many times as it is used per sample.
+    """
+    modules = list(pruned_modules(model).values()) if modules is None else modules
+    cost = macs_per_weight(model, example) if budget == "macs" else {m: 1 for m in modules}
+    removed = sum(int((m.weight_mask == 0).sum()) * cost[m] for m in modules if hasattr(m, "weight_mask"))
+    total = sum(m.weight.numel() * cost[m] for m in modules)
+    return removed / total
+
+
+def assert_binary_masks(model: nn.Module) -> None:
+    masks = weight_masks(model)
+    assert masks, "no weight_mask buffers found"
+    for name, mask in masks.items():
+        assert bool(((mask == 0) | (mask == 1)).all()), f"{name}: mask is not binary"
+
+
+def assert_budget_met(achieved: float, target: float) -> None:
+    assert abs(achieved - target) <= BUDGET_TOLERANCE, f"achieved {achieved:.5f} for target {target}"
+
+
+# --------------------------------------------------------------------------- model state
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (tells -0.0 from 0.0; same dtype and shape required)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.detach().view(as_int), b.detach().view(as_int))
+    return torch.equal(a, b)
+
+
+@dataclass
+class ModelState:
+    """Everything a failed call must leave exactly as it found it."""
+
+    parameters: Dict[str, Tuple[nn.Parameter, torch.Tensor]]
+    buffers: Dict[str, torch.Tensor]
+    tensor_attributes: Dict[Tuple[str, str], torch.Tensor]
+    hooks: Dict[Tuple[str, str], list]
+    training: Dict[str, bool]
+    state_dict_keys: List[str]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ModelState":
+        modules = dict(model.named_modules())
+        return cls(
+            parameters={n: (p, p.detach().clone()) for n, p in model.named_parameters()},
+            buffers={n: b.detach().clone() for n, b in model.named_buffers()},
+            # e.g. ``weight`` of a module pruned through torch.nn.utils.prune: a plain attribute
+            tensor_attributes={(n, k): v.detach().clone() for n, m in modules.items()
+                               for k, v in vars(m).items() if isinstance(v, torch.Tensor)},
+            hooks={(n, d): list(getattr(m, d).items()) for n, m in modules.items() for d in HOOK_DICTS
+                   if hasattr(m, d)},
+            training={n: m.training for n, m in modules.items()},
+            state_dict_keys=list(model.state_dict()),
+        )
+
+    def assert_unchanged(self, model: nn.Module) -> None:
+        now = ModelState.of(model)
+        assert now.state_dict_keys == self.state_dict_keys, "state_dict keys changed"
+        assert list(now.parameters) == list(self.parameters), "parameter names changed"
+        for name, (param, value) in self.parameters.items():
+            assert now.parameters[name][0] is param, f"parameter {name} was replaced by another object"
+            assert bits_equal(param, value), f"parameter {name} values changed"
+        assert list(now.buffers) == list(self.buffers), "buffer names changed"
+        for name, value in self.buffers.items():
+            assert bits_equal(now.buffers[name], value), f"buffer {name} changed"
+        assert list(now.tensor_attributes) == list(self.tensor_attributes), "tensor attributes added/removed"
+        for key, value in self.tensor_attributes.items():
+            assert bits_equal(now.tensor_attributes[key], value), f"tensor attribute {key} changed"
+        assert now.hooks.keys() == self.hooks.keys()
+        for key, hooks in self.hooks.items():
+            live = now.hooks[key]
+            assert [k for k, _ in live] == [k for k, _ in hooks], f"hooks {key} changed"
+            assert all(a is b for (_, a), (_, b) in zip(live, hooks)), f"hook objects {key} changed"
+        assert now.training == self.training, "training flags changed"
+
+
+# --------------------------------------------------------------------------- rewards
+class RaisingReward:
+    """A reward callable that scores by the output's mean and raises on its ``fail_at``-th call.
+
+    Calls are counted from 1; the first call rl_prune makes scores the unpruned baseline.
+    """
+
+    def __init__(self, x: torch.Tensor, fail_at: int, error: BaseException):
+        self.x, self.fail_at, self.error, self.calls = x, fail_at, error, 0
+        self.__name__ = "raising_reward"
+
+    def __call__(self, model: nn.Module) -> float:
+        self.calls += 1
+        with torch.no_grad():
+            out = model(self.x)  # a real forward, so the search's masks are live in the model
+        if self.calls == self.fail_at:
+            raise self.error
+        return float(out.float().mean())
