@@ -373,3 +373,12 @@ def test_amc_learns_plans_better_than_its_random_warmup(seed, trained_fmnist_cnn
     assert learned > max(saturated_policy_scores.values()), (learned, saturated_policy_scores)
     assert result.plan.score > max(warmup), "the search never improved on its random warm-up"
     assert_budget_met(mask_sparsity(trained_fmnist_cnn), LEARNING_TARGET)
+
+
+# --------------------------------------------------------------------------- progress
+@pytest.mark.parametrize("verbose", [True, False])
+def test_progress_bar_shows_only_when_verbose(verbose, small_cnn_model, cnn_batch, capfd):
+    search = {**FAST, "verbose": verbose}
+    rl_prune(small_cnn_model, 0.5, data=cnn_batch, seed=0, **search)
+    err = capfd.readouterr().err
+    assert ("rl_prune[random]" in err) is verbose

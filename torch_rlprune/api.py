@@ -191,22 +191,22 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
             torch.manual_seed(int(seed))
             model.eval()
             calibration = build_calibration(model, data, example_inputs, int(calibration_samples), seed=int(seed))
-            try:
-                with torch.inference_mode():
-                    out = primary_output(model(calibration.inputs[0]))
-            except Exception as err:
-                raise ValueError(f"data: the model cannot run on a batch of shape "
-                                 f"{tuple(calibration.inputs[0].shape)}: {err}") from err
-            if out is None:
-                raise ValueError("data: the model's output holds no tensor to score")
-            scorer = make_reward(reward, calibration)
-            scorer.prepare(model)
+            first_output = []
 
             def run_first_batch():
                 with torch.inference_mode():
-                    model(calibration.inputs[0])
+                    first_output.append(primary_output(model(calibration.inputs[0])))
 
-            layers, unused = trace_execution(model, layers, run_first_batch)
+            # One forward both checks that the data fits and records execution order and shapes.
+            try:
+                layers, unused = trace_execution(model, layers, run_first_batch)
+            except Exception as err:
+                raise ValueError(f"data: the model cannot run on a batch of shape "
+                                 f"{tuple(calibration.inputs[0].shape)}: {err}") from err
+            if first_output[0] is None:
+                raise ValueError("data: the model's output holds no tensor to score")
+            scorer = make_reward(reward, calibration)
+            scorer.prepare(model)
             if unused:
                 warnings.warn(f"rl_prune: {len(unused)} layer(s) never ran in a forward pass and are not "
                               f"pruned: {[u.name for u in unused][:5]}", UserWarning, stacklevel=2)
