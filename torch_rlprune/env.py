@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .budget import AdditiveBudget, Budget
 from .masking import InPlaceMask
 from .structure import PrunableTensor
 
@@ -66,7 +67,7 @@ class LayerwisePruningEnv:
 
     def __init__(self, layers: Sequence[PrunableTensor], masks: Sequence[InPlaceMask],
                  score_fn: Callable[[], float], target: float, budget: str = "params",
-                 max_amount: float = 0.98):
+                 max_amount: float = 0.98, cost: Optional[Budget] = None):
         if budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
         self.layers = list(layers)
@@ -75,15 +76,15 @@ class LayerwisePruningEnv:
         self.target = float(target)
         self.budget = budget
         self.n = np.array([m.numel for m in self.masks], dtype=np.int64)
-        self.cost = np.array([1 if budget == "params" else layer.macs_per_weight
-                              for layer in self.layers], dtype=np.float64)
-        self.k_min = np.array([m.k_min for m in self.masks], dtype=np.int64)
-        self.k_max = np.maximum(self.k_min, np.floor(max_amount * self.n).astype(np.int64))
-        self.total_cost = float((self.n * self.cost).sum())
+        if cost is None:
+            k_min = [m.k_min for m in self.masks]
+            cost = AdditiveBudget(self.n, [1 if budget == "params" else layer.macs_per_weight
+                                           for layer in self.layers],
+                                  k_min, np.maximum(k_min, np.floor(max_amount * self.n).astype(np.int64)))
+        self.cost = cost
+        self.k_min, self.k_max = cost.k_min, cost.k_max
+        self.total_cost = cost.total
         self.goal = self.target * self.total_cost
-        # Suffix sums: the least and most the layers after t can still remove.
-        self._rest_min = np.concatenate([np.cumsum((self.k_min * self.cost)[::-1])[::-1][1:], [0.0]])
-        self._rest_max = np.concatenate([np.cumsum((self.k_max * self.cost)[::-1])[::-1][1:], [0.0]])
         self._static = self._static_features()
         self.history: List[EpisodeRecord] = []
         self.best_reward = -math.inf
@@ -98,11 +99,11 @@ class LayerwisePruningEnv:
     # ----------------------------------------------------------------- feasibility
     @property
     def existing_fraction(self) -> float:
-        return float((self.k_min * self.cost).sum()) / self.total_cost
+        return self.cost.removed(self.k_min) / self.total_cost
 
     @property
     def max_fraction(self) -> float:
-        return float((self.k_max * self.cost).sum()) / self.total_cost
+        return self.cost.removed(self.k_max) / self.total_cost
 
     @property
     def num_steps(self) -> int:
@@ -113,17 +114,8 @@ class LayerwisePruningEnv:
         return len(STATE_FEATURES)
 
     def _k_bounds(self, t: int) -> Tuple[int, int]:
-        """Integer range for layer t that keeps the budget reachable by the layers after it."""
-        spent = float((self.k[:t] * self.cost[:t]).sum())
-        left = self.goal - spent
-        c = self.cost[t]
-        lo = math.ceil((left - self._rest_max[t]) / c - 1e-9)
-        hi = math.floor((left - self._rest_min[t]) / c + 1e-9)
-        lo, hi = max(lo, self.k_min[t]), min(hi, self.k_max[t])
-        if lo > hi:  # no integer fits (last layers, rounding): take the closest to the goal
-            closest = int(round((left - 0.5 * (self._rest_min[t] + self._rest_max[t])) / c))
-            lo = hi = int(min(max(closest, self.k_min[t]), self.k_max[t]))
-        return int(lo), int(hi)
+        """Integer range for step t that keeps the budget reachable by the steps after it."""
+        return self.cost.bounds(self.k, t, self.goal)
 
     def action_bounds(self) -> Tuple[float, float]:
         """The amounts the current layer may take, as fractions of the layer."""
@@ -133,7 +125,7 @@ class LayerwisePruningEnv:
     # ----------------------------------------------------------------- state
     def _static_features(self) -> np.ndarray:
         rows = [[i, layer.kind_code, layer.in_channels, layer.out_channels, layer.in_positions,
-                 layer.stride, layer.kernel_size, layer.numel, layer.numel * self.cost[i]]
+                 layer.stride, layer.kernel_size, layer.numel, self.cost.step_cost[i]]
                 for i, layer in enumerate(self.layers)]
         x = np.asarray(rows, dtype=np.float64)
         lo, span = x.min(0), x.max(0) - x.min(0)
@@ -142,8 +134,9 @@ class LayerwisePruningEnv:
     def _observation(self) -> np.ndarray:
         if self.t >= self.num_steps:
             return np.zeros(self.observation_dim, dtype=np.float32)
-        reduced = float((self.k[:self.t] * self.cost[:self.t]).sum()) / self.total_cost
-        rest = float((self.n[self.t + 1:] * self.cost[self.t + 1:]).sum()) / self.total_cost
+        decided = np.where(np.arange(self.num_steps) < self.t, self.k, self.k_min)
+        reduced = self.cost.removed(decided) / self.total_cost
+        rest = float(self.cost.step_cost[self.t + 1:].sum()) / self.total_cost
         return np.concatenate([self._static[self.t], [reduced, rest, self.previous_amount]]).astype(np.float32)
 
     # ----------------------------------------------------------------- episode
@@ -175,7 +168,7 @@ class LayerwisePruningEnv:
     def achieved(self, k: Optional[np.ndarray] = None) -> float:
         """Fraction of the budget's cost removed by ``k`` (default: the current episode)."""
         k = self.k if k is None else k
-        return float((k * self.cost).sum()) / self.total_cost
+        return self.cost.removed(k) / self.total_cost
 
     def evaluate(self, k: np.ndarray) -> float:
         """Score a plan (per-layer counts); identical plans are scored once."""
@@ -191,20 +184,9 @@ class LayerwisePruningEnv:
             mask.set_k(int(kk))
 
     def _repair(self) -> None:
-        """Spend the rounding left over by coarse layers on layers that can absorb it.
-
-        The clipping bounds treat the remaining layers' budget as continuous, but a layer
-        whose weights each cost many MACs moves the total in large steps; going through
-        layers from coarse to fine, each takes the whole multiples of its cost that the
-        residual still holds, so what is left is below half the finest layer's cost.
-        """
-        residual = self.goal - float((self.k * self.cost).sum())
-        for j in np.argsort(-self.cost, kind="stable"):
-            step = int(round(residual / self.cost[j]))
-            if step:
-                new = int(min(max(self.k[j] + step, self.k_min[j]), self.k_max[j]))
-                residual -= (new - self.k[j]) * self.cost[j]
-                self.k[j] = new
+        """Spend the rounding left over by coarse steps on steps that can absorb it (the
+        clipping treats the budget of the steps still to come as continuous)."""
+        self.k = self.cost.repair(self.k, self.goal)
 
     def closest_plan(self) -> np.ndarray:
         """A plan as close to the budget as the clipping and repair reach (uniform actions,
