@@ -4,7 +4,7 @@
 >>> result = rl_prune(model, target=0.8, data=loader)   # doctest: +SKIP
 """
 from .agents import Agent, create_agent, list_agents, register_agent
-from .api import PruneResult, global_rl_unstructured, rl_prune
+from .api import PruneResult, compact, global_rl_unstructured, rl_prune
 from .env import LayerwisePruningEnv
 from .methods import PolicyUnstructured, policy_unstructured
 from .plan import PlanError, PruningPlan, apply_plan
@@ -12,7 +12,7 @@ from .rewards import AccuracyReward, CallableReward, FidelityReward, Reward
 
 __version__ = "0.1.0"
 
-__all__ = ["rl_prune", "global_rl_unstructured", "PruneResult", "PruningPlan", "PlanError", "apply_plan",
+__all__ = ["rl_prune", "global_rl_unstructured", "compact", "PruneResult", "PruningPlan", "PlanError", "apply_plan",
            "PolicyUnstructured", "policy_unstructured", "LayerwisePruningEnv", "Agent", "register_agent",
            "create_agent", "list_agents", "Reward", "FidelityReward", "AccuracyReward", "CallableReward",
            "__version__"]

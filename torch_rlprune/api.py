@@ -21,9 +21,9 @@ from .rewards import REWARDS, make_reward
 from .safety import ModelSnapshot
 from .structure import PrunableTensor, find_prunable, trace_execution
 
-__all__ = ["rl_prune", "global_rl_unstructured", "PruneResult", "STRUCTURES", "pruned_fraction"]
+__all__ = ["rl_prune", "global_rl_unstructured", "compact", "PruneResult", "STRUCTURES", "pruned_fraction"]
 
-STRUCTURES = ("unstructured",)
+STRUCTURES = ("unstructured", "channel")
 
 
 @dataclass
@@ -48,6 +48,14 @@ class PruneResult:
     wall_time: float
     forward_seconds: float
     layers: List[PrunableTensor] = field(repr=False, default_factory=list)
+    example_inputs: Optional[torch.Tensor] = field(repr=False, default=None)
+
+    def compact(self) -> dict:
+        """Physically remove the masked channels (``structure="channel"``); see :func:`compact`."""
+        if self.plan.structure != "channel":
+            raise ValueError("compact() removes channels; this result pruned unstructured weights "
+                             "(use prune.remove to make them permanent)")
+        return compact(self.model, self.example_inputs)
 
     @property
     def score(self) -> float:
@@ -65,10 +73,10 @@ class PruneResult:
                  f"target {p.target:.4f}  achieved {self.sparsity:.4f}  "
                  f"score {p.score:.4f} (unpruned {self.baseline_score:.4f})  wall time {self.wall_time:.1f}s  "
                  f"episode {self.episode_seconds * 1e3:.0f} ms vs forward {self.forward_seconds * 1e3:.0f} ms",
-                 f"{'layer':<40} {'kind':<8} {'params':>10} {'pruned':>8}"]
-        for name, amount in p.amounts.items():
-            layer = next((lay for lay in self.layers if lay.name == name), None)
-            kind = layer.kind if layer is not None else ""
+                 f"{'layer' if p.structure == 'unstructured' else 'channel group':<40} {'kind':<8} "
+                 f"{'params' if p.structure == 'unstructured' else 'units':>10} {'pruned':>8}"]
+        kinds = [lay.kind for lay in self.layers] if len(self.layers) == len(p.amounts) else [""] * len(p.amounts)
+        for (name, amount), kind in zip(p.amounts.items(), kinds):
             lines.append(f"{name:<40} {kind:<8} {p.numels[name]:>10} {amount:>8.1%}")
         return "\n".join(lines)
 
@@ -110,18 +118,87 @@ def pruned_fraction(layers: List[PrunableTensor], budget: str = "params") -> flo
     return removed / total
 
 
+TOLERANCE = {"unstructured": 0.005, "channel": 0.02}
+DEFAULT_BUDGET = {"unstructured": "params", "channel": "macs"}
+# AMC's channel search keeps at least 20% of a layer (its lbound); weights may go to 98%.
+DEFAULT_MAX_AMOUNT = {"unstructured": 0.98, "channel": 0.8}
+
+
+class _UnstructuredSpace:
+    """Steps are weight tensors; masks are :class:`InPlaceMask`; costs add up."""
+
+    def __init__(self, model, layers, run_first_batch, importance_scores, budget, max_amount):
+        self.model, self.budget, self.max_amount = model, budget, max_amount
+        layers, unused = trace_execution(model, layers, run_first_batch)
+        if unused:
+            warnings.warn(f"rl_prune: {len(unused)} layer(s) never ran in a forward pass and are not "
+                          f"pruned: {[u.name for u in unused][:5]}", UserWarning, stacklevel=3)
+        if not layers:
+            raise ValueError("none of the prunable layers ran in a forward pass of the model")
+        self.steps = layers
+        self.scores = _importance_by_name(importance_scores, layers)
+        self.masks = [InPlaceMask(layer, self.scores.get(layer.name)) for layer in layers]
+        self.cost = None  # the environment's additive budget
+
+    def plan_entries(self, k):
+        return ({lay.name: int(kk) / lay.numel for lay, kk in zip(self.steps, k)},
+                {lay.name: lay.numel for lay in self.steps}, {})
+
+    def apply(self, plan):
+        apply_plan(self.model, plan, self.scores)
+        return pruned_fraction(self.steps, self.budget)
+
+
+class _ChannelSpace:
+    """Steps are torch-pruning dependency groups of a :class:`ChannelStructure`."""
+
+    def __init__(self, model, example, run_first_batch, exclude, importance, round_to, budget, max_amount):
+        from .channel import ChannelStructure, count_macs_params
+        from .channel_steps import ChannelBudget, GroupMask, group_descriptors, trace_descriptors
+
+        self.model, self.example, self.budget = model, example, budget
+        self.structure = ChannelStructure(model, example, importance=importance, exclude=exclude,
+                                          round_to=round_to)
+        if not self.structure.groups:
+            reasons = "; ".join(str(e) for e in self.structure.excluded[:5])
+            raise ValueError(f"the model has no channel group that can be pruned safely ({reasons})")
+        self.steps = group_descriptors(model, self.structure)
+        trace_descriptors(model, self.steps, run_first_batch)
+        self.masks = [GroupMask(self.structure, i) for i in range(len(self.structure.groups))]
+        self.cost = ChannelBudget(self.structure, budget, max_amount)
+        self._count = count_macs_params
+        self.dense = count_macs_params(model, example)
+
+    def plan_entries(self, k):
+        groups = self.structure.groups
+        metadata = {"input_shape": list(self.example.shape[1:]), "round_to": self.structure.groups[0].round_to,
+                    "excluded": {e.key: e.reason for e in self.structure.excluded}}
+        return ({g.key: int(kk) / g.num_units for g, kk in zip(groups, k)},
+                {g.key: g.num_units for g in groups}, metadata)
+
+    def apply(self, plan):
+        from .channel import apply_channel_plan
+
+        apply_channel_plan(self.model, plan.counts(), structure=self.structure)
+        which = 0 if self.budget == "macs" else 1
+        return 1.0 - self._count(self.model, self.example)[which] / self.dense[which]
+
+
 def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity", agent="amc",
-             episodes: Optional[int] = None, budget: str = "params", structure: str = "unstructured",
+             episodes: Optional[int] = None, budget: Optional[str] = None, structure: str = "unstructured",
              exclude=None, example_inputs=None, seed: int = 0, verbose: bool = True,
-             agent_config=None, calibration_samples: int = 512, max_amount: float = 0.98,
-             importance_scores=None, parameters=None) -> PruneResult:
+             agent_config=None, calibration_samples: int = 512, max_amount: Optional[float] = None,
+             importance_scores=None, parameters=None, importance=None, round_to: Optional[int] = None
+             ) -> PruneResult:
     """Search per-layer pruning amounts with an RL agent and prune ``model`` in place.
 
     Args:
         model: any ``nn.Module`` (timm models included). Pruned in place; the same object
             is returned in ``result.model``.
-        target: fraction of prunable weights to remove (of MACs with ``budget="macs"``),
-            in (0, 1). Met within 0.5 percentage points, always.
+        target: fraction of the budget removed, in (0, 1): of the prunable weights
+            (unstructured, ``budget="params"``), of their MACs (``"macs"``), or of the whole
+            model's MACs/params (``structure="channel"``). Met within 0.5 percentage points
+            for unstructured pruning and 2 for channel pruning, always.
         data: calibration data: a DataLoader, an iterable of batches (tensors or
             ``(inputs, labels)``), a Dataset, or a tensor. ``None`` synthesises Gaussian
             inputs from ``example_inputs`` or timm's ``pretrained_cfg`` (with a warning).
@@ -129,18 +206,25 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
             ``"accuracy"`` (needs labels) or ``callable(model) -> float``.
         agent: a registered name (``list_agents()``) or an :class:`Agent` instance.
         episodes: episodes to run; ``None`` takes the agent's default.
-        budget: ``"params"`` or ``"macs"``.
-        structure: ``"unstructured"``.
-        exclude: module names or modules to leave unpruned (with everything below them).
+        budget: ``"params"`` or ``"macs"``; default ``"params"`` for unstructured and
+            ``"macs"`` for channel pruning.
+        structure: ``"unstructured"`` (weights) or ``"channel"`` (torch-pruning dependency
+            groups: whole channels, residual adds, concats and attention heads kept consistent).
+        exclude: module names or modules to leave unpruned (with everything below them; for
+            channels: their output channels stay).
         example_inputs: one input batch, used when ``data`` is None.
         seed: makes the search bit-for-bit reproducible.
         verbose: show a progress bar.
         agent_config: the agent's config dataclass or a dict of overrides.
         calibration_samples: inputs taken from ``data`` to score plans on.
-        max_amount: largest fraction removable from any single tensor.
-        importance_scores: optional ``{name or (module, name): tensor}`` ranking entries
-            (smallest pruned first) instead of weight magnitude.
-        parameters: optional ``[(module, name), ...]`` restricting the search to these tensors.
+        max_amount: largest fraction removable from any single tensor (default 0.98) or
+            channel group (default 0.8, AMC's bound).
+        importance_scores: unstructured only: ``{name or (module, name): tensor}`` ranking
+            entries (smallest pruned first) instead of weight magnitude.
+        parameters: unstructured only: ``[(module, name), ...]`` restricting the search.
+        importance: channel only: a torch-pruning importance (``tp.importance.*``) choosing
+            which channels go; default group magnitude.
+        round_to: channel only: what remains of each group is a multiple of this.
 
     Returns:
         :class:`PruneResult`.
@@ -156,6 +240,7 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
     target = _check_fraction(target, "target")
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+    budget = DEFAULT_BUDGET[structure] if budget is None else budget
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     if isinstance(agent, Agent):
@@ -174,11 +259,22 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
     if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, numbers.Integral) \
             or calibration_samples < 1:
         raise ValueError(f"calibration_samples must be a positive integer, got {calibration_samples!r}")
+    max_amount = DEFAULT_MAX_AMOUNT[structure] if max_amount is None else max_amount
     if isinstance(max_amount, bool) or not isinstance(max_amount, numbers.Real) or not 0 < max_amount <= 1:
         raise ValueError(f"max_amount must be in (0, 1], got {max_amount!r}")
+    if structure == "channel":
+        for name, value in (("importance_scores", importance_scores), ("parameters", parameters)):
+            if value is not None:
+                raise ValueError(f"{name} applies to structure='unstructured' only; for channels pass importance=")
+        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+            raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
+    elif importance is not None or round_to is not None:
+        raise ValueError("importance= and round_to= apply to structure='channel'; "
+                         "for unstructured pruning pass importance_scores=")
     if not isinstance(agent, Agent):
         agent_obj = agent_cls(agent_config, seed=int(seed))
     episodes = int(episodes if episodes is not None else agent_obj.config.episodes)
+    tolerance = TOLERANCE[structure]
 
     layers = find_prunable(model, exclude, parameters)
     if not layers:
@@ -197,34 +293,35 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
                 with torch.inference_mode():
                     first_output.append(primary_output(model(calibration.inputs[0])))
 
-            # One forward both checks that the data fits and records execution order and shapes.
+            # The first forward both checks that the data fits and records execution order and shapes.
             try:
-                layers, unused = trace_execution(model, layers, run_first_batch)
+                if structure == "unstructured":
+                    space = _UnstructuredSpace(model, layers, run_first_batch, importance_scores, budget, max_amount)
+                else:
+                    run_first_batch()
+                    space = _ChannelSpace(model, calibration.inputs[0][:2], run_first_batch, exclude, importance,
+                                          round_to, budget, max_amount)
             except Exception as err:
+                if first_output:  # the data fitted: the failure is the model's structure
+                    raise
                 raise ValueError(f"data: the model cannot run on a batch of shape "
                                  f"{tuple(calibration.inputs[0].shape)}: {err}") from err
             if first_output[0] is None:
                 raise ValueError("data: the model's output holds no tensor to score")
             scorer = make_reward(reward, calibration)
             scorer.prepare(model)
-            if unused:
-                warnings.warn(f"rl_prune: {len(unused)} layer(s) never ran in a forward pass and are not "
-                              f"pruned: {[u.name for u in unused][:5]}", UserWarning, stacklevel=2)
-            if not layers:
-                raise ValueError("none of the prunable layers ran in a forward pass of the model")
-            scores = _importance_by_name(importance_scores, layers)
-            masks = [InPlaceMask(layer, scores.get(layer.name)) for layer in layers]
-            env = LayerwisePruningEnv(layers, masks, lambda: scorer(model), target, budget, max_amount)
-            if env.existing_fraction > target + 0.005:
+            env = LayerwisePruningEnv(space.steps, space.masks, lambda: scorer(model), target, budget,
+                                      max_amount, cost=space.cost)
+            if env.existing_fraction > target + tolerance:
                 raise ValueError(f"target {target} is below what the model's existing masks already remove "
                                  f"({env.existing_fraction:.4f})")
-            if env.max_fraction < target - 0.005:
+            if env.max_fraction < target - tolerance:
                 raise ValueError(f"target {target} cannot be reached with at most max_amount={max_amount} of "
                                  f"each layer removed (at most {env.max_fraction:.4f})")
             closest = env.achieved(env.closest_plan())
-            if abs(closest - target) > 0.005:
-                raise ValueError(f"target {target} cannot be met within 0.5 percentage points: the layers are "
-                                 f"too coarse (the closest plan removes {closest:.4f})")
+            if abs(closest - target) > tolerance:
+                raise ValueError(f"target {target} cannot be met within {tolerance * 100:g} percentage points: "
+                                 f"the layers are too coarse (the closest plan removes {closest:.4f})")
 
             tick = time.perf_counter()
             baseline = float(scorer(model))
@@ -241,18 +338,17 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
                 env.restore()
             if env.best_k is None:
                 raise RuntimeError(f"agent {agent_obj.name!r} finished without completing an episode")
-            plan = PruningPlan(amounts=env.best_amounts(), numels={lay.name: lay.numel for lay in layers},
-                               target=target, sparsity=env.achieved(env.best_k), budget=budget,
-                               structure=structure, agent=agent_obj.name,
+            amounts, numels, extra = space.plan_entries(env.best_k)
+            plan = PruningPlan(amounts=amounts, numels=numels, target=target, sparsity=env.achieved(env.best_k),
+                               budget=budget, structure=structure, agent=agent_obj.name,
                                reward=scorer.name, seed=int(seed), score=env.best_score,
                                baseline_score=baseline, episodes=len(env.history),
                                metadata={"agent_config": agent_obj.hyperparameters(),
                                          "calibration_samples": calibration.num_samples,
                                          "synthetic_calibration": calibration.synthetic,
-                                         "max_amount": max_amount})
-            apply_plan(model, plan, scores)
-            achieved = pruned_fraction(layers, budget)
-            if abs(achieved - target) > 0.005:
+                                         "max_amount": max_amount, **extra})
+            achieved = space.apply(plan)
+            if abs(achieved - target) > tolerance:
                 raise RuntimeError(f"internal error: achieved {achieved:.4f} for target {target}; "
                                    "please report this")
     except BaseException:
@@ -264,7 +360,27 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
     for m in model.modules():
         m.training = snapshot_modes.get(id(m), m.training)
     return PruneResult(model, plan, achieved, [h.as_dict() for h in env.history], baseline,
-                       time.perf_counter() - started, forward_seconds, layers)
+                       time.perf_counter() - started, forward_seconds, space.steps,
+                       example_inputs=calibration.inputs[0][:2])
+
+
+def compact(model: nn.Module, example_inputs=None) -> dict:
+    """Physically remove every channel the model's masks remove (same model object, no prune
+    hooks left) with torch-pruning; returns MACs/params before and after.
+
+    Args:
+        model: a model pruned with ``structure="channel"`` (by :func:`rl_prune` or
+            :func:`apply_plan`), or one whose masked state_dict was loaded back.
+        example_inputs: one input batch; default from timm's ``pretrained_cfg``.
+    """
+    from .calibration import infer_input_shape
+    from .channel import compact as _compact
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if example_inputs is None:
+        example_inputs = torch.randn(2, *infer_input_shape(model), generator=torch.Generator().manual_seed(0))
+    return _compact(model, example_inputs)
 
 
 def global_rl_unstructured(parameters, target: float, importance_scores=None, *, model: nn.Module,

@@ -18,7 +18,7 @@ __all__ = ["PruningPlan", "apply_plan", "PlanError"]
 
 PLAN_FORMAT_VERSION = 1
 PLAN_BUDGETS = ("params", "macs")
-PLAN_STRUCTURES = ("unstructured",)
+PLAN_STRUCTURES = ("unstructured", "channel")
 
 
 class PlanError(ValueError):
@@ -140,7 +140,8 @@ def _resolve(model: nn.Module, qualified: str):
     return module, param_name, tensor
 
 
-def apply_plan(model: nn.Module, plan: PruningPlan, importance_scores: Optional[Dict[str, torch.Tensor]] = None):
+def apply_plan(model: nn.Module, plan: PruningPlan, importance_scores: Optional[Dict[str, torch.Tensor]] = None,
+               example_inputs: Optional[torch.Tensor] = None):
     """Prune ``model`` in place as ``plan`` says, through ``torch.nn.utils.prune``.
 
     Each tensor gets a :class:`PolicyUnstructured` hook removing its planned fraction of
@@ -149,13 +150,19 @@ def apply_plan(model: nn.Module, plan: PruningPlan, importance_scores: Optional[
     plan is checked against the model before anything changes, and a failure part-way
     leaves the model as it was.
 
+    A ``structure="channel"`` plan removes, per dependency group, its planned number of
+    channels (the least important by group magnitude), masking every tensor of the group;
+    ``example_inputs`` (default: shaped like the plan's ``metadata["input_shape"]``) trace
+    the model to find the groups.
+
     Returns:
         the same ``model``.
     """
     if not isinstance(plan, PruningPlan):
         raise TypeError(f"plan must be a PruningPlan, got {type(plan).__name__}")
-    if plan.structure != "unstructured":
-        raise PlanError(f"plan structure {plan.structure!r} is not supported by this version")
+    if plan.structure == "channel":
+        _apply_channel(model, plan, example_inputs)
+        return model
     importance_scores = importance_scores or {}
     resolved = []
     for name, amount in plan.amounts.items():
@@ -176,3 +183,27 @@ def apply_plan(model: nn.Module, plan: PruningPlan, importance_scores: Optional[
         snapshot.restore()
         raise
     return model
+
+
+def _apply_channel(model: nn.Module, plan: PruningPlan, example_inputs) -> None:
+    from .channel import ChannelStructure, apply_channel_plan
+
+    if example_inputs is None:
+        shape = plan.metadata.get("input_shape")
+        if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
+            raise PlanError("a channel plan needs example_inputs= (the plan records no valid input_shape)")
+        example_inputs = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    round_to = plan.metadata.get("round_to")
+    snapshot = ModelSnapshot(model)
+    try:
+        structure = ChannelStructure(model, example_inputs, round_to=round_to)
+        keys = {g.key: g.num_units for g in structure.groups}
+        for name, units in plan.numels.items():
+            if name not in keys:
+                raise PlanError(f"the plan names channel group {name!r} but the model has no such prunable group")
+            if keys[name] != units:
+                raise PlanError(f"group {name!r} has {keys[name]} units but the plan was made for {units}")
+        apply_channel_plan(model, plan.counts(), structure=structure)
+    except BaseException:
+        snapshot.restore()
+        raise

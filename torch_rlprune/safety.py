@@ -8,7 +8,7 @@ from torch import nn
 
 __all__ = ["ModelSnapshot"]
 
-_DICTS = ("_parameters", "_buffers", "_forward_pre_hooks", "_forward_hooks",
+_DICTS = ("_parameters", "_buffers", "_modules", "_forward_pre_hooks", "_forward_hooks",
           "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
           "_backward_hooks", "_backward_pre_hooks")
 
@@ -25,17 +25,16 @@ class ModelSnapshot:
         self.modules = []
         for module in model.modules():
             dicts = {name: OrderedDict(getattr(module, name)) for name in _DICTS if hasattr(module, name)}
-            # Tensor attributes too: a prune hook replaces `weight` by a new tensor at every forward.
-            tensors = {k: v for k, v in module.__dict__.items() if isinstance(v, torch.Tensor)}
-            self.modules.append((module, module.training, dicts, set(module.__dict__), tensors))
+            # Every attribute too: a prune hook replaces `weight` by a new tensor at every forward,
+            # and physical pruning rewrites sizes such as `out_channels`.
+            self.modules.append((module, module.training, dicts, dict(module.__dict__)))
 
     def restore(self) -> None:
-        for module, training, dicts, attributes, tensors in self.modules:
+        for module, training, dicts, attributes in self.modules:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
             for name, saved in dicts.items():
                 live = getattr(module, name)
                 live.clear()
                 live.update(saved)
-            for extra in set(module.__dict__) - attributes:
-                del module.__dict__[extra]
-            module.__dict__.update(tensors)
             module.training = training

@@ -1,0 +1,116 @@
+"""rl_prune(structure="channel"): the shared MDP over torch-pruning dependency groups."""
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from torch_rlprune import PruningPlan, apply_plan, compact, rl_prune
+from torch_rlprune.channel import count_macs_params
+
+from helpers import ModelState, RaisingReward, inputs
+
+FAST = dict(agent="random", episodes=4, verbose=False)
+
+
+def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics: masking a conv alone would NOT equal removing its channels."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+@pytest.fixture
+def resnet():
+    torch.manual_seed(0)
+    return randomise_batchnorm(timm.create_model("resnet18", pretrained=False, in_chans=1, num_classes=10))
+
+
+def prune_hook_count(model):
+    return sum(isinstance(h, prune.BasePruningMethod) for m in model.modules() for h in m._forward_pre_hooks.values())
+
+
+@pytest.mark.parametrize("budget, target", [("macs", 0.5), ("params", 0.4)])
+def test_budget_met_and_masked_model_equals_compacted_model(resnet, budget, target):
+    x = inputs((16, 1, 32, 32))
+    dense = count_macs_params(resnet, x[:2])
+    dense_channels = sum(m.out_channels for m in resnet.modules() if isinstance(m, nn.Conv2d))
+    result = rl_prune(resnet, target, data=x, structure="channel", budget=budget, seed=0, **FAST)
+    which = 0 if budget == "macs" else 1
+    masked_cost = count_macs_params(resnet, x[:2])
+    assert abs(1 - masked_cost[which] / dense[which] - target) <= 0.02
+    assert result.sparsity == pytest.approx(1 - masked_cost[which] / dense[which])
+    assert prune_hook_count(resnet) > 0
+    with torch.inference_mode():
+        masked = resnet(x).clone()
+    info = result.compact()
+    with torch.inference_mode():
+        compacted = resnet(x)
+    assert (masked - compacted).abs().max() < 1e-5
+    assert prune_hook_count(resnet) == 0
+    after = count_macs_params(resnet, x[:2])
+    assert after[which] == pytest.approx(masked_cost[which], rel=1e-3)
+    assert info["macs_after"] < dense[0] and info["params_after"] < dense[1]
+    assert sum(m.out_channels for m in resnet.modules() if isinstance(m, nn.Conv2d)) < dense_channels
+    resnet.train()
+    resnet(x).sum().backward()
+
+
+def test_classifier_is_never_pruned(resnet):
+    x = inputs((8, 1, 32, 32))
+    rl_prune(resnet, 0.5, data=x, structure="channel", seed=0, **FAST)
+    assert not hasattr(resnet.fc, "weight_mask") or bool((resnet.fc.weight_mask.sum(1) > 0).all())
+    compact(resnet, x[:2])
+    assert resnet.fc.out_features == 10
+
+
+def test_plan_round_trip_reproduces_the_masks(resnet, tmp_path):
+    x = inputs((8, 1, 32, 32))
+    twin = copy.deepcopy(resnet)
+    result = rl_prune(resnet, 0.5, data=x, structure="channel", seed=0, **FAST)
+    result.plan.save(tmp_path / "plan.json")
+    apply_plan(twin, PruningPlan.load(tmp_path / "plan.json"))  # input shape from the plan
+    ours, theirs = resnet.state_dict(), twin.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_masked_state_dict_loaded_into_a_fresh_model_compacts_the_same(resnet):
+    x = inputs((8, 1, 32, 32))
+    fresh = copy.deepcopy(resnet)
+    result = rl_prune(resnet, 0.5, data=x, structure="channel", seed=0, **FAST)
+    apply_plan(fresh, result.plan, example_inputs=x[:2])  # same hooks, then the saved weights
+    fresh.load_state_dict(resnet.state_dict())
+    compact(fresh, x[:2])
+    result.compact()
+    with torch.inference_mode():
+        assert (fresh(x) - resnet(x)).abs().max() < 1e-6
+
+
+def test_failure_during_a_channel_search_leaves_the_model_untouched(resnet):
+    x = inputs((8, 1, 32, 32))
+    resnet.train()
+    state = ModelState.of(resnet)
+    sizes = [(m.in_channels, m.out_channels) for m in resnet.modules() if isinstance(m, nn.Conv2d)]
+    with pytest.raises(RuntimeError, match="boom"):
+        rl_prune(resnet, 0.5, data=x, structure="channel", reward=RaisingReward(x, 4, RuntimeError("boom")),
+                 seed=0, **FAST)
+    state.assert_unchanged(resnet)
+    assert sizes == [(m.in_channels, m.out_channels) for m in resnet.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_same_seed_same_channel_plan(resnet):
+    x = inputs((8, 1, 32, 32))
+    twin = copy.deepcopy(resnet)
+    search = dict(agent="amc", episodes=6, agent_config={"warmup": 3}, verbose=False)
+    a = rl_prune(resnet, 0.5, data=x, structure="channel", seed=3, **search)
+    b = rl_prune(twin, 0.5, data=x, structure="channel", seed=3, **search)
+    assert a.plan.amounts == b.plan.amounts
+    assert [h["reward"] for h in a.history] == [h["reward"] for h in b.history]

@@ -1,0 +1,192 @@
+"""Small machinery the channel layer needs: time limits, model snapshots, input handling.
+
+None of it knows about groups or pruning policies.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+__all__ = ["ChannelPruningError", "ChannelTimeoutError", "time_limit", "Deadline", "ModelState",
+           "run_model", "primary_tensor", "training_flags", "restore_training", "prune_hooks",
+           "remove_prune_hooks", "clear_attention_caches"]
+
+
+class ChannelPruningError(RuntimeError):
+    """Structured pruning cannot proceed; the message names the model part responsible."""
+
+
+class ChannelTimeoutError(ChannelPruningError):
+    """A torch-pruning call (graph building, group enumeration, pruning) ran past its time limit."""
+
+
+def _alarm_usable() -> bool:
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def time_limit(seconds: Optional[float], what: str) -> Iterator[None]:
+    """Raise :class:`ChannelTimeoutError` naming ``what`` if the block runs longer than ``seconds``.
+
+    torch-pruning's hangs (index-mapping blow-ups in group enumeration) are pure-Python
+    loops, so a SIGALRM raised between two bytecodes interrupts them. Signals only reach
+    the main thread: elsewhere (and for ``seconds=None``) the block runs unbounded. An
+    enclosing timer (pytest-timeout, a caller's own alarm) is re-armed afterwards with
+    what was left of it.
+    """
+    if seconds is None or not _alarm_usable():
+        yield
+        return
+    if seconds <= 0:
+        raise ChannelTimeoutError(f"{what}: no time left (limit already spent)")
+
+    def _raise(signum, frame):
+        raise ChannelTimeoutError(f"{what} did not finish within {seconds:.3g} s")
+
+    started = time.monotonic()
+    old_handler = signal.signal(signal.SIGALRM, _raise)
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_delay > 0:  # give an outer timer back what it had left (at least a tick)
+            left = max(old_delay - (time.monotonic() - started), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, old_interval)
+
+
+class Deadline:
+    """An overall budget shared by several time-limited steps."""
+
+    def __init__(self, seconds: Optional[float]):
+        self.seconds = seconds
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def left(self, cap: Optional[float] = None) -> Optional[float]:
+        if self.end is None:
+            return cap
+        left = self.end - time.monotonic()
+        return left if cap is None else min(cap, left)
+
+
+# --------------------------------------------------------------------------- inputs and outputs
+def run_model(model: nn.Module, example_inputs) -> Any:
+    """``model(x)`` for a tensor, ``model(*x)`` for a tuple/list, ``model(**x)`` for a dict.
+
+    torch-pruning's own default tries ``model(*x)`` first, which for a plain tensor
+    silently feeds ``x[0]`` (an unbatched sample) to the model; we always pass this instead.
+    """
+    if isinstance(example_inputs, dict):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def primary_tensor(out) -> torch.Tensor:
+    """The first tensor of a (possibly nested) model output."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for item in out:
+            found = primary_tensor(item)
+            if found is not None:
+                return found
+    if hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
+        return out.logits
+    return None
+
+
+def training_flags(model: nn.Module) -> List[Tuple[nn.Module, bool]]:
+    return [(m, m.training) for m in model.modules()]
+
+
+def restore_training(flags) -> None:
+    for m, flag in flags:
+        m.training = flag
+
+
+def clear_attention_caches(model: nn.Module) -> None:
+    """Drop cached attention biases (LeViT & co. cache them in eval mode; a cache filled while
+    tracing with gradients enabled holds a graph that a later backward would reuse)."""
+    for m in model.modules():
+        cache = getattr(m, "attention_bias_cache", None)
+        if isinstance(cache, dict):
+            cache.clear()
+
+
+# --------------------------------------------------------------------------- prune hooks
+def prune_hooks(model: nn.Module) -> List[Tuple[str, nn.Module, str]]:
+    """``(module_name, module, tensor_name)`` for every torch.nn.utils.prune re-parametrisation."""
+    found = []
+    for name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                found.append((name, module, hook._tensor_name))
+    return found
+
+
+def remove_prune_hooks(model: nn.Module) -> Dict[Tuple[int, str], torch.Tensor]:
+    """``prune.remove`` every pruned tensor (zeros stay) and return the masks, keyed by
+    ``(id(module), tensor_name)``."""
+    masks = {}
+    for _, module, tname in prune_hooks(model):
+        masks[(id(module), tname)] = getattr(module, tname + "_mask").detach().cpu().clone()
+        prune.remove(module, tname)
+    return masks
+
+
+# --------------------------------------------------------------------------- snapshots
+_MODULE_DICTS = ("_parameters", "_buffers", "_modules", "_forward_pre_hooks", "_forward_hooks",
+                 "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs")
+
+
+class ModelState:
+    """A cheap, exact undo point for *structural* edits (no tensor data is copied).
+
+    torch-pruning never edits a tensor in place: it builds new Parameters with
+    ``index_select`` and rebinds attributes; ``prune.remove`` rebinds ``orig.data``.
+    Recording every module's attribute dict (lists copied), its parameter/buffer/hook
+    dicts and every tensor's ``.data`` binding is therefore enough to put a model back
+    exactly as it was after a failed compaction. ``extra`` modules (torch-pruning's graph
+    ops) can be recorded too.
+    """
+
+    def __init__(self, model: nn.Module, extra: Optional[List[nn.Module]] = None):
+        self.records = []
+        seen = set()
+        modules = list(model.modules()) + [m for m in (extra or []) if isinstance(m, nn.Module)]
+        for m in modules:
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            attrs = {}
+            for k, v in m.__dict__.items():
+                if k in _MODULE_DICTS:
+                    attrs[k] = type(v)(v)
+                elif isinstance(v, list):
+                    attrs[k] = list(v)
+                else:
+                    attrs[k] = v
+            tensors = [(t, t.data) for t in list(m._parameters.values()) + list(m._buffers.values())
+                       if isinstance(t, torch.Tensor)]
+            self.records.append((m, attrs, tensors))
+
+    def restore(self) -> None:
+        for m, attrs, tensors in self.records:
+            m.__dict__.clear()
+            m.__dict__.update({k: (type(v)(v) if k in _MODULE_DICTS or isinstance(v, list) else v)
+                               for k, v in attrs.items()})
+            for t, data in tensors:
+                if t.data is not data:
+                    t.data = data

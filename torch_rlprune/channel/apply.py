@@ -1,0 +1,281 @@
+"""Final application of a channel plan through torch.nn.utils.prune, and physical compaction."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._util import (ChannelPruningError, ModelState, clear_attention_caches, primary_tensor, prune_hooks,
+                    remove_prune_hooks, restore_training, run_model, training_flags)
+from .counting import count_macs_params
+from .groups import ChannelGroup
+from .hard import classifier_in_features, hard_prune, sync_timm_metadata
+from .method import ChannelMask
+from .norms import MaskedNormStatistics, remove_norm_hooks
+from .structure import ChannelStructure
+
+__all__ = ["apply_channel_plan", "ChannelPlanResult", "compact"]
+
+
+@dataclass
+class ChannelPlanResult:
+    """What :func:`apply_channel_plan` did.
+
+    Attributes:
+        counts: ``{group key: units removed}`` as applied (after rounding/capping).
+        channels: ``{group key: root-layer channel indices removed}``.
+        tensors: qualified names of the tensors that received a :class:`ChannelMask`.
+        excluded: ``{key: reason}`` of groups the structure left out.
+        macs, params: ``(before, after)`` from the structure's arithmetic cost model.
+        exact: False when an applied group's masks only approximate removal (LayerNorm...).
+        structure: the :class:`ChannelStructure` used (reusable for :func:`compact` bookkeeping).
+    """
+
+    counts: Dict[str, int]
+    channels: Dict[str, List[int]]
+    tensors: List[str]
+    excluded: Dict[str, str]
+    macs: Tuple[int, int]
+    params: Tuple[int, int]
+    exact: bool
+    structure: ChannelStructure = field(repr=False)
+
+
+def _masks_for(groups_counts) -> Dict[Tuple[int, str], Tuple[nn.Module, str, str, Dict[int, set]]]:
+    per_tensor: Dict[Tuple[int, str], Tuple[nn.Module, str, str, Dict[int, set]]] = {}
+    for g, n in groups_counts:
+        if n <= 0:
+            continue
+        for s in g.slices:
+            pos = s.pos_by_rank[:s.ptr[n]].tolist()  # positions of the n first-ranked units
+            if not pos:
+                continue
+            key = (id(s.module), s.tensor_name)
+            entry = per_tensor.setdefault(key, (s.module, s.module_name, s.tensor_name, {}))
+            entry[3].setdefault(s.dim, set()).update(pos)
+    return per_tensor
+
+
+def apply_channel_plan(model: nn.Module, plan: Mapping, example_inputs=None, *,
+                       structure: Optional[ChannelStructure] = None, strict: bool = True,
+                       exact_norms: Optional[bool] = None, **structure_kwargs) -> ChannelPlanResult:
+    """Mask the channels a plan removes, through torch.nn.utils.prune (one :class:`ChannelMask` per tensor).
+
+    Args:
+        model: the model to prune in place.
+        plan: ``{group key: n}`` -- ``n`` an int (units removed) or a float in [0, 1] (fraction
+            of the group). Keys are :attr:`ChannelGroup.key` (``"layer1.0.conv1:out"``,
+            ``"blocks.0.attn:heads"``) or the name of any output layer of a group. Which units
+            go is re-derived deterministically from the importance ranking, so the same
+            plan on the same weights always removes the same channels.
+        example_inputs: needed unless ``structure`` is given.
+        structure: a :class:`ChannelStructure` of this model (e.g. the one the search used);
+            its in-place masks are restored first. Otherwise one is built with
+            ``structure_kwargs`` (``importance``, ``exclude``, ``round_to``, ...).
+        strict: unknown or excluded keys raise (``KeyError``); with False they are skipped and
+            reported in ``excluded``.
+        exact_norms: register a :class:`MaskedNormStatistics` forward hook on the LayerNorm /
+            GroupNorm members of the applied groups (it reads their ``weight_mask``), so the
+            masked model computes what the compacted one will. Defaults to the structure's
+            setting. The hook is not part of the prune API; :func:`compact` removes it.
+
+    Every tensor of every affected group is masked -- output rows and bias of the
+    producers, norm weights and biases, the consumers' input columns, unwrapped parameters
+    (cls tokens, position embeddings, layer scales) -- so the masked model computes what
+    the compacted model computes (exactly for groups with ``exact=True``). A tensor masked
+    along two dims by two groups gets one combined mask.
+    """
+    if structure is None:
+        if example_inputs is None:
+            raise ValueError("apply_channel_plan needs example_inputs (or a structure)")
+        structure = ChannelStructure(model, example_inputs, **structure_kwargs)
+    elif structure.model is not model:
+        raise ValueError("structure was built for a different model")
+    structure.restore()
+    skipped: Dict[str, str] = {}
+    if not strict:
+        clean = {}
+        for k, v in plan.items():
+            try:
+                structure.group(k)
+                clean[k] = v
+            except KeyError as e:
+                skipped[str(k)] = str(e).strip('"')
+        plan = clean
+    counts = structure.resolve_plan(plan)
+    before = structure.cost(np.zeros_like(counts))
+    after = structure.cost(counts)
+    todo = [(g, int(counts[g.index])) for g in structure.groups if counts[g.index] > 0]
+    tensors = []
+    with torch.no_grad():
+        for module, mname, tname, dims in _masks_for(todo).values():
+            ChannelMask.apply(module, tname, channels={d: sorted(p) for d, p in dims.items()})
+            tensors.append(f"{mname}.{tname}" if mname else tname)
+    if exact_norms is None:
+        exact_norms = structure.exact_norms
+    if exact_norms:
+        for g, _ in todo:
+            for _, module, kind in g._norms:
+                if not any(isinstance(h, MaskedNormStatistics) for h in module._forward_hooks.values()):
+                    module.register_forward_hook(MaskedNormStatistics(kind))
+    excluded = {e.key: e.reason for e in structure.excluded}
+    excluded.update(skipped)
+    return ChannelPlanResult(counts={g.key: n for g, n in todo},
+                             channels={g.key: g.removed_channels(n) for g, n in todo},
+                             tensors=sorted(tensors), excluded=excluded, macs=(before[0], after[0]), params=(before[1], after[1]),
+                             exact=all(g.exact and (exact_norms or not g._norms) for g, _ in todo),
+                             structure=structure)
+
+
+def _dead_units(group: ChannelGroup, masks: Dict[Tuple[int, str], torch.Tensor]) -> Tuple[List[int], int]:
+    """Units whose every member slice is masked to zero; also how many units are only partly masked."""
+    U = group.num_units
+    dead = torch.ones(U, dtype=torch.bool)
+    any_dead = torch.zeros(U, dtype=torch.bool)
+    for s in group.slices:
+        mask = masks.get((id(s.module), s.tensor_name))
+        if mask is None:
+            dead[:] = False
+            continue
+        other = [d for d in range(mask.dim()) if d != s.dim]
+        zero = (mask.abs().sum(dim=other) == 0) if other else (mask == 0)
+        pos_zero = zero[s.positions]
+        per_unit_alive = torch.zeros(U, dtype=torch.long).index_add_(0, s.units, (~pos_zero).long())
+        per_unit_dead = torch.zeros(U, dtype=torch.long).index_add_(0, s.units, pos_zero.long())
+        dead &= per_unit_alive == 0
+        any_dead |= per_unit_dead > 0
+    partial = int((any_dead & ~dead).sum())
+    units = dead.nonzero().flatten().tolist()
+    if len(units) >= U:  # torch-pruning cannot remove every channel of a layer
+        units = units[:U - 1]
+    return units, partial
+
+
+@torch.no_grad()
+def _forward(model, example_inputs):
+    return primary_tensor(run_model(model, example_inputs))
+
+
+def compact(model: nn.Module, example_inputs, *, exclude=None, exclude_classifier: bool = True,
+            heads: bool = True, timeout: Optional[float] = 60.0, group_timeout: Optional[float] = 20.0,
+            check: bool = True, tolerance: float = 1e-4) -> dict:
+    """Physically remove every channel a model's masks remove, in place (same model object).
+
+    Works on models pruned by :func:`apply_channel_plan` and on models whose state_dict (with
+    ``weight_orig``/``weight_mask``) was loaded into a model carrying the same prune hooks.
+    Only prune masks count: the in-place zeros of a live :class:`ChannelStructure` are not
+    masks (apply the plan first, or ``restore()``).
+
+    Steps: record every prune mask, ``prune.remove`` all hooks (torch-pruning cannot prune a
+    re-parametrised tensor), rebuild the channel groups, read each group's dead units from
+    the masks (a unit is dead when *all* its slices are masked; units only partly masked
+    stay, with their zeros), remove them with torch-pruning (heads with our own code,
+    updating ``num_heads``/``attn_dim``), and compare with the masked model's output. If
+    torch-pruning breaks the model, the model is put back (hook-free, masks baked in) and
+    the offending groups are found by bisection and left unpruned; they are reported.
+
+    Returns a dict: ``macs_before/params_before`` (mask-aware) and ``macs_after/params_after``,
+    ``removed`` (``{group key: units}``), ``partial`` (groups with partly masked units),
+    ``failed`` (``{key: reason}``), ``excluded`` (groups the structure left out),
+    ``max_abs_diff`` (masked vs compacted output), ``exact`` and ``seconds``.
+    """
+    started = time.perf_counter()
+    flags = training_flags(model)
+    model.eval()
+    try:
+        macs_before, params_before = count_macs_params(model, example_inputs)
+        reference = _forward(model, example_inputs)
+        reference = None if reference is None else reference.detach().clone()
+        masks = remove_prune_hooks(model)
+        norm_hooks = remove_norm_hooks(model)
+        classifier_features = classifier_in_features(model)
+        structure = ChannelStructure(model, example_inputs, exclude=exclude, exclude_classifier=exclude_classifier,
+                                     heads=heads, timeout=timeout, group_timeout=group_timeout,
+                                     exact_norms=norm_hooks > 0, validate=False, _rank=False)
+        plan: List[Tuple[ChannelGroup, List[int]]] = []
+        partial: Dict[str, int] = {}
+        for g in structure.groups:
+            units, n_partial = _dead_units(g, masks)
+            if n_partial:
+                partial[g.key] = n_partial
+            if units:
+                plan.append((g, units))
+        failed: Dict[str, str] = {}
+        diff = 0.0
+
+        def attempt(items, keep: bool = True) -> Tuple[bool, float, str]:
+            """Remove ``items``; keep the result only if it checks out and ``keep``."""
+            state = ModelState(model)
+            try:
+                dg = structure._fresh_graph()
+                hard_prune(dg, items, group_timeout=group_timeout, model_name=type(model).__name__)
+                clear_attention_caches(model)
+                out = _forward(model, example_inputs)
+            except Exception as e:
+                state.restore()
+                return False, math.inf, f"{type(e).__name__}: {str(e)[:200]}"
+            if check and reference is not None:
+                bad = None
+                if out is None or out.shape != reference.shape:
+                    bad = f"output shape changed to {None if out is None else tuple(out.shape)}"
+                elif not bool(torch.isfinite(out).all()):
+                    bad = "output is not finite"
+                else:
+                    d = float((out.float() - reference.float()).abs().max()) if out.numel() else 0.0
+                    scale = max(1.0, float(reference.float().abs().max()))
+                    if all(g.exact for g, _ in items) and d > tolerance * scale:
+                        bad = f"compacted output differs from the masked one by {d:.3g}"
+                    if bad is None:
+                        if not keep:
+                            state.restore()
+                        return True, d, ""
+                state.restore()
+                return False, math.inf, bad
+            if not keep:
+                state.restore()
+            return True, 0.0, ""
+
+        ok, diff, why = attempt(plan) if plan else (True, 0.0, "")
+        if not ok:
+            good = _find_good(plan, lambda items: attempt(items, keep=False), failed, why)
+            ok, diff, why = attempt(good) if good else (True, 0.0, "")
+            if not ok:  # should not happen: every part passed alone
+                for g, _ in good:
+                    failed.setdefault(g.key, why)
+                good = []
+            plan = good
+        sync_timm_metadata(model, classifier_features)
+        clear_attention_caches(model)
+        macs_after, params_after = count_macs_params(model, example_inputs)
+    finally:
+        restore_training(flags)
+    leftover = prune_hooks(model)
+    if leftover:
+        raise ChannelPruningError(f"prune hooks left on {[n for n, _, _ in leftover][:5]}")
+    return {"macs_before": macs_before, "params_before": params_before,
+            "macs_after": macs_after, "params_after": params_after,
+            "removed": {g.key: len(u) for g, u in plan}, "partial": partial, "failed": failed,
+            "excluded": {e.key: e.reason for e in structure.excluded},
+            "max_abs_diff": diff, "exact": all(g.exact for g, _ in plan),
+            "seconds": time.perf_counter() - started}
+
+
+def _find_good(items, attempt, failed: Dict[str, str], why: str):
+    """Bisect ``items`` into the groups that compact cleanly; record the others in ``failed``."""
+    if len(items) == 1:
+        failed[items[0][0].key] = why
+        return []
+    half = len(items) // 2
+    good = []
+    for part in (items[:half], items[half:]):
+        ok, _, why_part = attempt(part)
+        if ok:  # trials are undone; the final attempt redoes everything that passed
+            good.extend(part)
+        else:
+            good.extend(_find_good(part, attempt, failed, why_part))
+    return good

@@ -1,0 +1,120 @@
+"""Mask-aware MAC and parameter counts, without copying the model.
+
+``torch_pruning.utils.count_ops_and_params`` deep-copies the model (which fails once a
+pruned model has run a forward with gradients) and counts the dense tensors, ignoring
+masks. This counter runs the model once with forward hooks and counts *structurally*:
+a row or column of a weight counts as removed when its mask slice is entirely zero
+(``count_zeros=True`` also treats all-zero slices of the weight itself as removed, for
+models masked in place by :class:`ChannelStructure`). Dead output channels and dead
+input channels both reduce a layer's MACs: ``positions * kernel * alive_out * alive_in``.
+
+Counted: Conv/Linear multiply-accumulates (every call) and the score/value matmuls of
+timm ``Attention`` blocks (``2 * N^2 * head_dim * heads``). Not counted: norms,
+activations, pooling, element-wise ops -- so totals are a few percent below
+torch-pruning's op counter, which counts those too.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from ._util import clear_attention_caches, restore_training, run_model, training_flags
+from .groups import countable_attention
+
+__all__ = ["count_macs_params", "alive_sizes"]
+
+
+def _effective(module: nn.Module, name: str) -> torch.Tensor:
+    orig = module._parameters.get(name + "_orig")
+    if orig is not None:
+        return orig.detach() * module._buffers[name + "_mask"]
+    return getattr(module, name).detach()
+
+
+def alive_sizes(module: nn.Module, name: str, count_zeros: bool = False) -> Tuple[int, ...]:
+    """Per dimension, how many slices of ``module.<name>`` are not entirely masked."""
+    mask = module._buffers.get(name + "_mask")
+    t = _effective(module, name) if count_zeros else None
+    shape = (mask if mask is not None else getattr(module, name)).shape
+    out = []
+    for d in range(len(shape)):
+        other = [k for k in range(len(shape)) if k != d]
+        dead = torch.zeros(shape[d], dtype=torch.bool)
+        if mask is not None:
+            dead |= ((mask.abs().sum(dim=other) == 0) if other else (mask == 0)).cpu()
+        if t is not None:
+            dead |= ((t.abs().sum(dim=other) == 0) if other else (t == 0)).cpu()
+        out.append(int(shape[d] - int(dead.sum())))
+    return tuple(out)
+
+
+@torch.no_grad()
+def count_macs_params(model: nn.Module, example_inputs, count_zeros: bool = False) -> Tuple[int, int]:
+    """``(MACs per forward of example_inputs, parameters)``, honouring masks (see module docstring).
+
+    MACs are for the batch in ``example_inputs`` divided by its batch size (per sample) when the
+    first input is a tensor; parameters count each tensor once.
+    """
+    conv_linear = (nn.modules.conv._ConvNd, nn.Linear)
+    attention = {id(m): m for m in countable_attention(model).values()}
+    macs = [0]
+    handles = []
+
+    def hook(module, inputs, output):
+        x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        if id(module) in attention:
+            if x is None or x.dim() < 3:
+                return
+            tokens = int(math.prod(x.shape[1:-1]))
+            hd = int(module.head_dim)
+            rows = alive_sizes(module.qkv, "weight", count_zeros)[0]
+            heads = rows // (3 * hd)
+            macs[0] += 2 * tokens * tokens * hd * heads * x.shape[0]
+            return
+        out = output if isinstance(output, torch.Tensor) else None
+        alive = alive_sizes(module, "weight", count_zeros)
+        kernel = int(math.prod(alive[2:])) if len(alive) > 2 else 1
+        if isinstance(module, nn.Linear):
+            ref = out if out is not None else x
+            positions = int(math.prod(ref.shape[:-1])) if ref is not None else 1
+        elif getattr(module, "transposed", False):
+            positions = x.shape[0] * int(math.prod(x.shape[2:]))
+        else:
+            positions = out.shape[0] * int(math.prod(out.shape[2:]))
+        macs[0] += positions * kernel * alive[0] * alive[1]
+
+    for m in model.modules():
+        if isinstance(m, conv_linear) or id(m) in attention:
+            handles.append(m.register_forward_hook(hook))
+    flags = training_flags(model)
+    model.eval()
+    try:
+        run_model(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        restore_training(flags)
+        clear_attention_caches(model)
+    first = example_inputs
+    if isinstance(first, dict):
+        first = next(iter(first.values()), None)
+    elif isinstance(first, (tuple, list)):
+        first = first[0] if first else None
+    batch = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
+
+    params = 0
+    seen = set()
+    for m in model.modules():
+        for pname, p in m._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            name = pname[:-len("_orig")] if pname.endswith("_orig") else pname
+            if name + "_mask" in m._buffers or count_zeros:
+                params += int(math.prod(alive_sizes(m, name, count_zeros)))
+            else:
+                params += p.numel()
+    return macs[0] // max(batch, 1), params
