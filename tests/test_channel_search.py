@@ -114,3 +114,32 @@ def test_same_seed_same_channel_plan(resnet):
     b = rl_prune(twin, 0.5, data=x, structure="channel", seed=3, **search)
     assert a.plan.amounts == b.plan.amounts
     assert [h["reward"] for h in a.history] == [h["reward"] for h in b.history]
+
+
+COVERAGE = ["resnet18", "resnet50", "mobilenetv2_100", "mobilenetv3_small_100", "efficientnet_b0", "convnext_atto",
+            "regnetx_002", "densenet121", "ghostnet_100", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
+            "levit_128s", "mixer_b16_224"]
+FIXED_SIZE = {"vit_tiny_patch16_224", "deit_tiny_patch16_224", "levit_128s", "mixer_b16_224"}
+
+
+@pytest.mark.parametrize("name", COVERAGE)
+def test_channel_search_across_timm_architectures(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10, **({"img_size": 64} if name in FIXED_SIZE else {}))
+    randomise_batchnorm(model)
+    x = inputs((4, 3, 64, 64))
+    dense_macs = count_macs_params(model, x[:1])[0]
+    result = rl_prune(model, 0.5, data=x, structure="channel", agent="random", episodes=2, verbose=False)
+    masked_macs = count_macs_params(model, x[:1])[0]
+    assert abs(1 - masked_macs / dense_macs - 0.5) <= 0.02
+    with torch.inference_mode():
+        masked = model(x).clone()
+    result.compact()
+    assert prune_hook_count(model) == 0
+    with torch.inference_mode():
+        compacted = model(x)
+    assert compacted.shape == (4, 10)
+    assert (masked - compacted).abs().max() < 1e-4
+    assert count_macs_params(model, x[:1])[0] == pytest.approx(masked_macs, rel=0.01)
+    model.train()
+    model(x).sum().backward()
