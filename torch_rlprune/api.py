@@ -17,6 +17,7 @@ from .calibration import build_calibration, primary_output
 from .env import BUDGETS, LayerwisePruningEnv
 from .masking import InPlaceMask
 from .plan import PruningPlan, apply_plan
+from .recalibration import BatchNormRecalibration
 from .rewards import REWARDS, make_reward
 from .safety import ModelSnapshot
 from .structure import PrunableTensor, find_prunable, trace_execution
@@ -188,8 +189,8 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
              episodes: Optional[int] = None, budget: Optional[str] = None, structure: str = "unstructured",
              exclude=None, example_inputs=None, seed: int = 0, verbose: bool = True,
              agent_config=None, calibration_samples: int = 512, max_amount: Optional[float] = None,
-             importance_scores=None, parameters=None, importance=None, round_to: Optional[int] = None
-             ) -> PruneResult:
+             importance_scores=None, parameters=None, importance=None, round_to: Optional[int] = None,
+             bn_recalibration: int = 0) -> PruneResult:
     """Search per-layer pruning amounts with an RL agent and prune ``model`` in place.
 
     Args:
@@ -225,6 +226,9 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
         importance: channel only: a torch-pruning importance (``tp.importance.*``) choosing
             which channels go; default group magnitude.
         round_to: channel only: what remains of each group is a multiple of this.
+        bn_recalibration: re-estimate BatchNorm running statistics on this many calibration
+            batches before every score (0: off). The final model gets the statistics
+            re-estimated for the plan applied, so it is the model that was scored.
 
     Returns:
         :class:`PruneResult`.
@@ -271,6 +275,9 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
     elif importance is not None or round_to is not None:
         raise ValueError("importance= and round_to= apply to structure='channel'; "
                          "for unstructured pruning pass importance_scores=")
+    if isinstance(bn_recalibration, bool) or not isinstance(bn_recalibration, numbers.Integral) \
+            or bn_recalibration < 0:
+        raise ValueError(f"bn_recalibration must be a number of batches >= 0, got {bn_recalibration!r}")
     if not isinstance(agent, Agent):
         agent_obj = agent_cls(agent_config, seed=int(seed))
     episodes = int(episodes if episodes is not None else agent_obj.config.episodes)
@@ -281,7 +288,7 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
         raise ValueError("the model has no prunable layers (Conv/Linear weights) left after 'exclude'")
 
     snapshot = ModelSnapshot(model)
-    env = None
+    env = recalibrate = None
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
@@ -310,8 +317,14 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
                 raise ValueError("data: the model's output holds no tensor to score")
             scorer = make_reward(reward, calibration)
             scorer.prepare(model)
-            env = LayerwisePruningEnv(space.steps, space.masks, lambda: scorer(model), target, budget,
-                                      max_amount, cost=space.cost)
+            recalibrate = BatchNormRecalibration(model, calibration.inputs[:int(bn_recalibration)])
+
+            def score() -> float:
+                if recalibrate:
+                    recalibrate()
+                return scorer(model)
+
+            env = LayerwisePruningEnv(space.steps, space.masks, score, target, budget, max_amount, cost=space.cost)
             if env.existing_fraction > target + tolerance:
                 raise ValueError(f"target {target} is below what the model's existing masks already remove "
                                  f"({env.existing_fraction:.4f})")
@@ -326,6 +339,8 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
             tick = time.perf_counter()
             baseline = float(scorer(model))
             forward_seconds = time.perf_counter() - tick
+            if recalibrate:
+                baseline = float(score())
 
             bar = tqdm(total=episodes, desc=f"rl_prune[{agent_obj.name}]", disable=not verbose,
                        leave=False, dynamic_ncols=True)
@@ -336,6 +351,7 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
             finally:
                 bar.close()
                 env.restore()
+                recalibrate.restore()
             if env.best_k is None:
                 raise RuntimeError(f"agent {agent_obj.name!r} finished without completing an episode")
             amounts, numels, extra = space.plan_entries(env.best_k)
@@ -346,14 +362,19 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
                                metadata={"agent_config": agent_obj.hyperparameters(),
                                          "calibration_samples": calibration.num_samples,
                                          "synthetic_calibration": calibration.synthetic,
-                                         "max_amount": max_amount, **extra})
+                                         "max_amount": max_amount, "bn_recalibration": int(bn_recalibration),
+                                         **extra})
             achieved = space.apply(plan)
+            if recalibrate:
+                recalibrate()
             if abs(achieved - target) > tolerance:
                 raise RuntimeError(f"internal error: achieved {achieved:.4f} for target {target}; "
                                    "please report this")
     except BaseException:
         if env is not None:
             env.restore()
+        if recalibrate is not None:
+            recalibrate.restore()
         snapshot.restore()
         raise
     snapshot_modes = {id(m): t for m, t, *_ in snapshot.modules}
