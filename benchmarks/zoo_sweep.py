@@ -8,7 +8,8 @@ accepts among 64/96/128/its configured size; build our ChannelStructure (torch-p
 groups, unsafe groups excluded and reported); remove 50% of every group through the
 prune API; check the output shape, that the masked model equals the compacted one
 (exactly where norms allow), that forward and backward work after ``compact`` and that
-MACs fell by at least 30% (the bar TIMM-ZOO.md used for torch-pruning alone). Writes
+MACs fell by at least 30% (the bar TIMM-ZOO.md used for torch-pruning alone). Masked equals compacted when the max abs
+difference is below 1e-4 times the output's largest magnitude (at least 1e-4). Writes
 benchmarks/results/zoo.json and zoo.md.
 """
 from __future__ import annotations
@@ -73,6 +74,7 @@ def run_one(name: str) -> dict:
     with torch.no_grad():
         compacted = model(x)
     out["max_abs_diff"] = float((compacted - masked).abs().max())
+    out["output_scale"] = float(masked.abs().max())
     out["phase"] = "backward"
     model.train()
     model(x).sum().backward()
@@ -80,7 +82,8 @@ def run_one(name: str) -> dict:
     out.update(macs_before=macs0, macs_after=macs1, params_before=params0, params_after=params1,
                macs_removed=round(1 - macs1 / macs0, 3), compact_failed=len(info.get("failed", {})))
     out["phase"] = "done"
-    tolerance = 1e-4 if out["exact"] else float("inf")
+    # relative to the output's scale: float rounding grows with it (and with tiny BN variances)
+    tolerance = 1e-4 * max(1.0, out["output_scale"]) if out["exact"] else float("inf")
     out["ok"] = bool(out["shape_kept"] and out["max_abs_diff"] <= tolerance and out["macs_removed"] >= 0.3)
     return out
 

@@ -422,10 +422,22 @@ def test_a_hanging_group_is_excluded_after_its_time_limit(monkeypatch):
     assert {"left.0:out", "right.0:out"} <= {g.key for g in s.groups} and s.validation["ok"]
 
 
-def test_a_hang_past_the_overall_limit_is_an_error_naming_the_layer(monkeypatch):
+def test_past_the_overall_limit_the_groups_found_so_far_are_kept(monkeypatch):
     model, x = residual_net(), x_img()
     monkeypatch.setattr(groups_module, "enumerate_group", _hang_on(lambda m: m is model.dw[0]))
-    with pytest.raises(ChannelTimeoutError, match=r"ResidualNet: grouping did not finish within 0.5 s .*'dw.0'"):
+    started = time.perf_counter()
+    s = ChannelStructure(model, x, timeout=0.5, group_timeout=None)
+    assert time.perf_counter() - started < 10
+    reasons = {e.key: e.reason for e in s.excluded}
+    assert "overall time budget" in reasons["dw.0:out"]
+    assert s.groups and s.validation["ok"]
+
+
+def test_a_hang_before_any_group_is_an_error_naming_the_layer(monkeypatch):
+    model, x = residual_net(), x_img()
+    monkeypatch.setattr(groups_module, "enumerate_group", _hang_on(lambda m: True))
+    with pytest.raises(ChannelTimeoutError, match=r"ResidualNet: grouping did not finish within 0.5 s "
+                                                  r"\(stuck at layer '[\w.]+'\)"):
         ChannelStructure(model, x, timeout=0.5, group_timeout=None)
 
 

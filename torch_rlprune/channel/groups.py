@@ -927,6 +927,7 @@ def discover_groups(model: nn.Module, example_inputs, *, importance=None, exclud
     roots = (nn.modules.conv._ConvNd, nn.Linear)
     visited: Set[int] = set()
     specs: List[dict] = []
+    stuck_at: Optional[str] = None
     for m in list(DG.module2node.keys()):
         if not isinstance(m, roots) or id(m) in visited or id(m) in head_qkv:
             continue
@@ -937,18 +938,25 @@ def discover_groups(model: nn.Module, example_inputs, *, importance=None, exclud
         C = pruner.get_out_channels(m)
         left = deadline.left(group_timeout)
         if left is not None and left <= 0:
-            raise ChannelTimeoutError(f"{model_name}: grouping did not finish within {timeout:.3g} s "
-                                      f"(stopped before layer '{name}')")
+            # The overall budget is spent: keep the groups found so far, leave the rest out
+            # (with the reason), and fail only if nothing at all could be grouped in time.
+            stuck_at = stuck_at or name
+            visited.add(id(m))
+            excluded.append(ExcludedGroup(f"{name}:out", f"grouping time budget of {timeout:.3g} s was spent "
+                                                         f"before this layer", [name]))
+            continue
         try:
             with time_limit(left, f"torch-pruning grouping of '{name}' in {model_name}"):
                 g, roots_of = enumerate_group(DG, m, pruner.prune_out_channels, list(range(C)))
-        except ChannelTimeoutError as e:
-            if deadline.left() is not None and deadline.left() <= 0:
-                raise ChannelTimeoutError(f"{model_name}: grouping did not finish within {timeout:.3g} s "
-                                          f"(stuck at layer '{name}')") from e
+        except ChannelTimeoutError:
             visited.add(id(m))
+            overall = deadline.left() is not None and deadline.left() <= 0
+            if overall:
+                stuck_at = stuck_at or name
             excluded.append(ExcludedGroup(f"{name}:out", f"torch-pruning group enumeration did not finish "
-                                                         f"within {left:.3g} s", [name]))
+                                                         f"within {left:.3g} s"
+                                                         + (" (the overall time budget)" if overall else ""),
+                                          [name]))
             continue
         except Exception as e:
             visited.add(id(m))
@@ -975,6 +983,9 @@ def discover_groups(model: nn.Module, example_inputs, *, importance=None, exclud
         spec["root_name"] = name
         specs.append(spec)
     seconds["groups"] = time.perf_counter() - t0
+    if stuck_at is not None and not specs:
+        raise ChannelTimeoutError(f"{model_name}: grouping did not finish within {timeout:.3g} s "
+                                  f"(stuck at layer '{stuck_at}')")
 
     # ---- one group per prunable attention block (whole heads)
     for name, attn in attention.items():
