@@ -50,13 +50,15 @@ def test_result_carries_the_statistics_of_its_plan(structure):
     assert all(torch.allclose(a[0], b[0], atol=1e-6) for a, b in zip(running_stats(model), after))
 
 
-def test_recalibration_is_on_by_default():
+@pytest.mark.parametrize("structure, default", [("channel", 1), ("unstructured", 0)])
+def test_recalibration_default_depends_on_the_structure(structure, default):
     model = seeded(small_cnn, 0).eval()
     x = inputs((64, 1, 16, 16))
     before = running_stats(model)
-    result = rl_prune(model, 0.5, data=x, agent="random", episodes=3, verbose=False)
-    assert result.plan.metadata["bn_recalibration"] == 1
-    assert any(not torch.equal(a[0], b[0]) for a, b in zip(running_stats(model), before))
+    result = rl_prune(model, 0.5, data=x, structure=structure, agent="random", episodes=3, verbose=False)
+    assert result.plan.metadata["bn_recalibration"] == default
+    changed = any(not torch.equal(a[0], b[0]) for a, b in zip(running_stats(model), before))
+    assert changed is bool(default)
 
 
 def test_without_recalibration_statistics_are_untouched():
