@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..structure import _resolve_exclude as resolve_exclude
 from ._util import (ModelState, clear_attention_caches, primary_tensor, remove_prune_hooks, restore_training,
                     run_model, training_flags)
 from .groups import ChannelGroup, ExcludedGroup, build_graph, classifier_names, discover_groups
@@ -75,28 +76,8 @@ class _TensorState:
 
 
 def _resolve_exclude(model: nn.Module, exclude) -> List[str]:
-    if exclude is None:
-        return []
-    if isinstance(exclude, (str, nn.Module)):
-        exclude = [exclude]
-    names = {id(m): n for n, m in model.named_modules()}
-    all_names = set(names.values())
-    out = []
-    for item in exclude:
-        if isinstance(item, nn.Module):
-            if id(item) not in names:
-                raise ValueError(f"exclude: a {type(item).__name__} is not part of the model")
-            out.append(names[id(item)])
-        elif isinstance(item, str):
-            if item not in all_names:
-                import difflib
-                close = difflib.get_close_matches(item, sorted(all_names), n=3)
-                raise ValueError(f"exclude: the model has no module named {item!r}"
-                                 + (f"; did you mean {close}?" if close else ""))
-            out.append(item)
-        else:
-            raise TypeError(f"exclude entries must be module names or modules, got {type(item).__name__}")
-    return out
+    # The same rules (and messages) as unstructured pruning's `exclude`.
+    return sorted(resolve_exclude(model, exclude))
 
 
 class ChannelStructure:
