@@ -370,6 +370,31 @@ def test_compact_rolls_back_a_group_torch_pruning_breaks(monkeypatch):
     assert model.b1[0].out_channels == 16, "the failed group is left unpruned (zeros baked in)"
 
 
+def test_a_layernorm_group_compact_cannot_remove_stays_exact(monkeypatch):
+    timm = pytest.importorskip("timm")
+    model = randomize_norms(seeded(timm.create_model, 0, "convnext_atto", pretrained=False, num_classes=10)).eval()
+    x = x_img((2, 3, 64, 64))
+    s = ChannelStructure(model, x)
+    apply_channel_plan(model, {g.key: 0.5 for g in s.groups}, structure=s)
+    y_masked = out(model, x)
+    victim = next(g.key for g in s.groups if g._norms)  # a group whose channels pass through a LayerNorm
+    from torch_rlprune.channel import apply as apply_module
+    real = apply_module.hard_prune
+
+    def refuse(DG, todo, **kw):  # torch-pruning fails on that group: compact must roll it back
+        if any(g.key == victim for g, _ in todo):
+            raise RuntimeError("torch-pruning failed")
+        return real(DG, todo, **kw)
+
+    monkeypatch.setattr(apply_module, "hard_prune", refuse)
+    result = compact(model, x)
+    assert set(result["failed"]) == {victim}
+    assert len(result["removed"]) == len(s.groups) - 1
+    # its LayerNorm channels stay zeroed, so their statistics must still leave them out
+    assert any(isinstance(h, MaskedNormStatistics) for m in model.modules() for h in m._forward_hooks.values())
+    assert max_diff(out(model, x), y_masked) < 1e-4
+
+
 # --------------------------------------------------------------------------- robustness
 class RNNNet(nn.Module):
     def __init__(self):

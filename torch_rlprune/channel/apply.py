@@ -192,7 +192,14 @@ def compact(model: nn.Module, example_inputs, *, exclude=None, exclude_classifie
         reference = _forward(model, example_inputs)
         reference = None if reference is None else reference.detach().clone()
         masks = remove_prune_hooks(model)
+        hooked_norms = [(m, h.kind) for m in model.modules() for h in m._forward_hooks.values()
+                        if isinstance(h, MaskedNormStatistics)]
         norm_hooks = remove_norm_hooks(model)
+        # Until a group is physically removed, its zeroed norm channels must stay out of the
+        # statistics, also when torch-pruning fails on the group and it stays masked: read the
+        # dead channels from the (baked-in) zero weight and bias, which follow the layer's shape.
+        for module, kind in hooked_norms:
+            module.register_forward_hook(MaskedNormStatistics(kind, _zeroed_channels(module)))
         classifier_features = classifier_in_features(model)
         structure = ChannelStructure(model, example_inputs, exclude=exclude, exclude_classifier=exclude_classifier,
                                      heads=heads, timeout=timeout, group_timeout=group_timeout,
@@ -249,6 +256,9 @@ def compact(model: nn.Module, example_inputs, *, exclude=None, exclude_classifie
                     failed.setdefault(g.key, why)
                 good = []
             plan = good
+        for module, _ in hooked_norms:  # keep the hook only where channels are still zeroed
+            if not bool(_zeroed_channels(module)().any()):
+                remove_norm_hooks(module)
         sync_timm_metadata(model, classifier_features)
         clear_attention_caches(model)
         macs_after, params_after = count_macs_params(model, example_inputs)
@@ -263,6 +273,14 @@ def compact(model: nn.Module, example_inputs, *, exclude=None, exclude_classifie
             "excluded": {e.key: e.reason for e in structure.excluded},
             "max_abs_diff": diff, "exact": all(g.exact for g, _ in plan),
             "seconds": time.perf_counter() - started}
+
+
+def _zeroed_channels(module: nn.Module):
+    """Dead channels of a norm whose masks were baked in: weight and bias both zero."""
+    def dead():
+        zero = module.weight == 0
+        return zero & (module.bias == 0) if module.bias is not None else zero
+    return dead
 
 
 def _find_good(items, attempt, failed: Dict[str, str], why: str):
