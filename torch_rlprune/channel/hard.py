@@ -19,6 +19,14 @@ def _select(param: Optional[torch.Tensor], dim: int, keep: torch.Tensor) -> Opti
     return nn.Parameter(data, requires_grad=param.requires_grad)
 
 
+def _keep_outputs(module: nn.Module, keep: torch.Tensor) -> None:
+    """Keep only the ``keep`` rows of a module's weight and bias (either may be absent)."""
+    for name in ("weight", "bias"):
+        tensor = getattr(module, name, None)
+        if tensor is not None:
+            setattr(module, name, _select(tensor, 0, keep))
+
+
 @torch.no_grad()
 def prune_heads(attn: nn.Module, heads: Sequence[int]) -> None:
     """Remove whole heads from a timm ``Attention`` block in place.
@@ -37,22 +45,15 @@ def prune_heads(attn: nn.Module, heads: Sequence[int]) -> None:
     keep = torch.tensor([h * hd + j for h in keep_heads for j in range(hd)], dtype=torch.long)
     keep_qkv = torch.cat([keep + t * A for t in range(3)])
     qkv, proj = attn.qkv, attn.proj
-    qkv.weight = _select(qkv.weight, 0, keep_qkv)
-    if qkv.bias is not None:
-        qkv.bias = _select(qkv.bias, 0, keep_qkv)
+    _keep_outputs(qkv, keep_qkv)
     qkv.out_features = int(keep_qkv.numel())
     gate = getattr(attn, "gate", None)
     if isinstance(gate, nn.Linear):
-        gate.weight = _select(gate.weight, 0, keep)
-        if gate.bias is not None:
-            gate.bias = _select(gate.bias, 0, keep)
+        _keep_outputs(gate, keep)
         gate.out_features = int(keep.numel())
     norm = getattr(attn, "norm", None)
     if isinstance(norm, nn.LayerNorm):
-        if norm.weight is not None:
-            norm.weight = _select(norm.weight, 0, keep)
-        if norm.bias is not None:
-            norm.bias = _select(norm.bias, 0, keep)
+        _keep_outputs(norm, keep)
         norm.normalized_shape = (int(keep.numel()),)
     proj.weight = _select(proj.weight, 1, keep)
     proj.in_features = int(keep.numel())
