@@ -21,5 +21,5 @@ setup(
         "numpy>=1.22",
         "tqdm>=4.60",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "gymnasium>=0.29"], "gym": ["gymnasium>=0.29"]},
 )

@@ -604,3 +604,57 @@ def test_a_search_on_top_of_an_applied_plan_stays_exact():
     assert max_diff(out(model, x), soft) < EXACT
     compact(model, x)
     assert max_diff(out(model, x), soft) < EXACT
+
+
+# --------------------------------------------------------------------------- group enumeration
+@pytest.mark.parametrize("name", ["resnet18", "ghostnet_100", "densenet121", "convnext_atto"])
+def test_worklist_enumeration_reaches_exactly_torch_prunings_groups(name):
+    timm = pytest.importorskip("timm")
+    model = seeded(timm.create_model, 0, name, pretrained=False, num_classes=10).eval()
+    DG, _ = groups_module.build_graph(model, x_img((1, 3, 64, 64), seed=0))
+    roots = [m for m in DG.module2node if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for root in roots[::max(1, len(roots) // 12)]:
+        pruner = DG.get_pruner_of_module(root)
+        channels = list(range(pruner.get_out_channels(root)))
+        ours, _ = groups_module.enumerate_group(DG, root, pruner.prune_out_channels, channels)
+        theirs = DG.get_pruning_group(root, pruner.prune_out_channels, channels)
+        as_sets = lambda g: {(id(i.dep.target), i.dep.handler): sorted(i.idxs) for i in g}  # noqa: E731
+        assert as_sets(ours) == as_sets(theirs), root
+
+
+def test_concat_whose_indices_torch_pruning_cannot_map_excludes_its_groups_only():
+    timm = pytest.importorskip("timm")
+    model = seeded(timm.create_model, 0, "cs3darknet_focus_s", pretrained=False, num_classes=10).eval()
+    x = x_img((2, 3, 64, 64), seed=2)
+    with pytest.raises(TypeError):  # what torch-pruning alone does with this model
+        tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    s = ChannelStructure(model, x)
+    reasons = [e.reason for e in s.excluded]
+    assert any("cannot map channel indices through concat" in r for r in reasons), reasons
+    assert len(s.groups) >= 10
+    soft_before = out(model, x)
+    for g in s.groups:
+        s.set_fraction(g.index, 0.5)
+    plan = s.plan()
+    s.restore()
+    assert bits_equal(out(model, x), soft_before)
+    apply_channel_plan(model, plan, structure=s)
+    soft = out(model, x)
+    c = compact(model, x)
+    assert not c["failed"] and max_diff(out(model, x), soft) < EXACT
+    assert c["macs_after"] < 0.7 * s.dense_macs
+
+
+def test_a_group_past_the_index_budget_is_excluded_with_the_reason_and_the_rest_still_prunes(monkeypatch):
+    timm = pytest.importorskip("timm")
+    model = seeded(timm.create_model, 0, "resnet18", pretrained=False, num_classes=10).eval()
+    # Budget 4 pairs per channel: a block's inner group (conv1 out, bn1, conv2 in: 3 per channel)
+    # fits, a residual stream (every block's add, downsample, norms) does not.
+    monkeypatch.setattr(groups_module, "MIN_TRACKED_INDICES", 0)
+    monkeypatch.setattr(groups_module, "MAX_TRACKED_PER_CHANNEL", 4)
+    s = ChannelStructure(model, x_img((2, 3, 64, 64), seed=2))
+    reasons = {e.key: e.reason for e in s.excluded}
+    assert any("not a channel coupling" in r for r in reasons.values()), reasons
+    kept = {g.root for g in s.groups}
+    assert {f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)} <= kept
+    assert not any(r.endswith("conv2") for r in kept), "residual streams must have been excluded"

@@ -272,3 +272,93 @@ def test_restore_after_any_sequence_is_exact(conv, ks):
         mask.set_k(k)
     mask.restore()
     assert bits_equal(conv.weight, original)
+
+
+# --------------------------------------------------------------------------- modes agents switch on
+@pytest.mark.parametrize("policy", ["always 0", "always 1", "scattered"])
+def test_free_constraint_applies_the_amounts_asked_for_and_reports_the_violation(model, x, policy):
+    env, _ = build_env(model, x, target=0.6)
+    env.constraint = "free"
+    record = run_episode(env, POLICIES[policy])
+    asked = [min(max(POLICIES[policy](t, 0, 1), 0.0), 1.0) for t in range(env.num_steps)]
+    k_max = env.k_max / env.n
+    assert record.amounts == pytest.approx(np.minimum(asked, k_max), abs=1 / env.n.min())
+    assert record.violation == pytest.approx(0.6 - record.sparsity)
+    assert record.sparsity == pytest.approx(removed_fraction(env, model, x), abs=1e-9)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_projection_of_any_plan_meets_the_budget(model, x, policy):
+    env, _ = build_env(model, x, target=0.6)
+    env.constraint = "free"
+    record = run_episode(env, POLICIES[policy])
+    raw = np.array([round(a * n) for a, n in zip(record.amounts, env.n)])
+    projected = env.project(raw)
+    assert env.achieved(projected) == pytest.approx(0.6, abs=2e-3)
+    assert (projected >= env.k_min).all() and (projected <= env.k_max).all()
+    if abs(record.violation) < 1e-3:  # already on budget: projection keeps it
+        assert np.abs(projected - raw).max() <= 1
+
+
+def test_free_search_keeps_only_plans_on_budget_as_results(model, x):
+    env, score = build_env(model, x, target=0.6)
+    env.constraint = "free"
+    for policy in ("always 0", "always 1", "scattered"):
+        run_episode(env, POLICIES[policy])
+    env.finalize()
+    assert env.best_k is not None
+    assert env.achieved(env.best_k) == pytest.approx(0.6, abs=2e-3)
+    env.apply(env.best_k)
+    assert env.best_score == pytest.approx(score(), abs=1e-9)
+
+
+def test_dense_rewards_add_up_to_the_final_score_minus_the_unpruned_one(model, x):
+    env, score = build_env(model, x, target=0.6)
+    unpruned = score()
+    env.dense = True
+    env.reset()
+    rewards, done, t = [], False, 0
+    while not done:
+        _, reward, done, info = env.step(POLICIES["scattered"](t, 0, 1))
+        rewards.append(reward)
+        t += 1
+    assert len(rewards) == env.num_steps
+    assert sum(rewards) == pytest.approx(env.history[-1].score - unpruned, abs=1e-6)
+    assert any(abs(r) > 1e-9 for r in rewards[:-1]), "intermediate steps got no signal"
+
+
+def test_targets_switched_between_episodes_keep_their_own_best_plans(model, x):
+    env, _ = build_env(model, x, target=0.5)
+    for target in (0.5, 0.8, 0.5, 0.8):
+        env.set_target(target)
+        record = run_episode(env, POLICIES["scattered"])
+        assert record.target == target and record.sparsity == pytest.approx(target, abs=2e-3)
+    assert set(env.best_by_target) == {0.5, 0.8}
+    for target, best in env.best_by_target.items():
+        assert env.achieved(best.k) == pytest.approx(target, abs=2e-3)
+        assert best.reward == max(h.reward for h in env.history if h.target == target)
+
+
+def test_set_target_in_the_middle_of_an_episode_is_an_error(model, x):
+    env, _ = build_env(model, x, target=0.5)
+    env.reset()
+    env.step(0.5)
+    with pytest.raises(RuntimeError, match="between episodes"):
+        env.set_target(0.7)
+
+
+def test_accuracy_guaranteed_mode_keeps_the_largest_plan_above_the_floor(model, x):
+    env, score = build_env(model, x)
+    unpruned = score()
+    env = LayerwisePruningEnv(env.layers, env.masks, env.score_fn, 0.0, "params", 0.98, score_floor=unpruned - 0.05)
+    assert env.constraint == "free"
+    for policy in POLICIES:
+        run_episode(env, POLICIES[policy])
+    env.finalize()
+    above = [h for h in env.history if h.score >= unpruned - 0.05]
+    if above:
+        assert env.achieved(env.best_k) == pytest.approx(max(h.sparsity for h in above), abs=1e-9)
+    assert env.best_score >= unpruned - 0.05
+    for h in env.history:
+        remaining = env.total_cost * (1 - h.sparsity)
+        assert h.reward == pytest.approx(-(1 - h.score) * np.log(remaining), rel=1e-6)

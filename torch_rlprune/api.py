@@ -6,7 +6,7 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -22,7 +22,8 @@ from .rewards import REWARDS, make_reward
 from .safety import ModelSnapshot
 from .structure import PrunableTensor, find_prunable, trace_execution
 
-__all__ = ["rl_prune", "global_rl_unstructured", "compact", "PruneResult", "STRUCTURES", "pruned_fraction"]
+__all__ = ["rl_prune", "global_rl_unstructured", "compact", "PruneResult", "MultiTargetResult", "STRUCTURES",
+           "pruned_fraction"]
 
 STRUCTURES = ("unstructured", "channel")
 
@@ -69,9 +70,11 @@ class PruneResult:
 
     def summary(self) -> str:
         p = self.plan
+        goal = (f"accuracy-guaranteed (max_drop {p.metadata['max_drop']:g}): smallest plan found"
+                if p.metadata.get("mode") == "accuracy-guaranteed" else f"target {p.target:.4f}")
         lines = [f"rl_prune: agent={p.agent} reward={p.reward} budget={p.budget} structure={p.structure} "
                  f"episodes={p.episodes} seed={p.seed}",
-                 f"target {p.target:.4f}  achieved {self.sparsity:.4f}  "
+                 f"{goal}  achieved {self.sparsity:.4f}  "
                  f"score {p.score:.4f} (unpruned {self.baseline_score:.4f})  wall time {self.wall_time:.1f}s  "
                  f"episode {self.episode_seconds * 1e3:.0f} ms vs forward {self.forward_seconds * 1e3:.0f} ms",
                  f"{'layer' if p.structure == 'unstructured' else 'channel group':<40} {'kind':<8} "
@@ -80,6 +83,84 @@ class PruneResult:
         for (name, amount), kind in zip(p.amounts.items(), kinds):
             lines.append(f"{name:<40} {kind:<8} {p.numels[name]:>10} {amount:>8.1%}")
         return "\n".join(lines)
+
+
+class MultiTargetResult(Mapping):
+    """What :func:`rl_prune` returns for a list of targets: ``{target: PruneResult}``.
+
+    The model is left unpruned (every plan was searched on the same masks); apply one with
+    :meth:`apply`. Each :class:`PruneResult`'s ``sparsity`` is its plan's planned sparsity and
+    its ``history`` holds the episodes spent on that target.
+    """
+
+    def __init__(self, model: nn.Module, results: Dict[float, PruneResult], agent: str, wall_time: float,
+                 history: List[dict]):
+        self.model, self._results, self.agent, self.wall_time, self.history = model, results, agent, wall_time, \
+            history
+
+    def __getitem__(self, target: float) -> PruneResult:
+        return self._results[self._key(target)]
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self._results)
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def _key(self, target) -> float:
+        for t in self._results:
+            if isinstance(target, numbers.Real) and abs(float(target) - t) < 1e-9:
+                return t
+        raise KeyError(f"target must be one of {sorted(self._results)}, got {target!r}")
+
+    @property
+    def plans(self) -> Dict[float, PruningPlan]:
+        return {t: r.plan for t, r in self._results.items()}
+
+    def apply(self, model: Optional[nn.Module] = None, target: Optional[float] = None) -> float:
+        """Prune ``model`` (default: the searched model) with the plan for ``target``; returns
+        the sparsity achieved, read back from the masks."""
+        if target is None:
+            raise ValueError(f"apply() needs target=, one of {sorted(self._results)}")
+        result = self[target]
+        model = self.model if model is None else model
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if result.plan.structure == "channel":
+            from .channel import apply_channel_plan, count_macs_params
+
+            dense = count_macs_params(model, result.example_inputs)
+            apply_plan(model, result.plan)
+            which = 0 if result.plan.budget == "macs" else 1
+            return 1.0 - count_macs_params(model, result.example_inputs)[which] / dense[which]
+        apply_plan(model, result.plan)
+        layers = find_prunable(model, None)
+        names = set(result.plan.amounts)
+        return pruned_fraction([lay for lay in layers if lay.name in names], result.plan.budget)
+
+    def summary(self) -> str:
+        lines = [f"rl_prune: agent={self.agent}, {len(self)} targets, wall time {self.wall_time:.1f}s",
+                 f"{'target':>8} {'planned':>8} {'score':>8} {'episodes':>8}"]
+        for t, r in self._results.items():
+            lines.append(f"{t:>8.4f} {r.sparsity:>8.4f} {r.score:>8.4f} {r.plan.episodes:>8}")
+        return "\n".join(lines)
+
+
+def _check_targets(target, max_drop) -> Optional[List[float]]:
+    """``None`` (accuracy-guaranteed search) or the sorted distinct targets."""
+    if target is None:
+        if max_drop is None:
+            raise ValueError("target=None searches for the smallest model within max_drop of the unpruned "
+                             "score: give max_drop= (e.g. 0.01)")
+        return None
+    if isinstance(target, (list, tuple)):
+        if not target:
+            raise ValueError("target: the list of targets is empty")
+        values = sorted({_check_fraction(t, "target") for t in target})
+        if len(values) != len(target):
+            raise ValueError(f"target: the list has repeated values: {list(target)}")
+        return values
+    return [_check_fraction(target, "target")]
 
 
 def _check_fraction(value, name: str) -> float:
@@ -187,12 +268,91 @@ class _ChannelSpace:
         return 1.0 - self._count(self.model, self.example)[which] / self.dense[which]
 
 
-def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity", agent="amc",
+@dataclass
+class _PreparedSearch:
+    space: object
+    env: LayerwisePruningEnv
+    scorer: object
+    calibration: object
+    recalibrate: BatchNormRecalibration
+    baseline: float
+    forward_seconds: float
+    floor: Optional[float]
+
+
+def _prepare_search(model, layers, targets, data, reward, budget, structure, exclude, example_inputs, seed,
+                    calibration_samples, max_amount, importance_scores, importance, round_to, bn_recalibration,
+                    max_drop) -> _PreparedSearch:
+    """Calibration data, the search space (weights or channel groups), the reward and the MDP,
+    every target checked for feasibility. Masks are touched only from here on: the caller holds
+    a :class:`ModelSnapshot`."""
+    tolerance = TOLERANCE[structure]
+    model.eval()
+    calibration = build_calibration(model, data, example_inputs, int(calibration_samples), seed=int(seed))
+    first_output = []
+
+    def run_first_batch():
+        with torch.inference_mode():
+            first_output.append(primary_output(model(calibration.inputs[0])))
+
+    # The first forward both checks that the data fits and records execution order and shapes.
+    try:
+        if structure == "unstructured":
+            space = _UnstructuredSpace(model, layers, run_first_batch, importance_scores, budget, max_amount)
+        else:
+            run_first_batch()
+            space = _ChannelSpace(model, calibration.inputs[0][:2], run_first_batch, exclude, importance,
+                                  round_to, budget, max_amount)
+    except Exception as err:
+        if first_output:  # the data fitted: the failure is the model's structure
+            raise
+        raise ValueError(f"data: the model cannot run on a batch of shape "
+                         f"{tuple(calibration.inputs[0].shape)}: {err}") from err
+    if first_output[0] is None:
+        raise ValueError("data: the model's output holds no tensor to score")
+    scorer = make_reward(reward, calibration)
+    scorer.prepare(model)
+    recalibrate = BatchNormRecalibration(model, calibration.inputs[:int(bn_recalibration)])
+
+    def score() -> float:
+        if recalibrate:
+            recalibrate()
+        return scorer(model)
+
+    tick = time.perf_counter()
+    baseline = float(scorer(model))
+    forward_seconds = time.perf_counter() - tick
+    if recalibrate:
+        baseline = float(score())
+
+    floor = baseline - float(max_drop) if targets is None else None
+    env = LayerwisePruningEnv(space.steps, space.masks, score, targets[0] if targets else 0.0, budget,
+                              max_amount, cost=space.cost, score_floor=floor)
+    for t in targets or ():
+        env.set_target(t)
+        if env.existing_fraction > t + tolerance:
+            raise ValueError(f"target {t} is below what the model's existing masks already remove "
+                             f"({env.existing_fraction:.4f})")
+        if env.max_fraction < t - tolerance:
+            raise ValueError(f"target {t} cannot be reached with at most max_amount={max_amount} of "
+                             f"each layer removed (at most {env.max_fraction:.4f})")
+        closest = env.achieved(env.closest_plan())
+        if abs(closest - t) > tolerance:
+            raise ValueError(f"target {t} cannot be met within {tolerance * 100:g} percentage points: "
+                             f"the layers are too coarse (the closest plan removes {closest:.4f})")
+    if targets:
+        env.set_target(targets[0])
+    env.targets = targets
+    return _PreparedSearch(space, env, scorer, calibration, recalibrate, baseline, forward_seconds, floor)
+
+
+def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8, data=None, reward="fidelity",
+             agent="amc",
              episodes: Optional[int] = None, budget: Optional[str] = None, structure: str = "unstructured",
              exclude=None, example_inputs=None, seed: int = 0, verbose: bool = True,
              agent_config=None, calibration_samples: int = 512, max_amount: Optional[float] = None,
              importance_scores=None, parameters=None, importance=None, round_to: Optional[int] = None,
-             bn_recalibration: Optional[int] = None) -> PruneResult:
+             bn_recalibration: Optional[int] = None, max_drop: Optional[float] = None):
     """Search per-layer pruning amounts with an RL agent and prune ``model`` in place.
 
     Args:
@@ -201,7 +361,12 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
         target: fraction of the budget removed, in (0, 1): of the prunable weights
             (unstructured, ``budget="params"``), of their MACs (``"macs"``), or of the whole
             model's MACs/params (``structure="channel"``). Met within 0.5 percentage points
-            for unstructured pruning and 2 for channel pruning, always.
+            for unstructured pruning and 2 for channel pruning, always. A list of targets
+            returns a :class:`MultiTargetResult` and leaves the model unpruned: ``agent="cacp"``
+            runs one search conditioned on the target, other agents one search per target
+            (``episodes`` each). ``None`` with ``max_drop=``: AMC's accuracy-guaranteed
+            compression, the smallest plan found whose score stays within ``max_drop`` of the
+            unpruned model's (reward ``-(1 - score) * log(remaining MACs or params)``).
         data: calibration data: a DataLoader, an iterable of batches (tensors or
             ``(inputs, labels)``), a Dataset, or a tensor. ``None`` synthesises Gaussian
             inputs from ``example_inputs`` or timm's ``pretrained_cfg`` (with a warning).
@@ -234,9 +399,11 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
             for channel pruning (measured on Fashion-MNIST resnet18 at 50% MACs: +9.7 pp test
             accuracy), 0 for unstructured (two AMC runs at 80%: +5.7 pp and -5.4 pp, no
             consistent gain for ~30% more time per episode).
+        max_drop: with ``target=None``: the largest score drop allowed (absolute, in the
+            reward's units: 0.01 = one point of fidelity or accuracy).
 
     Returns:
-        :class:`PruneResult`.
+        :class:`PruneResult` (one target or ``target=None``) or :class:`MultiTargetResult`.
 
     The model is touched only after every argument has been checked; if anything fails
     or is interrupted (KeyboardInterrupt included), parameters, buffers, hooks and
@@ -246,7 +413,12 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
     # ---- validate everything before any weight is touched
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    target = _check_fraction(target, "target")
+    targets = _check_targets(target, max_drop)
+    if max_drop is not None:
+        if targets is not None:
+            raise ValueError("max_drop applies to target=None (accuracy-guaranteed search) only")
+        if isinstance(max_drop, bool) or not isinstance(max_drop, numbers.Real) or not 0 <= max_drop < 1:
+            raise ValueError(f"max_drop must be a number in [0, 1), got {max_drop!r}")
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
     budget = DEFAULT_BUDGET[structure] if budget is None else budget
@@ -258,6 +430,13 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
         if not isinstance(agent, str):
             raise TypeError(f"agent must be a name from {list_agents()} or an Agent instance")
         agent_cls = get_agent_class(agent)
+    agent_type = type(agent) if isinstance(agent, Agent) else agent_cls
+    if targets is None and not agent_type.supports_guarantee:
+        raise ValueError(f"agent {agent_type.name!r} does not support target=None (accuracy-guaranteed search); "
+                         f"agents that do: {[a for a in list_agents() if get_agent_class(a).supports_guarantee]}")
+    if targets is not None and len(targets) > 1 and isinstance(agent, Agent) and not agent_type.multi_target:
+        raise ValueError("a list of targets with an Agent instance needs a multi-target agent (e.g. 'cacp'); "
+                         "pass the agent's name to run one search per target")
     if not (callable(reward) or reward in REWARDS):
         raise ValueError(f"reward must be one of {REWARDS} or a callable(model) -> float, got {reward!r}")
     if episodes is not None and (isinstance(episodes, bool) or not isinstance(episodes, numbers.Integral)
@@ -298,84 +477,75 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
-            model.eval()
-            calibration = build_calibration(model, data, example_inputs, int(calibration_samples), seed=int(seed))
-            first_output = []
+            prepared = _prepare_search(model, layers, targets, data, reward, budget, structure, exclude,
+                                       example_inputs, seed, calibration_samples, max_amount, importance_scores,
+                                       importance, round_to, bn_recalibration, max_drop)
+            space, env, scorer, calibration, recalibrate = (prepared.space, prepared.env, prepared.scorer,
+                                                            prepared.calibration, prepared.recalibrate)
+            baseline, forward_seconds, floor = prepared.baseline, prepared.forward_seconds, prepared.floor
+            one_search = targets is None or len(targets) == 1 or agent_obj.multi_target
+            total_episodes = episodes if one_search else episodes * len(targets)
 
-            def run_first_batch():
-                with torch.inference_mode():
-                    first_output.append(primary_output(model(calibration.inputs[0])))
-
-            # The first forward both checks that the data fits and records execution order and shapes.
-            try:
-                if structure == "unstructured":
-                    space = _UnstructuredSpace(model, layers, run_first_batch, importance_scores, budget, max_amount)
-                else:
-                    run_first_batch()
-                    space = _ChannelSpace(model, calibration.inputs[0][:2], run_first_batch, exclude, importance,
-                                          round_to, budget, max_amount)
-            except Exception as err:
-                if first_output:  # the data fitted: the failure is the model's structure
-                    raise
-                raise ValueError(f"data: the model cannot run on a batch of shape "
-                                 f"{tuple(calibration.inputs[0].shape)}: {err}") from err
-            if first_output[0] is None:
-                raise ValueError("data: the model's output holds no tensor to score")
-            scorer = make_reward(reward, calibration)
-            scorer.prepare(model)
-            recalibrate = BatchNormRecalibration(model, calibration.inputs[:int(bn_recalibration)])
-
-            def score() -> float:
-                if recalibrate:
-                    recalibrate()
-                return scorer(model)
-
-            env = LayerwisePruningEnv(space.steps, space.masks, score, target, budget, max_amount, cost=space.cost)
-            if env.existing_fraction > target + tolerance:
-                raise ValueError(f"target {target} is below what the model's existing masks already remove "
-                                 f"({env.existing_fraction:.4f})")
-            if env.max_fraction < target - tolerance:
-                raise ValueError(f"target {target} cannot be reached with at most max_amount={max_amount} of "
-                                 f"each layer removed (at most {env.max_fraction:.4f})")
-            closest = env.achieved(env.closest_plan())
-            if abs(closest - target) > tolerance:
-                raise ValueError(f"target {target} cannot be met within {tolerance * 100:g} percentage points: "
-                                 f"the layers are too coarse (the closest plan removes {closest:.4f})")
-
-            tick = time.perf_counter()
-            baseline = float(scorer(model))
-            forward_seconds = time.perf_counter() - tick
-            if recalibrate:
-                baseline = float(score())
-
-            bar = tqdm(total=episodes, desc=f"rl_prune[{agent_obj.name}]", disable=not verbose,
+            bar = tqdm(total=total_episodes, desc=f"rl_prune[{agent_obj.name}]", disable=not verbose,
                        leave=False, dynamic_ncols=True)
             env.callbacks.append(lambda rec: (bar.update(1), bar.set_postfix(best=f"{rec.best_reward:.4f}",
                                                                              last=f"{rec.reward:.4f}")))
             try:
-                agent_obj.search(env, episodes)
+                if one_search:
+                    agent_obj.search(env, episodes)
+                else:
+                    for i, t in enumerate(targets):
+                        env.set_target(t)
+                        searcher = agent_obj if i == 0 else agent_cls(agent_config, seed=int(seed))
+                        searcher.search(env, episodes)
+                env.finalize()
             finally:
                 bar.close()
                 env.restore()
                 recalibrate.restore()
-            if env.best_k is None:
-                raise RuntimeError(f"agent {agent_obj.name!r} finished without completing an episode")
-            amounts, numels, extra = space.plan_entries(env.best_k)
-            plan = PruningPlan(amounts=amounts, numels=numels, target=target, sparsity=env.achieved(env.best_k),
-                               budget=budget, structure=structure, agent=agent_obj.name,
-                               reward=scorer.name, seed=int(seed), score=env.best_score,
-                               baseline_score=baseline, episodes=len(env.history),
-                               metadata={"agent_config": agent_obj.hyperparameters(),
-                                         "calibration_samples": calibration.num_samples,
-                                         "synthetic_calibration": calibration.synthetic,
-                                         "max_amount": max_amount, "bn_recalibration": int(bn_recalibration),
-                                         **extra})
-            achieved = space.apply(plan)
-            if recalibrate:
-                recalibrate()
-            if abs(achieved - target) > tolerance:
-                raise RuntimeError(f"internal error: achieved {achieved:.4f} for target {target}; "
-                                   "please report this")
+
+            def plan_for(key: Optional[float]) -> PruningPlan:
+                best = env.best_by_target.get(key)
+                if best is None or best.k is None:
+                    raise RuntimeError(f"agent {agent_obj.name!r} finished without a plan"
+                                       + ("" if key is None else f" for target {key}"))
+                amounts, numels, extra = space.plan_entries(best.k)
+                planned = env.achieved(best.k)
+                mode = {"mode": "accuracy-guaranteed", "max_drop": float(max_drop),
+                        "score_floor": floor} if key is None else {}
+                return PruningPlan(amounts=amounts, numels=numels, target=planned if key is None else key,
+                                   sparsity=planned, budget=budget, structure=structure, agent=agent_obj.name,
+                                   reward=scorer.name, seed=int(seed), score=best.score,
+                                   baseline_score=baseline,
+                                   episodes=sum(1 for h in env.history if h.target == key),
+                                   metadata={"agent_config": agent_obj.hyperparameters(),
+                                             "calibration_samples": calibration.num_samples,
+                                             "synthetic_calibration": calibration.synthetic,
+                                             "max_amount": max_amount, "bn_recalibration": int(bn_recalibration),
+                                             **mode, **extra})
+
+            example = calibration.inputs[0][:2]
+            if targets is not None and len(targets) > 1:
+                results = {}
+                for t in targets:
+                    plan = plan_for(t)
+                    results[t] = PruneResult(model, plan, plan.sparsity,
+                                             [h.as_dict() for h in env.history if h.target == t], baseline,
+                                             time.perf_counter() - started, forward_seconds, space.steps,
+                                             example_inputs=example)
+                outcome = MultiTargetResult(model, results, agent_obj.name, time.perf_counter() - started,
+                                            [h.as_dict() for h in env.history])
+            else:
+                plan = plan_for(None if targets is None else targets[0])
+                achieved = space.apply(plan)
+                if recalibrate:
+                    recalibrate()
+                if abs(achieved - plan.sparsity) > tolerance or (targets and abs(achieved - targets[0]) > tolerance):
+                    raise RuntimeError(f"internal error: achieved {achieved:.4f} for target {plan.target}; "
+                                       "please report this")
+                outcome = PruneResult(model, plan, achieved, [h.as_dict() for h in env.history], baseline,
+                                      time.perf_counter() - started, forward_seconds, space.steps,
+                                      example_inputs=example)
     except BaseException:
         if env is not None:
             env.restore()
@@ -386,9 +556,7 @@ def rl_prune(model: nn.Module, target: float = 0.8, data=None, reward="fidelity"
     snapshot_modes = {id(m): t for m, t, *_ in snapshot.modules}
     for m in model.modules():
         m.training = snapshot_modes.get(id(m), m.training)
-    return PruneResult(model, plan, achieved, [h.as_dict() for h in env.history], baseline,
-                       time.perf_counter() - started, forward_seconds, space.steps,
-                       example_inputs=calibration.inputs[0][:2])
+    return outcome
 
 
 def compact(model: nn.Module, example_inputs=None) -> dict:

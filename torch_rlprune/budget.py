@@ -88,7 +88,53 @@ class Budget:
                 else:
                     break
             k[j] = best
+        if abs(self.removed(k) - goal) > self.pair_repair_above * self.total:
+            k = self._pair_repair(k, goal)
         return k
+
+    pair_repair_above = 0.005
+    """Fraction of the total cost the single-step repair may leave before pairs are tried."""
+
+    def _closest_single(self, k: np.ndarray, j: int, goal: float) -> Tuple[int, float]:
+        """Best ``k[j]`` for ``goal`` with the other steps fixed (``k`` is left as it was)."""
+        keep, best, best_gap = int(k[j]), int(k[j]), abs(self.removed(k) - goal)
+        a, b = int(self.k_min[j]), int(self.k_max[j])
+        while a <= b:
+            mid = (a + b) // 2
+            k[j] = mid
+            value = self.removed(k)
+            if abs(value - goal) < best_gap:
+                best, best_gap = mid, abs(value - goal)
+            if value < goal:
+                a = mid + 1
+            elif value > goal:
+                b = mid - 1
+            else:
+                break
+        k[j] = keep
+        return best, best_gap
+
+    def _pair_repair(self, k: np.ndarray, goal: float, reach: int = 3) -> np.ndarray:
+        """Coarse, coupled steps (channel groups whose MACs depend on their neighbours) can leave
+        a plan no single-step change brings close: [1, 8] -> [0, 10] moves two steps at once.
+        Try every small shift of one coarse step with the best value of each other step."""
+        k = k.copy()
+        best_k, best_gap = k.copy(), abs(self.removed(k) - goal)
+        unit = self.step_cost / np.maximum(self.k_max - self.k_min, 1)
+        coarse = np.argsort(-unit, kind="stable")[:8]
+        for i in coarse:
+            for ki in range(max(int(self.k_min[i]), int(k[i]) - reach), min(int(self.k_max[i]), int(k[i]) + reach) + 1):
+                trial = k.copy()
+                trial[i] = ki
+                for j in range(len(k)):
+                    if j == i:
+                        continue
+                    kj, gap = self._closest_single(trial, j, goal)
+                    if gap < best_gap:
+                        best_gap = gap
+                        best_k = trial.copy()
+                        best_k[j] = kj
+        return best_k
 
 
 class AdditiveBudget(Budget):

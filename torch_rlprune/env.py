@@ -21,9 +21,13 @@ from .budget import AdditiveBudget, Budget
 from .masking import InPlaceMask
 from .structure import PrunableTensor
 
-__all__ = ["LayerwisePruningEnv", "EpisodeRecord", "BUDGETS", "STATE_FEATURES"]
+__all__ = ["LayerwisePruningEnv", "EpisodeRecord", "BUDGETS", "STATE_FEATURES", "CONSTRAINTS"]
 
 BUDGETS = ("params", "macs")
+# "clip": AMC's action clipping keeps every episode on budget. "free": actions are only kept
+# inside each layer's range; the agent sees the violation and must learn the budget itself
+# (CRL's Lagrangian); the plans kept as results are projected onto the budget.
+CONSTRAINTS = ("clip", "free")
 
 # AMC (He et al. 2018, Sec. 3.2) embeds layer t as
 # (t, n, c, h, w, stride, k, FLOPs[t], reduced, rest, a_{t-1}); we use the same with
@@ -45,10 +49,21 @@ class EpisodeRecord:
     phase: str
     seconds: float
     amounts: List[float] = field(repr=False, default_factory=list)
+    target: Optional[float] = None
+    violation: float = 0.0   # target minus sparsity: > 0 removed too little (always ~0 when clipped)
+    evaluations: int = 0     # plans scored so far, over the whole search
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in
-                ("episode", "reward", "score", "sparsity", "best_reward", "phase", "seconds")}
+                ("episode", "reward", "score", "sparsity", "best_reward", "phase", "seconds", "target",
+                 "violation", "evaluations")}
+
+
+@dataclass
+class BestPlan:
+    reward: float = -math.inf
+    score: float = math.nan
+    k: Optional[np.ndarray] = None
 
 
 class LayerwisePruningEnv:
@@ -63,11 +78,23 @@ class LayerwisePruningEnv:
             multiply-accumulates it takes part in per sample).
         max_amount: the largest fraction of any single layer that may be removed; keeps
             every layer alive (a fully pruned layer cuts the network).
+        score_floor: accuracy-guaranteed mode (AMC's second strategy): ``target`` is ignored,
+            the reward is AMC's ``-(1 - score) * log(remaining cost)`` and the best plan is the
+            smallest one whose score stays at or above ``score_floor``.
+
+    What an agent may switch (attributes, set before ``reset``):
+        ``constraint``: ``"clip"`` (default) or ``"free"``, see :data:`CONSTRAINTS`.
+        ``dense``: every step returns the change in score its layer caused (the score of the
+            plan decided so far, later layers unpruned, minus the one before); the rewards of
+            an episode add up to its final score minus the unpruned score, so the dense reward
+            shapes without changing which plan is best (potential-based shaping, Ng et al. 1999).
+        ``set_target(t)``: the budget of the next episodes (conditional search over targets).
     """
 
     def __init__(self, layers: Sequence[PrunableTensor], masks: Sequence[InPlaceMask],
                  score_fn: Callable[[], float], target: float, budget: str = "params",
-                 max_amount: float = 0.98, cost: Optional[Budget] = None):
+                 max_amount: float = 0.98, cost: Optional[Budget] = None,
+                 score_floor: Optional[float] = None):
         if budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
         self.layers = list(layers)
@@ -87,13 +114,43 @@ class LayerwisePruningEnv:
         self.goal = self.target * self.total_cost
         self._static = self._static_features()
         self.history: List[EpisodeRecord] = []
-        self.best_reward = -math.inf
-        self.best_k: Optional[np.ndarray] = None
-        self.best_score = math.nan
+        self.score_floor = score_floor
+        self.constraint = "free" if score_floor is not None else "clip"
+        self.dense = False
+        self.feasibility_slack = 0.02
+        """A free plan this close to the budget (fraction of the total cost) is projected onto
+        it and scored as a candidate result."""
+        self.best_by_target: Dict[Optional[float], BestPlan] = {}
         self.phase = "search"
         self.callbacks: List[Callable[[EpisodeRecord], None]] = []
         self._cache: Dict[Tuple[int, ...], float] = {}
         self.evaluations = 0
+        self.reset()
+
+    # ----------------------------------------------------------------- results
+    @property
+    def _best(self) -> BestPlan:
+        key = None if self.score_floor is not None else self.target
+        return self.best_by_target.setdefault(key, BestPlan())
+
+    @property
+    def best_reward(self) -> float:
+        return self._best.reward
+
+    @property
+    def best_score(self) -> float:
+        return self._best.score
+
+    @property
+    def best_k(self) -> Optional[np.ndarray]:
+        return self._best.k
+
+    def set_target(self, target: float) -> None:
+        """Change the budget for the next episodes (their best plans are kept per target)."""
+        if self.t not in (0, self.num_steps):
+            raise RuntimeError("set_target() between episodes only")
+        self.target = float(target)
+        self.goal = self.target * self.total_cost
         self.reset()
 
     # ----------------------------------------------------------------- feasibility
@@ -114,7 +171,10 @@ class LayerwisePruningEnv:
         return len(STATE_FEATURES)
 
     def _k_bounds(self, t: int) -> Tuple[int, int]:
-        """Integer range for step t that keeps the budget reachable by the steps after it."""
+        """Integer range for step t that keeps the budget reachable by the steps after it
+        (with ``constraint="free"``: the layer's whole range)."""
+        if self.constraint == "free":
+            return int(self.k_min[t]), int(self.k_max[t])
         return self.cost.bounds(self.k, t, self.goal)
 
     def action_bounds(self) -> Tuple[float, float]:
@@ -141,10 +201,13 @@ class LayerwisePruningEnv:
 
     # ----------------------------------------------------------------- episode
     def reset(self) -> np.ndarray:
+        if self.constraint not in CONSTRAINTS:
+            raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {self.constraint!r}")
         self.t = 0
         self.k = self.k_min.copy()
         self.previous_amount = 0.0
         self._started = time.perf_counter()
+        self._last_partial_score = None
         return self._observation()
 
     def step(self, amount: float) -> Tuple[np.ndarray, float, bool, dict]:
@@ -159,10 +222,16 @@ class LayerwisePruningEnv:
         done = self.t == self.num_steps
         info = {"amount": self.previous_amount}
         reward = 0.0
+        if self.dense and self._last_partial_score is None:
+            self._last_partial_score = self.evaluate(self.k_min)
         if done:
             record = self._finish_episode()
-            reward = record.reward
+            reward = record.score - self._last_partial_score if self.dense else record.reward
             info.update(record.as_dict())
+        elif self.dense:
+            partial = self.evaluate(self.k)  # layers after t still unpruned
+            reward, self._last_partial_score = partial - self._last_partial_score, partial
+            info["partial_score"] = partial
         return self._observation(), reward, done, info
 
     def achieved(self, k: Optional[np.ndarray] = None) -> float:
@@ -201,19 +270,72 @@ class LayerwisePruningEnv:
         self.reset()
         return k
 
+    def project(self, k: np.ndarray) -> np.ndarray:
+        """The on-budget plan nearest to ``k`` along its own amounts: ``k`` replayed through
+        the clipping, then repaired (what ``constraint="clip"`` would have produced)."""
+        saved = self.t, self.k, self.previous_amount, self.constraint
+        try:
+            self.constraint, self.k = "clip", self.k_min.copy()
+            for t in range(self.num_steps):
+                lo, hi = self.cost.bounds(self.k, t, self.goal)
+                self.k[t] = min(max(int(k[t]), lo), hi)
+            return self.cost.repair(self.k, self.goal)
+        finally:
+            self.t, self.k, self.previous_amount, self.constraint = saved
+
+    def _offer(self, reward: float, score: float, k: np.ndarray) -> None:
+        best = self._best
+        if reward > best.reward:
+            best.reward, best.score, best.k = reward, score, k.copy()
+
     def _finish_episode(self) -> EpisodeRecord:
-        self._repair()
+        if self.constraint == "clip":
+            self._repair()
         score = self.evaluate(self.k)
-        reward = score
-        if reward > self.best_reward:
-            self.best_reward, self.best_score, self.best_k = reward, score, self.k.copy()
-        record = EpisodeRecord(len(self.history), reward, score, self.achieved(), self.best_reward,
+        achieved = self.achieved()
+        if self.score_floor is not None:
+            # AMC's accuracy-guaranteed reward; the best plan is the smallest one above the floor.
+            remaining = max(self.total_cost - self.cost.removed(self.k), 1.0)
+            reward = -(1.0 - score) * math.log(remaining)
+            violation = max(0.0, self.score_floor - score)
+            if score >= self.score_floor:
+                self._offer(achieved + 1e-9 * score, score, self.k)
+        else:
+            reward = score
+            violation = self.target - achieved
+            if self.constraint == "clip":
+                self._offer(reward, score, self.k)
+            elif abs(violation) <= self.feasibility_slack and not score <= self.best_score:
+                # near the budget and better than the best so far (NaN before the first): worth
+                # scoring its projection onto the budget as a candidate result
+                projected = self.project(self.k)
+                self._offer(self.evaluate(projected), self.evaluate(projected), projected)
+        record = EpisodeRecord(len(self.history), reward, score, achieved, self.best_reward,
                                self.phase, time.perf_counter() - self._started,
-                               (self.k / self.n).tolist())
+                               (self.k / self.n).tolist(), None if self.score_floor is not None else self.target,
+                               violation, self.evaluations)
         self.history.append(record)
         for callback in self.callbacks:
             callback(record)
         return record
+
+    def finalize(self) -> None:
+        """After a search: make sure every target searched (or the guarantee) has a plan.
+        A free search that never came near the budget gets its least-violating plan
+        projected; an accuracy-guaranteed search that never stayed above the floor gets the
+        unpruned plan (``k_min``), which always does."""
+        if self.score_floor is not None:
+            if self.best_k is None:
+                self._offer(self.achieved(self.k_min), self.evaluate(self.k_min), self.k_min)
+            return
+        for target in sorted({h.target for h in self.history if h.target is not None}):
+            if self.best_by_target.get(target, BestPlan()).k is not None:
+                continue
+            self.set_target(target)
+            last = min((h for h in self.history if h.target == target), key=lambda h: abs(h.violation))
+            raw = np.array([int(round(a * n)) for a, n in zip(last.amounts, self.n)], dtype=np.int64)
+            projected = self.project(raw)
+            self._offer(self.evaluate(projected), self.evaluate(projected), projected)
 
     def restore(self) -> None:
         """Put every tensor back exactly as it was before the search."""

@@ -131,6 +131,7 @@ class AMCAgent(Agent):
 
     name = "amc"
     Config = AMCConfig
+    supports_guarantee = True
 
     def _build(self, state_dim: int, num_layers: int) -> None:
         c = self.config
@@ -173,19 +174,35 @@ class AMCAgent(Agent):
         soft_update(self.actor_target, self.actor, c.tau)
         soft_update(self.critic_target, self.critic, c.tau)
 
+    # Hooks for agents that extend AMC's loop (CACP conditions every state on the target).
+    def _state_dim(self, env) -> int:
+        return env.observation_dim
+
+    def _begin_episode(self, env, episode: int) -> None:
+        pass
+
+    def _state(self, env, observation: np.ndarray) -> np.ndarray:
+        return observation
+
+    def _stored_reward(self, env, reward: float) -> float:
+        return reward
+
     def search(self, env, episodes: int) -> None:
         c = self.config
-        self._build(env.observation_dim, env.num_steps)
+        self._build(self._state_dim(env), env.num_steps)
         for episode in range(episodes):
             warmup = episode < c.warmup
+            self._begin_episode(env, episode)
             env.phase = "warmup" if warmup else "explore"
-            state, done, trajectory = env.reset(), False, []
+            state, done, trajectory = self._state(env, env.reset()), False, []
             while not done:
                 action = float(self.rng.uniform(0, 1)) if warmup else self.act(state, explore=True)
                 next_state, reward, done, info = env.step(action)
+                next_state = self._state(env, next_state)
                 # Store the amount actually applied (after clipping): it is what produced the outcome.
                 trajectory.append((state, info["amount"], next_state, done))
                 state = next_state
+            reward = self._stored_reward(env, reward)
             for s, a, s2, d in trajectory:
                 self.memory.add(s, a, reward, s2, d)
                 if not warmup:

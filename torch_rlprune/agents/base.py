@@ -19,6 +19,11 @@ class Agent:
 
     name = "agent"
     Config: Any = None
+    supports_guarantee = False
+    """Can run ``rl_prune(target=None, max_drop=...)``: its search only maximises the reward
+    (the environment switches to AMC's accuracy-guaranteed reward and no clipping)."""
+    multi_target = False
+    """One search serves every target in ``env.targets`` (it calls ``env.set_target``)."""
 
     def __init__(self, config: Optional[Any] = None, seed: int = 0, **overrides):
         if config is None:

@@ -23,6 +23,7 @@ class RandomSearchConfig:
 class RandomSearchAgent(Agent):
     name = "random"
     Config = RandomSearchConfig
+    supports_guarantee = True
 
     def search(self, env, episodes: int) -> None:
         env.phase = "random"

@@ -317,6 +317,52 @@ def _opaque_rnn_forward(module: nn.Module):
     return forward
 
 
+_INDEX_MAPPING_UPDATES = {
+    "CONCAT": "update_concat_index_mapping", "SPLIT": "update_split_index_mapping",
+    "RESHAPE": "update_reshape_index_mapping", "UNBIND": "update_unbind_index_mapping",
+    "EXPAND": "update_expand_index_mapping", "SLICE": "update_slice_index_mapping",
+}
+
+
+def update_index_mapping(DG) -> Dict[int, str]:
+    """torch-pruning's ``update_index_mapping``, one node at a time.
+
+    torch-pruning derives the index mapping of each concat/split/reshape/... from inferred
+    channel counts and crashes the whole graph when one of them is unknown (CspNet's and
+    CoaT's concats: ``None`` channels; SHViT's reshapes: division by zero). Here a node whose
+    mapping cannot be derived is recorded in ``DG.unmappable`` (node id -> reason) instead, and
+    any group that reaches it is excluded with that reason, so the rest of the model still prunes.
+    """
+    from torch_pruning.dependency import index_mapping
+
+    unmappable: Dict[int, str] = {}
+    for node in DG.module2node.values():
+        fn_name = _INDEX_MAPPING_UPDATES.get(getattr(node.type, "name", ""))
+        if fn_name is None:
+            continue
+        try:
+            getattr(index_mapping, fn_name)(DG, node)
+        except Exception as e:  # noqa: BLE001 - recorded; groups through this node are excluded
+            unmappable[id(node)] = (f"torch-pruning cannot map channel indices through {node.type.name.lower()} "
+                                    f"'{node.name}' ({type(e).__name__}: {str(e)[:80]})")
+    DG.unmappable = unmappable
+    return unmappable
+
+
+class _TolerantIndexMapping:
+    """While building the graph, torch-pruning calls :func:`update_index_mapping` instead of its own."""
+
+    def __enter__(self):
+        from torch_pruning.dependency import index_mapping
+        self._module, self._original = index_mapping, index_mapping.update_index_mapping
+        index_mapping.update_index_mapping = update_index_mapping
+        return self
+
+    def __exit__(self, *exc):
+        self._module.update_index_mapping = self._original
+        return False
+
+
 def build_graph(model: nn.Module, example_inputs, seconds: Optional[float] = None):
     """torch-pruning's dependency graph, built safely; returns ``(DG, grad_fns of the outputs)``.
 
@@ -342,7 +388,8 @@ def build_graph(model: nn.Module, example_inputs, seconds: Optional[float] = Non
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with torch.enable_grad(), time_limit(seconds, f"torch-pruning dependency graph of {model_name}"):
+            with torch.enable_grad(), _TolerantIndexMapping(), \
+                    time_limit(seconds, f"torch-pruning dependency graph of {model_name}"):
                 DG = tp.DependencyGraph().build_dependency(
                     model, example_inputs, forward_fn=forward_fn,
                     customized_pruners=customized or None, verbose=False)
@@ -539,19 +586,33 @@ def _member_tensors(DG, node, is_out: bool, model, names, exact_norms: bool = Tr
     raise _Reject(f"touches unsupported layer '{name}' ({type(m).__name__}, {t.name})")
 
 
+MIN_TRACKED_INDICES = 50_000
+MAX_TRACKED_PER_CHANNEL = 1000
+"""(index, root index) pairs one group may reach, per root channel (and at least
+``MIN_TRACKED_INDICES``). A
+channel coupling touches each tensor once per channel (measured: ViT-Tiny's residual stream
+180 per channel, DenseNet-121's transitions 73-102), a flatten into a Linear once per position
+(VGG: 49); millions come from torch-pruning reading a reshape
+that keeps the channels (``flatten(2)`` in EfficientViT/MaxViT attention) as one that
+spreads each channel over every spatial position."""
+
+
 def enumerate_group(DG, module: nn.Module, pruning_fn, idxs: Sequence[int]):
     """torch-pruning 1.6's ``DependencyGraph.get_pruning_group``, also returning what it merges away.
 
-    Same traversal, same index mappings, same merged :class:`tp.dependency.Group` (usable by
-    any importance); the duplicate check is a hash lookup instead of a scan of the group
-    (torch-pruning's list scan is what makes large groups slow). The second result maps
+    Same dependencies, same index mappings, same merged :class:`tp.dependency.Group` (usable by
+    any importance), but a worklist that propagates only the ``(index, root index)`` pairs a
+    layer has not received yet. Every torch-pruning index mapping acts on each pair on its own
+    (shift, filter, expand, divide), so propagating the new pairs alone reaches the same closure;
+    torch-pruning re-walks a layer whenever the same pairs arrive in a different order or mixed
+    with pairs it has seen, which explodes on graphs with many concats and slices (RexNet,
+    EfficientViT, HaloNet: millions of re-walks, minutes per group). The second result maps
     ``(target node, handler)`` to ``{index: set of root indices}``: torch-pruning's merge keeps
     the first root index of an index reached along several paths, which hides couplings such
     as GhostNet's ``cat([x1, dw(x1)])``, where removing channel ``j`` of ``x1`` also removes
     channel ``j`` of the depthwise half.
     """
     from torch_pruning import _helpers
-    from torch_pruning.dependency import index_mapping
     from torch_pruning.dependency.dependency import Dependency
     from torch_pruning.dependency.group import Group
 
@@ -559,14 +620,14 @@ def enumerate_group(DG, module: nn.Module, pruning_fn, idxs: Sequence[int]):
         raise ValueError(f"module {module} is not in the dependency graph")
     if isinstance(module, tp_ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
         pruning_fn = tp.pruner.function.prune_depthwise_conv_out_channels
-    hidx = [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs]
-    index_mapping.update_index_mapping(DG)
-    group = Group()
+    hidx = list(dict.fromkeys(_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs))
+    unmappable = update_index_mapping(DG)
     root_node = DG.module2node[module]
     root_dep = Dependency(pruning_fn, pruning_fn, source=root_node, target=root_node)
-    group.add_dep(dep=root_dep, idxs=hidx)
-    seen = {(id(root_node), pruning_fn, tuple(hidx))}
+    # (target node, handler) -> [first dependency that reached it, pairs received, in arrival order]
+    reached: Dict[Tuple[int, Any], list] = {(id(root_node), pruning_fn): [root_dep, dict.fromkeys(hidx)]}
     stack = [(root_dep, hidx)]
+    tracked, limit = len(hidx), max(MIN_TRACKED_INDICES, MAX_TRACKED_PER_CHANNEL * len(hidx))
     while stack:
         dep, cur = stack.pop(-1)
         node, fn = dep.target, dep.handler
@@ -579,27 +640,35 @@ def enumerate_group(DG, module: nn.Module, pruning_fn, idxs: Sequence[int]):
                     new_idx = mapping(new_idx)
             if len(new_idx) == 0:
                 continue
-            key = (id(new_dep.target), new_dep.handler, tuple(new_idx))
-            if key in seen:
+            if id(new_dep.target) in unmappable:
+                raise _Reject(unmappable[id(new_dep.target)])
+            entry = reached.setdefault((id(new_dep.target), new_dep.handler), [new_dep, {}])
+            known = entry[1]
+            fresh = [h for h in dict.fromkeys(new_idx) if h not in known]
+            if not fresh:
                 continue
-            seen.add(key)
-            group.add_dep(new_dep, new_idx)
-            stack.append((new_dep, new_idx))
+            known.update(dict.fromkeys(fresh))
+            tracked += len(fresh)
+            if tracked > limit:
+                raise _Reject(f"torch-pruning maps the channels onto more than {limit} positions "
+                              f"(reaching '{new_dep.target.name}' through a reshape it reads as a flatten): "
+                              f"not a channel coupling")
+            stack.append((new_dep, fresh))
     roots_of: Dict[Tuple[int, Any], Dict[int, Set[Any]]] = {}
     merged = Group()
-    for dep, hid in group.items:
+    for key, (dep, pairs) in reached.items():
         if isinstance(dep.target.module, nn.Parameter) and any(dep.target.module is p for p in DG.ignored_params):
             continue
-        table = roots_of.setdefault((id(dep.target), dep.handler), {})
-        for h in hid:
+        table = roots_of.setdefault(key, {})
+        first_root: Dict[int, Any] = {}  # torch-pruning's merge: an index keeps the first root that reached it
+        for h in pairs:
             table.setdefault(h.idx, set()).add(h.root_idx)
-        merged.add_and_merge(dep, hid)
+            first_root.setdefault(h.idx, h.root_idx)
+        item = _helpers.GroupItem(dep, list(first_root))
+        item.root_idxs = list(first_root.values())
+        merged.add_dep(dep, None)
+        merged[len(merged) - 1] = item
     merged._DG = DG
-    for i in range(len(merged)):
-        h = merged[i].idxs
-        item = _helpers.GroupItem(merged[i].dep, _helpers.to_plain_idxs(h))
-        item.root_idxs = _helpers.to_root_idxs(h)
-        merged[i] = item
     return merged, roots_of
 
 
@@ -640,6 +709,7 @@ def _build_group(DG, tp_group, roots_of, model, names, root_name: str, excluded_
     ch_groups = 1
     grouped_members = []
     uf = _UnionFind(C)
+    joined: Set[Tuple[int, ...]] = set()
     norms: list = []
     for item in tp_group:  # exclusions first, so that the reason names them
         m = item.dep.target.module
@@ -672,9 +742,14 @@ def _build_group(DG, tp_group, roots_of, model, names, root_name: str, excluded_
             if bad:
                 raise _Reject(f"torch-pruning maps '{mname or node.name}' to root channel {bad[0]} "
                               f"outside the root's {C} channels")
-            rs = sorted(rs)
-            for r in rs[1:]:
-                uf.union(rs[0], r)
+            if len(rs) == 1:
+                roots.append(next(iter(rs)))
+                continue
+            rs = tuple(sorted(rs))
+            if rs not in joined:  # the same root set reaches many tensors
+                joined.add(rs)
+                for r in rs[1:]:
+                    uf.union(rs[0], r)
             roots.append(rs[0])
         inexact.extend(notes)
         if grouped is not None:
@@ -948,6 +1023,10 @@ def discover_groups(model: nn.Module, example_inputs, *, importance=None, exclud
         try:
             with time_limit(left, f"torch-pruning grouping of '{name}' in {model_name}"):
                 g, roots_of = enumerate_group(DG, m, pruner.prune_out_channels, list(range(C)))
+        except _Reject as r:
+            visited.add(id(m))
+            excluded.append(ExcludedGroup(f"{name}:out", str(r), [name]))
+            continue
         except ChannelTimeoutError:
             visited.add(id(m))
             overall = deadline.left() is not None and deadline.left() <= 0

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ._util import ChannelPruningError, time_limit
-from .groups import ChannelGroup
+from .groups import ChannelGroup, enumerate_group
 
 __all__ = ["prune_heads", "hard_prune", "sync_timm_metadata"]
 
@@ -66,8 +66,9 @@ def hard_prune(DG, todo: Sequence[Tuple[ChannelGroup, Sequence[int]]], *, group_
                model_name: str = "model") -> List[str]:
     """Remove ``units`` of each group for real; returns the keys pruned.
 
-    Channel groups go through ``DG.get_pruning_group(root, prune_out_channels, channels).prune()``
-    on a graph built from the model *as it is now* (hook-free); root indices stay valid while
+    Channel groups go through torch-pruning's group for ``(root, prune_out_channels, channels)``
+    (built by :func:`enumerate_group`, which is fast where torch-pruning's own traversal
+    explodes and refuses layers whose index mapping torch-pruning cannot derive) on a graph built from the model *as it is now* (hook-free); root indices stay valid while
     other groups shrink because a root's output channels belong to its own group only, and
     torch-pruning re-derives concat/split offsets before building each group.
     """
@@ -83,7 +84,7 @@ def hard_prune(DG, todo: Sequence[Tuple[ChannelGroup, Sequence[int]]], *, group_
         channels = group.channels_for_units(units)
         try:
             with time_limit(group_timeout, f"torch-pruning removal of group {group.key!r} in {model_name}"):
-                g = DG.get_pruning_group(group._root_module, group._root_handler, channels)
+                g, _ = enumerate_group(DG, group._root_module, group._root_handler, channels)
                 if not DG.check_pruning_group(g):
                     raise ChannelPruningError("torch-pruning refuses: a layer would lose all its channels")
                 g.prune()
