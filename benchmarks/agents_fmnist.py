@@ -33,12 +33,10 @@ from torch_rlprune.training import evaluate_accuracy  # noqa: E402
 CHECKPOINTS = (10, 25, 50, 100, 150, 200, 300, 450)
 
 
-def best_so_far(history, key="reward"):
-    best, out = float("-inf"), []
-    for h in history:
-        best = max(best, h[key])
-        out.append(best)
-    return out
+def best_so_far(history):
+    """The best result so far, as the environment keeps it: for free (unclipped) searches, the
+    best plan projected onto the budget, not the raw score of an off-budget plan."""
+    return [h["best_reward"] for h in history]
 
 
 def describe(result, x_test, y_test, seconds):

@@ -76,9 +76,13 @@ class PruneResult:
                  f"episodes={p.episodes} seed={p.seed}",
                  f"{goal}  achieved {self.sparsity:.4f}  "
                  f"score {p.score:.4f} (unpruned {self.baseline_score:.4f})  wall time {self.wall_time:.1f}s  "
-                 f"episode {self.episode_seconds * 1e3:.0f} ms vs forward {self.forward_seconds * 1e3:.0f} ms",
-                 f"{'layer' if p.structure == 'unstructured' else 'channel group':<40} {'kind':<8} "
-                 f"{'params' if p.structure == 'unstructured' else 'units':>10} {'pruned':>8}"]
+                 f"episode {self.episode_seconds * 1e3:.0f} ms vs forward {self.forward_seconds * 1e3:.0f} ms"]
+        if "removed_blocks" in p.metadata:  # depth agents (n2n)
+            lines.append(f"blocks removed ({len(p.metadata['removed_blocks'])} of "
+                         f"{len(p.metadata.get('removable_blocks', []))} removable): "
+                         f"{', '.join(p.metadata['removed_blocks']) or 'none'}")
+        lines += [f"{'layer' if p.structure == 'unstructured' else 'channel group':<40} {'kind':<8} "
+                  f"{'params' if p.structure == 'unstructured' else 'units':>10} {'pruned':>8}"]
         kinds = [lay.kind for lay in self.layers] if len(self.layers) == len(p.amounts) else [""] * len(p.amounts)
         for (name, amount), kind in zip(p.amounts.items(), kinds):
             lines.append(f"{name:<40} {kind:<8} {p.numels[name]:>10} {amount:>8.1%}")
@@ -282,7 +286,7 @@ class _PreparedSearch:
 
 def _prepare_search(model, layers, targets, data, reward, budget, structure, exclude, example_inputs, seed,
                     calibration_samples, max_amount, importance_scores, importance, round_to, bn_recalibration,
-                    max_drop) -> _PreparedSearch:
+                    max_drop, depth: bool = False) -> _PreparedSearch:
     """Calibration data, the search space (weights or channel groups), the reward and the MDP,
     every target checked for feasibility. Masks are touched only from here on: the caller holds
     a :class:`ModelSnapshot`."""
@@ -303,6 +307,9 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
             run_first_batch()
             space = _ChannelSpace(model, calibration.inputs[0][:2], run_first_batch, exclude, importance,
                                   round_to, budget, max_amount)
+            if depth:  # agents that also remove residual blocks (N2N)
+                from .depth_search import DepthChannelSpace
+                space = DepthChannelSpace(space, exclude)
     except Exception as err:
         if first_output:  # the data fitted: the failure is the model's structure
             raise
@@ -326,8 +333,11 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
         baseline = float(score())
 
     floor = baseline - float(max_drop) if targets is None else None
-    env = LayerwisePruningEnv(space.steps, space.masks, score, targets[0] if targets else 0.0, budget,
-                              max_amount, cost=space.cost, score_floor=floor)
+    if depth:
+        env = space.make_env(score, targets[0], max_amount, baseline, tolerance)
+    else:
+        env = LayerwisePruningEnv(space.steps, space.masks, score, targets[0] if targets else 0.0, budget,
+                                  max_amount, cost=space.cost, score_floor=floor)
     for t in targets or ():
         env.set_target(t)
         if env.existing_fraction > t + tolerance:
@@ -373,6 +383,9 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         reward: ``"fidelity"`` (label-free agreement with the unpruned model),
             ``"accuracy"`` (needs labels) or ``callable(model) -> float``.
         agent: a registered name (``list_agents()``) or an :class:`Agent` instance.
+            ``"n2n"`` (needs ``structure="channel"``, one target) also removes whole residual
+            blocks (:mod:`torch_rlprune.depth_search`); the plan lists them in
+            ``metadata["removed_blocks"]`` and :func:`compact` replaces them by identities.
         episodes: episodes to run; ``None`` takes the agent's default.
         budget: ``"params"`` or ``"macs"``; default ``"params"`` for unstructured and
             ``"macs"`` for channel pruning.
@@ -434,6 +447,12 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
     if targets is None and not agent_type.supports_guarantee:
         raise ValueError(f"agent {agent_type.name!r} does not support target=None (accuracy-guaranteed search); "
                          f"agents that do: {[a for a in list_agents() if get_agent_class(a).supports_guarantee]}")
+    needs_depth = bool(getattr(agent_type, "needs_depth", False))
+    if needs_depth and structure != "channel":
+        raise ValueError(f"agent {agent_type.name!r} removes residual blocks and shrinks channels: "
+                         f"use structure='channel'")
+    if needs_depth and targets is not None and len(targets) > 1:
+        raise ValueError(f"agent {agent_type.name!r} searches one target per call; call rl_prune once per target")
     if targets is not None and len(targets) > 1 and isinstance(agent, Agent) and not agent_type.multi_target:
         raise ValueError("a list of targets with an Agent instance needs a multi-target agent (e.g. 'cacp'); "
                          "pass the agent's name to run one search per target")
@@ -479,7 +498,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             torch.manual_seed(int(seed))
             prepared = _prepare_search(model, layers, targets, data, reward, budget, structure, exclude,
                                        example_inputs, seed, calibration_samples, max_amount, importance_scores,
-                                       importance, round_to, bn_recalibration, max_drop)
+                                       importance, round_to, bn_recalibration, max_drop, depth=needs_depth)
             space, env, scorer, calibration, recalibrate = (prepared.space, prepared.env, prepared.scorer,
                                                             prepared.calibration, prepared.recalibrate)
             baseline, forward_seconds, floor = prepared.baseline, prepared.forward_seconds, prepared.floor
@@ -563,6 +582,10 @@ def compact(model: nn.Module, example_inputs=None) -> dict:
     """Physically remove every channel the model's masks remove (same model object, no prune
     hooks left) with torch-pruning; returns MACs/params before and after.
 
+    Residual blocks masked whole (:func:`~torch_rlprune.depth.mask_block`, e.g. by
+    ``agent="n2n"``) are replaced by identities first (listed in ``removed_blocks``; the MACs and
+    params "before" are counted after that), then the channels of the remaining model go.
+
     Args:
         model: a model pruned with ``structure="channel"`` (by :func:`rl_prune` or
             :func:`apply_plan`), or one whose masked state_dict was loaded back.
@@ -575,7 +598,12 @@ def compact(model: nn.Module, example_inputs=None) -> dict:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if example_inputs is None:
         example_inputs = torch.randn(2, *infer_input_shape(model), generator=torch.Generator().manual_seed(0))
-    return _compact(model, example_inputs)
+    from .depth import remove_masked_blocks
+
+    removed = remove_masked_blocks(model)  # blocks first: the channel graph is built on what remains
+    info = _compact(model, example_inputs)
+    info["removed_blocks"] = removed
+    return info
 
 
 def global_rl_unstructured(parameters, target: float, importance_scores=None, *, model: nn.Module,

@@ -153,7 +153,9 @@ def apply_plan(model: nn.Module, plan: PruningPlan, importance_scores: Optional[
     A ``structure="channel"`` plan removes, per dependency group, its planned number of
     channels (the least important by group magnitude), masking every tensor of the group;
     ``example_inputs`` (default: shaped like the plan's ``metadata["input_shape"]``) trace
-    the model to find the groups.
+    the model to find the groups. The residual blocks listed in ``metadata["removed_blocks"]``
+    (depth plans, ``agent="n2n"``) are masked to the identity with
+    :func:`~torch_rlprune.depth.mask_block`; :func:`~torch_rlprune.compact` then removes them.
 
     Returns:
         the same ``model``.
@@ -194,6 +196,9 @@ def _apply_channel(model: nn.Module, plan: PruningPlan, example_inputs) -> None:
             raise PlanError("a channel plan needs example_inputs= (the plan records no valid input_shape)")
         example_inputs = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
     round_to = plan.metadata.get("round_to")
+    removed_blocks = plan.metadata.get("removed_blocks") or []
+    if not isinstance(removed_blocks, list) or not all(isinstance(n, str) for n in removed_blocks):
+        raise PlanError("plan metadata 'removed_blocks' must be a list of module names")
     snapshot = ModelSnapshot(model)
     try:
         structure = ChannelStructure(model, example_inputs, round_to=round_to)
@@ -203,7 +208,20 @@ def _apply_channel(model: nn.Module, plan: PruningPlan, example_inputs) -> None:
                 raise PlanError(f"the plan names channel group {name!r} but the model has no such prunable group")
             if keys[name] != units:
                 raise PlanError(f"group {name!r} has {keys[name]} units but the plan was made for {units}")
+        blocks = {}
+        if removed_blocks:  # depth (agent="n2n"): found on the unmasked model, masked after the channels
+            from .depth import find_removable_blocks
+
+            blocks = {b.name: b for b in find_removable_blocks(model, example_inputs)}
+            missing = [n for n in removed_blocks if n not in blocks]
+            if missing:
+                raise PlanError(f"the plan removes block(s) {missing} but the model has no such removable block")
         apply_channel_plan(model, plan.counts(), structure=structure)
+        if removed_blocks:
+            from .depth import mask_block
+
+            for name in removed_blocks:
+                mask_block(blocks[name])
     except BaseException:
         snapshot.restore()
         raise

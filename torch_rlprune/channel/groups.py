@@ -586,6 +586,16 @@ def _member_tensors(DG, node, is_out: bool, model, names, exact_norms: bool = Tr
     raise _Reject(f"touches unsupported layer '{name}' ({type(m).__name__}, {t.name})")
 
 
+def _widest_dimension(DG) -> int:
+    """The largest dimension of any parameter of the model: no channel index can exceed it
+    (a Linear after a flatten has the flattened width as its ``in_features``)."""
+    widest = getattr(DG, "_rlprune_widest", None)
+    if widest is None:
+        widest = max((max(p.shape) for p in DG.model.parameters() if p.dim() > 0), default=1)
+        DG._rlprune_widest = widest
+    return widest
+
+
 MIN_TRACKED_INDICES = 50_000
 MAX_TRACKED_PER_CHANNEL = 1000
 """(index, root index) pairs one group may reach, per root channel (and at least
@@ -625,9 +635,11 @@ def enumerate_group(DG, module: nn.Module, pruning_fn, idxs: Sequence[int]):
     root_node = DG.module2node[module]
     root_dep = Dependency(pruning_fn, pruning_fn, source=root_node, target=root_node)
     # (target node, handler) -> [first dependency that reached it, pairs received, in arrival order]
-    reached: Dict[Tuple[int, Any], list] = {(id(root_node), pruning_fn): [root_dep, dict.fromkeys(hidx)]}
+    reached: Dict[Tuple[int, Any], list] = {(id(root_node), pruning_fn): [root_dep, dict.fromkeys(hidx),
+                                                                         {h.idx for h in hidx}]}
     stack = [(root_dep, hidx)]
     tracked, limit = len(hidx), max(MIN_TRACKED_INDICES, MAX_TRACKED_PER_CHANNEL * len(hidx))
+    widest = _widest_dimension(DG)
     while stack:
         dep, cur = stack.pop(-1)
         node, fn = dep.target, dep.handler
@@ -642,12 +654,18 @@ def enumerate_group(DG, module: nn.Module, pruning_fn, idxs: Sequence[int]):
                 continue
             if id(new_dep.target) in unmappable:
                 raise _Reject(unmappable[id(new_dep.target)])
-            entry = reached.setdefault((id(new_dep.target), new_dep.handler), [new_dep, {}])
+            entry = reached.setdefault((id(new_dep.target), new_dep.handler), [new_dep, {}, set()])
             known = entry[1]
             fresh = [h for h in dict.fromkeys(new_idx) if h not in known]
             if not fresh:
                 continue
             known.update(dict.fromkeys(fresh))
+            positions = entry[2]
+            positions.update(h.idx for h in fresh)
+            if len(positions) > widest:
+                raise _Reject(f"torch-pruning maps the channels onto {len(positions)} positions of "
+                              f"'{new_dep.target.name}', more than the widest tensor of the model has ({widest}): "
+                              f"a reshape it reads as a flatten, not a channel coupling")
             tracked += len(fresh)
             if tracked > limit:
                 raise _Reject(f"torch-pruning maps the channels onto more than {limit} positions "
@@ -656,7 +674,7 @@ def enumerate_group(DG, module: nn.Module, pruning_fn, idxs: Sequence[int]):
             stack.append((new_dep, fresh))
     roots_of: Dict[Tuple[int, Any], Dict[int, Set[Any]]] = {}
     merged = Group()
-    for key, (dep, pairs) in reached.items():
+    for key, (dep, pairs, _) in reached.items():
         if isinstance(dep.target.module, nn.Parameter) and any(dep.target.module is p for p in DG.ignored_params):
             continue
         table = roots_of.setdefault(key, {})
