@@ -45,7 +45,8 @@ def describe(result, x_test, y_test, seconds):
     reach = next(i + 1 for i, v in enumerate(curve) if v >= 0.99 * final)
     return {"episodes": len(result.history), "evaluations": result.history[-1].get("evaluations"),
             "wall_s": round(seconds, 1), "best_reward": round(result.plan.score, 4),
-            "best_at": {n: round(curve[n - 1], 4) for n in CHECKPOINTS if n <= len(curve)},
+            "best_at": {n: (round(curve[n - 1], 4) if curve[n - 1] > float("-inf") else None)
+                        for n in CHECKPOINTS if n <= len(curve)},
             "episodes_to_99pct": reach, "sparsity": round(result.sparsity, 4),
             "test_acc": round(evaluate_accuracy(result.model, x_test, y_test), 4),
             "episode_ms": round(result.episode_seconds * 1e3, 1), "forward_ms": round(result.forward_seconds * 1e3, 1),
@@ -122,7 +123,7 @@ def to_markdown(report) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["agents"].items():
         at = r["best_at"]
-        cell = lambda n: f"{at[n]:.4f}" if n in at else "—"  # noqa: E731
+        cell = lambda n: f"{at[n]:.4f}" if at.get(n) is not None else "—"  # noqa: E731
         at = {int(k): v for k, v in at.items()}
         lines.append(f"| {name} | {r['episodes']} | {r['evaluations']} | {r['wall_s']} | {r['episode_ms']} "
                      f"({r['forward_ms']}) | {cell(10)} | {cell(50)} | {cell(100)} | {cell(300)} | "
