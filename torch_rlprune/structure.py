@@ -15,23 +15,33 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = ["PRUNABLE_TYPES", "PrunableTensor", "find_prunable", "trace_execution"]
+__all__ = ["PRUNABLE_TYPES", "RECURRENT_TYPES", "PrunableTensor", "find_prunable", "trace_execution",
+           "recurrent_weight_names"]
 
 PRUNABLE_TYPES: Tuple[type, ...] = (
     nn.Linear,
     nn.Conv1d, nn.Conv2d, nn.Conv3d,
     nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
 )
+# Recurrent layers: every weight_ih_l*/weight_hh_l* (and LSTM's weight_hr_l*) tensor is a step.
+RECURRENT_TYPES: Tuple[type, ...] = (nn.LSTM, nn.GRU, nn.RNN)
+
 # A stable numeric code per layer kind for the state embedding.
 _KIND_CODES = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3,
-               "convtranspose1d": 4, "convtranspose2d": 5, "convtranspose3d": 6}
+               "convtranspose1d": 4, "convtranspose2d": 5, "convtranspose3d": 6,
+               "lstm": 7, "gru": 8, "rnn": 9}
 
 
 def _kind(module: nn.Module) -> str:
-    for cls in PRUNABLE_TYPES:
+    for cls in PRUNABLE_TYPES + RECURRENT_TYPES:
         if isinstance(module, cls):
             return cls.__name__.lower()
     raise TypeError(f"{type(module).__name__} is not a prunable layer type")
+
+
+def recurrent_weight_names(module: nn.Module) -> List[str]:
+    """The matrices of an LSTM/GRU/RNN, layer by layer, forward direction first (biases stay)."""
+    return [n for n in module._flat_weights_names if n.startswith("weight_")]
 
 
 @dataclass
@@ -90,6 +100,14 @@ def _describe(module_name: str, module: nn.Module, param_name: str) -> PrunableT
     weight = getattr(module, param_name + "_orig", None)
     if weight is None:
         weight = getattr(module, param_name)
+    if isinstance(module, RECURRENT_TYPES):
+        # AMC's conv features, read for a recurrent matrix: in/out channels are its columns
+        # (input or hidden size) and rows (gates x hidden); "kernel" is the layer index + 1
+        # and "stride" the direction + 1 (1 forward, 2 reverse); positions are time steps.
+        layer_index = int(param_name.split("_l")[-1].split("_")[0])
+        direction = 2 if param_name.endswith("_reverse") else 1
+        return PrunableTensor(module_name, param_name, module, kind, weight.shape[1], weight.shape[0],
+                              layer_index + 1, direction, 1, weight.numel())
     if kind == "linear":
         in_ch, out_ch, kernel, stride, groups = module.in_features, module.out_features, 1, 1, 1
     else:
@@ -158,18 +176,33 @@ def find_prunable(model: nn.Module, exclude=None,
                 raise ValueError(f"parameters: a {type(module).__name__} is not part of the model")
             if not isinstance(getattr(module, pname + "_orig", getattr(module, pname, None)), torch.Tensor):
                 raise ValueError(f"parameters: {names[id(module)]!r} has no tensor named {pname!r}")
-            if not isinstance(module, PRUNABLE_TYPES):
+            if not isinstance(module, PRUNABLE_TYPES + RECURRENT_TYPES):
                 raise ValueError(f"parameters: {names[id(module)]!r} is a {type(module).__name__}; "
-                                 f"supported layer types are {[t.__name__ for t in PRUNABLE_TYPES]}")
+                                 f"supported layer types are "
+                                 f"{[t.__name__ for t in PRUNABLE_TYPES + RECURRENT_TYPES]}")
+            if isinstance(module, RECURRENT_TYPES) and pname not in recurrent_weight_names(module):
+                raise ValueError(f"parameters: {pname!r} of {names[id(module)]!r} is not one of its weight "
+                                 f"matrices {recurrent_weight_names(module)}")
             if not is_excluded(names[id(module)]):
                 found.append(_describe(names[id(module)], module, pname))
         return found
-    return [_describe(name, m, "weight") for name, m in model.named_modules()
-            if isinstance(m, PRUNABLE_TYPES) and not is_excluded(name)]
+    found = []
+    for name, m in model.named_modules():
+        if is_excluded(name):
+            continue
+        if isinstance(m, PRUNABLE_TYPES):
+            found.append(_describe(name, m, "weight"))
+        elif isinstance(m, RECURRENT_TYPES):
+            found.extend(_describe(name, m, p) for p in recurrent_weight_names(m))
+    return found
 
 
-def _positions(shape: torch.Size, kind: str) -> int:
-    """Spatial positions (conv) or tokens (linear) per sample of an activation."""
+def _positions(shape: torch.Size, kind: str, batch_first: bool = False) -> int:
+    """Spatial positions (conv), tokens (linear) or time steps (recurrent) per sample."""
+    if kind in ("lstm", "gru", "rnn"):
+        if len(shape) == 3:
+            return shape[1] if batch_first else shape[0]
+        return shape[0] if len(shape) == 2 else 1  # unbatched (T, F)
     if kind == "linear":
         return math.prod(shape[1:-1]) if len(shape) > 2 else 1
     return math.prod(shape[2:]) if len(shape) > 2 else 1
@@ -194,18 +227,24 @@ def trace_execution(model: nn.Module, layers: Iterable[PrunableTensor],
     def hook(module, inputs, output):
         key = id(module)
         group = by_module[key]
+        batch_first = bool(getattr(module, "batch_first", False))
+        if isinstance(module, RECURRENT_TYPES):  # (output, state); a PackedSequence has no fixed length
+            output = output[0] if isinstance(output, tuple) else output
+            if not isinstance(output, torch.Tensor):
+                output = getattr(output, "data", None)
+                batch_first = None  # packed data: (sum of lengths, features)
         if group[0].calls == 0:
             order.append(key)
             x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
             for layer in group:
                 if x is not None:
-                    layer.in_positions = _positions(x.shape, layer.kind)
-                if isinstance(output, torch.Tensor):
-                    layer.out_positions = _positions(output.shape, layer.kind)
+                    layer.in_positions = _positions(x.shape, layer.kind, bool(batch_first))
+                if isinstance(output, torch.Tensor) and batch_first is not None:
+                    layer.out_positions = _positions(output.shape, layer.kind, batch_first)
         for layer in group:
             layer.calls += 1
-            if isinstance(output, torch.Tensor):
-                layer.positions_per_forward += _positions(output.shape, layer.kind)
+            if isinstance(output, torch.Tensor) and batch_first is not None:
+                layer.positions_per_forward += _positions(output.shape, layer.kind, batch_first)
 
     for layer in layers:
         layer.calls = layer.positions_per_forward = 0
