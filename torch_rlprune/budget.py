@@ -73,21 +73,7 @@ class Budget:
         k = k.copy()
         unit = self.step_cost / np.maximum(self.k_max - self.k_min, 1)
         for j in np.argsort(-unit, kind="stable"):
-            best, best_gap = int(k[j]), abs(self.removed(k) - goal)
-            a, b = int(self.k_min[j]), int(self.k_max[j])
-            while a <= b:  # the k_j whose plan removes closest to the goal, others fixed
-                mid = (a + b) // 2
-                k[j] = mid
-                value = self.removed(k)
-                if abs(value - goal) < best_gap:
-                    best, best_gap = mid, abs(value - goal)
-                if value < goal:
-                    a = mid + 1
-                elif value > goal:
-                    b = mid - 1
-                else:
-                    break
-            k[j] = best
+            k[j], _ = self._closest_single(k, j, goal)
         if abs(self.removed(k) - goal) > self.pair_repair_above * self.total:
             k = self._pair_repair(k, goal)
         return k
