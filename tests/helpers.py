@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from torch_rlprune.agents import Agent
+
 BUDGET_TOLERANCE = 0.005  # the contract: achieved sparsity within 0.5 percentage points of the target
 HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
               "_forward_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
@@ -198,3 +200,42 @@ class RaisingReward:
         if self.calls == self.fail_at:
             raise self.error
         return float(out.float().mean())
+
+
+# --------------------------------------------------------------------------- shared test doubles
+@dataclass
+class ConstantConfig:
+    episodes: int = 1
+    action: float = 0.0
+
+
+class ConstantAgent(Agent):
+    """Asks every layer for the same amount: what an untrained or saturated policy plays."""
+
+    name = "constant"
+    Config = ConstantConfig
+
+    def search(self, env, episodes):
+        for _ in range(episodes):
+            env.reset()
+            done = False
+            while not done:
+                _, _, done, _ = env.step(self.config.action)
+
+
+def randomize_norms(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters (zero-mean/unit-var BN hides bugs: a
+    zeroed conv before a BN with running mean != 0 and bias != 0 would NOT output zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.4 - 0.2)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 0.5 + 0.75)
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.75)
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
+            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.75)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
+    return model

@@ -1,6 +1,5 @@
 """The PuRL agent: DQN over discrete per-layer amounts with a reward after every layer."""
 import statistics
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -8,8 +7,8 @@ import torch
 from torch import nn
 
 import torch_rlprune.agents.purl  # noqa: F401  (registers "purl")
-from helpers import ModelState, assert_budget_met, inputs, mask_sparsity, seeded, small_cnn
-from torch_rlprune import Agent, rl_prune
+from helpers import ConstantAgent, ModelState, assert_budget_met, inputs, mask_sparsity, seeded, small_cnn
+from torch_rlprune import rl_prune
 from torch_rlprune.agents.purl import PuRLAgent
 from torch_rlprune.channel import count_macs_params
 from torch_rlprune.env import LayerwisePruningEnv
@@ -151,26 +150,6 @@ def test_bad_agent_config_is_a_value_error_before_the_model_changes(config, frag
 
 
 # --------------------------------------------------------------------------- PuRL learns
-@dataclass
-class ConstantConfig:
-    episodes: int = 1
-    action: float = 0.0
-
-
-class ConstantAgent(Agent):
-    """Asks every layer for the same amount: what an untrained or collapsed greedy policy plays."""
-
-    name = "constant"
-    Config = ConstantConfig
-
-    def search(self, env, episodes):
-        for _ in range(episodes):
-            env.reset()
-            done = False
-            while not done:
-                _, _, done, _ = env.step(self.config.action)
-
-
 LEARNING_TARGET = 0.8
 LEARNING_EPISODES = 40      # the default warm-up (10 episodes at epsilon 1), then 30 learning
 LEARNING_MARGIN = 0.1

@@ -1,6 +1,5 @@
 """rl_prune and global_rl_unstructured: the public contract, end to end."""
 import statistics
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -8,9 +7,9 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import (CallOrderNet, ModelState, assert_binary_masks, assert_budget_met, inputs, mask_sparsity, seeded,
+from helpers import (CallOrderNet, ConstantAgent, ModelState, assert_binary_masks, assert_budget_met, inputs, mask_sparsity, seeded,
                      small_cnn)
-from torch_rlprune import Agent, PruneResult, PruningPlan, global_rl_unstructured, list_agents, rl_prune
+from torch_rlprune import PruneResult, PruningPlan, global_rl_unstructured, list_agents, rl_prune
 
 FAST = dict(agent="random", episodes=3, verbose=False)
 FAST_AMC = dict(agent="amc", episodes=6, agent_config={"warmup": 2}, verbose=False)
@@ -320,26 +319,6 @@ def test_same_seed_same_search_bit_for_bit(search, cnn_batch):
 
 
 # --------------------------------------------------------------------------- AMC learns
-@dataclass
-class ConstantConfig:
-    episodes: int = 1
-    action: float = 0.0
-
-
-class ConstantAgent(Agent):
-    """Asks every layer for the same amount: what a saturated actor does."""
-
-    name = "constant"
-    Config = ConstantConfig
-
-    def search(self, env, episodes):
-        for _ in range(episodes):
-            env.reset()
-            done = False
-            while not done:
-                _, _, done, _ = env.step(self.config.action)
-
-
 LEARNING_TARGET = 0.85
 LEARNING_SEARCH = dict(agent="amc", episodes=300, agent_config={"warmup": 50})
 # Measured with this fixture (hard top-1 fidelity, AMC lr_actor 1e-3, delta_decay 0.99), seeds 0-5:

@@ -154,30 +154,12 @@ def test_coupled_coarse_groups_are_repaired_onto_the_budget(action):
     """small_cnn has two channel groups whose MACs depend on each other: after the first group
     loses 1 of 8 channels no count of the second lands within 2 pp (0.4775 or 0.5231); the
     repair must move both groups ([1, 8] -> [2, 7])."""
-    from dataclasses import dataclass
-
-    from helpers import seeded, small_cnn
-    from torch_rlprune import Agent
-
-    @dataclass
-    class ConstantConfig:
-        episodes: int = 1
-        amount: float = action
-
-    class Constant(Agent):
-        name = "constant"
-        Config = ConstantConfig
-
-        def search(self, env, episodes):
-            for _ in range(episodes):
-                env.reset()
-                done = False
-                while not done:
-                    _, _, done, _ = env.step(self.config.amount)
+    from helpers import ConstantAgent, seeded, small_cnn
 
     model = seeded(small_cnn, 0)
     x = inputs((32, 1, 16, 16))
     dense = count_macs_params(model, x[:2])[0]
-    result = rl_prune(model, 0.5, data=x, structure="channel", agent=Constant(), verbose=False)
+    result = rl_prune(model, 0.5, data=x, structure="channel", agent=ConstantAgent({"action": action}),
+                      verbose=False)
     assert abs(1 - count_macs_params(model, x[:2])[0] / dense - 0.5) <= 0.02
     assert abs(result.sparsity - 0.5) <= 0.02

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import torch_pruning as tp
-from helpers import ModelState, bits_equal, seeded
+from helpers import ModelState, bits_equal, randomize_norms, seeded
 from torch_rlprune.channel import (ChannelMask, ChannelPruningError, ChannelStructure, ChannelTimeoutError,
                                    apply_channel_plan, channel_mask, compact, count_macs_params)
 from torch_rlprune.channel import groups as groups_module
@@ -25,21 +25,6 @@ EXACT = 1e-5  # the contract: masked model == compacted model, max abs diff, BN 
 
 
 # --------------------------------------------------------------------------- builders
-def randomize_norms(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters (zero-mean/unit-var BN hides bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.4 - 0.2)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 0.5 + 0.75)
-                if m.affine:
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.75)
-                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
-            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.75)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
-    return model
 
 
 class ResidualNet(nn.Module):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from helpers import ModelState, bits_equal, fmnist_cnn, seeded, small_cnn
+from helpers import ModelState, bits_equal, fmnist_cnn, randomize_norms, seeded, small_cnn
 from torch_rlprune.channel import count_macs_params
 from torch_rlprune.depth import (BranchMask, RemovableBlock, RemovedBlock, find_removable_blocks, mask_block,
                                  remove_masked_blocks, unmask_block)
@@ -20,22 +20,6 @@ EXACT = 1e-6  # the contract: masked model == model with the blocks replaced by 
 
 
 # --------------------------------------------------------------------------- builders (as in test_channels)
-def randomize_norms(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters: a zeroed conv before a BN with running
-    mean != 0 and bias != 0 would NOT output zero, so only masking the BN too makes removal exact."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.4 - 0.2)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 0.5 + 0.75)
-                if m.affine:
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.75)
-                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
-            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.75)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
-    return model
 
 
 def timm_model(name):

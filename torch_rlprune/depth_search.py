@@ -48,7 +48,7 @@ from torch import nn
 from .budget import Budget
 from .channel.counting import count_macs_params
 from .depth import _TAG, RemovableBlock, RemovedBlock, find_removable_blocks, mask_block, unmask_block
-from .env import BestPlan, EpisodeRecord
+from .env import BestPlan, BestPlanResults, EpisodeRecord
 
 __all__ = ["DepthCost", "DepthWidthEnv", "DepthChannelSpace", "count_macs_params_removed", "masked_block_names"]
 
@@ -209,7 +209,7 @@ class _EpisodeBudget(Budget):
 
 
 # --------------------------------------------------------------------------- environment
-class DepthWidthEnv:
+class DepthWidthEnv(BestPlanResults):
     """Blocks and channel groups, budgeted and scored; driven by a depth agent (see the module docstring).
 
     A plan ``k`` is ``np.concatenate([removed (0/1 per block), units removed per group])``.
@@ -421,22 +421,6 @@ class DepthWidthEnv:
         self._masked[:] = False
 
     # ----------------------------------------------------------------- results
-    @property
-    def _best(self) -> BestPlan:
-        return self.best_by_target.setdefault(self.target, BestPlan())
-
-    @property
-    def best_reward(self) -> float:
-        return self._best.reward
-
-    @property
-    def best_score(self) -> float:
-        return self._best.score
-
-    @property
-    def best_k(self) -> Optional[np.ndarray]:
-        return self._best.k
-
     def reward(self, score: float, compression: float) -> float:
         return float(score) if self.reward_fn is None else float(self.reward_fn(score, compression))
 

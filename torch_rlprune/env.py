@@ -66,7 +66,33 @@ class BestPlan:
     k: Optional[np.ndarray] = None
 
 
-class LayerwisePruningEnv:
+class BestPlanResults:
+    """The best plan of the current target (``_best_key()``), read from ``best_by_target``: what
+    ``rl_prune`` reads back from any environment."""
+
+    best_by_target: Dict[Optional[float], BestPlan]
+
+    def _best_key(self) -> Optional[float]:
+        return self.target
+
+    @property
+    def _best(self) -> BestPlan:
+        return self.best_by_target.setdefault(self._best_key(), BestPlan())
+
+    @property
+    def best_reward(self) -> float:
+        return self._best.reward
+
+    @property
+    def best_score(self) -> float:
+        return self._best.score
+
+    @property
+    def best_k(self) -> Optional[np.ndarray]:
+        return self._best.k
+
+
+class LayerwisePruningEnv(BestPlanResults):
     """Layer-by-layer pruning MDP over in-place masks.
 
     Args:
@@ -128,22 +154,8 @@ class LayerwisePruningEnv:
         self.reset()
 
     # ----------------------------------------------------------------- results
-    @property
-    def _best(self) -> BestPlan:
-        key = None if self.score_floor is not None else self.target
-        return self.best_by_target.setdefault(key, BestPlan())
-
-    @property
-    def best_reward(self) -> float:
-        return self._best.reward
-
-    @property
-    def best_score(self) -> float:
-        return self._best.score
-
-    @property
-    def best_k(self) -> Optional[np.ndarray]:
-        return self._best.k
+    def _best_key(self) -> Optional[float]:
+        return None if self.score_floor is not None else self.target
 
     def set_target(self, target: float) -> None:
         """Change the budget for the next episodes (their best plans are kept per target)."""
