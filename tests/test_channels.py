@@ -397,16 +397,22 @@ class RNNNet(nn.Module):
         return self.fc2(torch.relu(self.fc1(x[:, -1])))
 
 
-def test_rnns_are_opaque_their_groups_excluded_the_rest_pruned():
+def test_recurrent_layers_join_groups_with_their_neighbours():
     model, x = seeded(RNNNet, 0).eval(), torch.randn(3, 7, 8)
     s = ChannelStructure(model, x)
-    reasons = {e.key: e.reason for e in s.excluded}
-    assert "LSTM 'lstm'" in reasons["inp:out"] and "GRU 'gru'" in reasons["mid:out"]
-    assert [g.key for g in s.groups] == ["fc1:out"]
-    apply_channel_plan(model, {"fc1": 0.5}, structure=s)
+    assert [g.key for g in s.groups] == ["inp:out", "lstm:out", "mid:out", "gru:out", "fc1:out"]
+    layers = {g.key: dict(g.layers) for g in s.groups}
+    assert layers["inp:out"]["lstm"] == "in" and layers["lstm:out"]["mid"] == "in"
+    assert layers["mid:out"]["gru"] == "in" and layers["gru:out"]["fc1"] == "in"
+    assert s.group("lstm:out").channels_per_unit == 2, "a bidirectional hidden unit is two output features"
+    apply_channel_plan(model, {g.key: 0.5 for g in s.groups}, structure=s)
     y = out(model, x)
-    compact(model, x)
-    assert model.fc1.out_features == 16 and max_diff(out(model, x), y) < EXACT
+    info = compact(model, x)
+    assert not info["failed"]
+    assert (model.inp.out_features, model.lstm.input_size, model.lstm.hidden_size) == (8, 8, 6)
+    assert (model.mid.in_features, model.mid.out_features, model.gru.input_size) == (12, 10, 10)
+    assert (model.gru.hidden_size, model.fc1.in_features, model.fc1.out_features) == (5, 5, 16)
+    assert max_diff(out(model, x), y) < EXACT
 
 
 def _hang_on(module_filter):

@@ -13,7 +13,7 @@ import numpy as np
 from torch import nn
 
 from .budget import Budget
-from .structure import PRUNABLE_TYPES, PrunableTensor, _describe
+from .structure import PRUNABLE_TYPES, RECURRENT_TYPES, PrunableTensor, _describe
 
 __all__ = ["GroupMask", "ChannelBudget", "group_descriptors"]
 
@@ -58,23 +58,25 @@ class ChannelBudget(Budget):
 
 
 def _representative(model: nn.Module, root: str) -> tuple:
-    """The Conv/Linear layer that stands for a group in the state embedding."""
+    """The layer (and tensor) that stands for a group in the state embedding."""
     module = model.get_submodule(root) if root else model
     if isinstance(module, PRUNABLE_TYPES):
-        return root, module
+        return root, module, "weight"
+    if isinstance(module, RECURRENT_TYPES):  # hidden units: the last layer's recurrent matrix
+        return root, module, f"weight_hh_l{module.num_layers - 1}"
     for name, sub in module.named_modules():
         if isinstance(sub, PRUNABLE_TYPES):
-            return f"{root}.{name}" if root else name, sub
-    return None, module
+            return f"{root}.{name}" if root else name, sub, "weight"
+    return None, module, "weight"
 
 
 def group_descriptors(model: nn.Module, structure) -> List[PrunableTensor]:
     """One :class:`PrunableTensor` per group (its root layer), for AMC's state features."""
     out = []
     for g in structure.groups:
-        name, module = _representative(model, g.root)
+        name, module, tensor = _representative(model, g.root)
         if name is not None:
-            d = _describe(name, module, "weight")
+            d = _describe(name, module, tensor)
         else:  # a group rooted in a non-Conv/Linear tensor (an embedding, a token): describe by units
             d = PrunableTensor(g.root, "weight", module, "linear", g.num_units, g.num_units, 1, 1, 1,
                                int(g.params) or g.num_units)

@@ -52,7 +52,6 @@ from .env import BestPlan, BestPlanResults, EpisodeRecord
 
 __all__ = ["DepthCost", "DepthWidthEnv", "DepthChannelSpace", "count_macs_params_removed", "masked_block_names"]
 
-_PROJ = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 def _inside(name: str, block: str) -> bool:
@@ -108,24 +107,12 @@ class DepthCost:
         def member(name: str) -> np.ndarray:
             return np.array([_inside(name, b.name) for b in self.blocks], dtype=np.float64).reshape(nb)
 
-        head_group = {id(g._attention): g.index for g in s.groups if g.kind == "heads"}
-        mac_in, att_in, att_const, att_const_in = [], [], [], []
-        keys = {(id(sl.module), sl.tensor_name, sl.dim) for g in s.groups for sl in g.slices}
-        for name, tr in s.traces.items():
-            if tr.calls == 0:
-                continue
-            if isinstance(tr.module, _PROJ):
-                mac_in.append(member(name))
-                keys.add((id(tr.module), "weight", 0))
-                keys.add((id(tr.module), "weight", 1))
-        for name, tr in s.traces.items():
-            if tr.calls == 0 or isinstance(tr.module, _PROJ):
-                continue
-            if id(tr.module) in head_group:
-                att_in.append(member(name))
-            else:
-                att_const.append(2 * tr.tokens_sq * int(tr.module.head_dim) * int(tr.module.num_heads))
-                att_const_in.append(member(name))
+        # the structure names the module of every MAC term: a term goes with its block
+        mac_in = [member(name) for name in s._mac_modules]
+        att_in = [member(name) for name in s._att_modules]
+        att_const = [value for _, value in s._att_const_terms]
+        att_const_in = [member(name) for name, _ in s._att_const_terms]
+        keys = s._entry_keys
         par_in, fixed, fixed_in = [], [], []
         seen = set()
         for mname, m in s.model.named_modules():

@@ -198,14 +198,34 @@ def find_prunable(model: nn.Module, exclude=None,
 
 
 def _positions(shape: torch.Size, kind: str, batch_first: bool = False) -> int:
-    """Spatial positions (conv), tokens (linear) or time steps (recurrent) per sample."""
+    """Spatial positions (conv), time steps (recurrent) per sample; for linear layers the rows
+    of the whole batch (divided by the batch size once it is known: time-major sequence
+    models put the batch in dim 1, so dim 0 is not always the batch)."""
     if kind in ("lstm", "gru", "rnn"):
         if len(shape) == 3:
             return shape[1] if batch_first else shape[0]
         return shape[0] if len(shape) == 2 else 1  # unbatched (T, F)
     if kind == "linear":
-        return math.prod(shape[1:-1]) if len(shape) > 2 else 1
+        return math.prod(shape[:-1]) if len(shape) > 1 else 1
     return math.prod(shape[2:]) if len(shape) > 2 else 1
+
+
+def _batch_size_hooks(model: nn.Module, seen: List[int]) -> list:
+    """Hooks that record the batch size a forward runs with: a recurrent layer's batch (dim 1 of
+    a time-major input), else dim 0 of the model's first input."""
+    def recurrent(module, inputs):
+        x = inputs[0] if inputs else None
+        if isinstance(x, torch.Tensor) and x.dim() == 3:
+            seen.insert(0, int(x.shape[0] if module.batch_first else x.shape[1]))
+
+    def first(module, inputs):
+        x = inputs[0] if inputs else None
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            seen.append(int(x.shape[0]))
+
+    handles = [model.register_forward_pre_hook(first)]
+    handles += [m.register_forward_pre_hook(recurrent) for m in model.modules() if isinstance(m, nn.RNNBase)]
+    return handles
 
 
 def trace_execution(model: nn.Module, layers: Iterable[PrunableTensor],
@@ -253,11 +273,19 @@ def trace_execution(model: nn.Module, layers: Iterable[PrunableTensor],
         if id(layer.module) not in seen:
             seen.add(id(layer.module))
             handles.append(layer.module.register_forward_hook(hook))
+    batches: List[int] = []
+    handles += _batch_size_hooks(model, batches)
     try:
         run_forward()
     finally:
         for h in handles:
             h.remove()
+    n = max(1, batches[0]) if batches else 1
+    for layer in layers:
+        if layer.kind == "linear" and layer.calls:
+            layer.in_positions = max(1, layer.in_positions // n)
+            layer.out_positions = max(1, layer.out_positions // n)
+            layer.positions_per_forward = max(layer.calls, layer.positions_per_forward // n)
     used = [layer for key in order for layer in by_module[key]]
     unused = [layer for layer in layers if layer.calls == 0]
     return used, unused

@@ -19,13 +19,14 @@ Design decisions and limits (details in each module):
   forward hook (``exact_norms``); a group is ``exact=False`` only where that cannot be
   done (BatchNorm without affine, norm subclasses with their own forward).
 * A *unit* is the smallest removable set: a channel; a channel per channel-group for
-  grouped convs / GroupNorm; channels torch-pruning couples along several paths; a head.
+  grouped convs / GroupNorm; channels torch-pruning couples along several paths; a head;
+  an LSTM/GRU/RNN hidden unit (every gate, layer and direction; :mod:`.recurrent`).
 * timm ``Attention`` blocks lose whole heads (head_dim and therefore the softmax scale
   stay; ``num_heads``/``attn_dim`` are updated). torch-pruning's own qkv grouping is not
   used. Other attention layouts are left to torch-pruning and validation.
 * What torch-pruning gets wrong is excluded with a reason, never silently pruned:
   indices out of range or not mappable to the root, grouped convs fed by a concat,
-  groups reaching the model output, RNNs (opaque for now), ``nn.MultiheadAttention``,
+  groups reaching the model output, ``nn.MultiheadAttention``, LSTMs with ``proj_size``,
   groups whose enumeration exceeds ``group_timeout`` and groups whose masked and
   physically pruned outputs disagree (validation at construction, and again in
   :func:`compact`, which rolls back and bisects).
@@ -42,8 +43,10 @@ from .groups import ChannelGroup, ExcludedGroup, TensorSlice
 from .hard import prune_heads
 from .method import ChannelMask, channel_mask
 from .norms import MaskedNormStatistics
+from .recurrent import RecurrentPruner, remove_hidden_units
 from .structure import ChannelStructure
 
 __all__ = ["ChannelStructure", "ChannelGroup", "ExcludedGroup", "TensorSlice", "apply_channel_plan",
            "ChannelPlanResult", "compact", "count_macs_params", "ChannelMask", "channel_mask", "prune_heads",
-           "MaskedNormStatistics", "ChannelPruningError", "ChannelTimeoutError"]
+           "MaskedNormStatistics", "ChannelPruningError", "ChannelTimeoutError", "RecurrentPruner",
+           "remove_hidden_units"]

@@ -8,7 +8,7 @@ import contextlib
 import signal
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -89,6 +89,19 @@ def run_model(model: nn.Module, example_inputs) -> Any:
     if isinstance(example_inputs, (tuple, list)):
         return model(*example_inputs)
     return model(example_inputs)
+
+
+def batch_size(example_inputs, recurrent_batches: Sequence[int] = ()) -> int:
+    """Samples in ``example_inputs``: what a recurrent layer saw as its batch (time-major
+    inputs put it in dim 1), else dim 0 of the first input tensor, else 1."""
+    if recurrent_batches:
+        return max(1, int(recurrent_batches[0]))
+    first = example_inputs
+    if isinstance(first, dict):
+        first = next(iter(first.values()), None)
+    elif isinstance(first, (tuple, list)):
+        first = first[0] if first else None
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() > 0 and first.shape[0] else 1
 
 
 def primary_tensor(out) -> torch.Tensor:

@@ -8,9 +8,9 @@ a row or column of a weight counts as removed when its mask slice is entirely ze
 models masked in place by :class:`ChannelStructure`). Dead output channels and dead
 input channels both reduce a layer's MACs: ``positions * kernel * alive_out * alive_in``.
 
-Counted: Conv/Linear multiply-accumulates (every call) and the score/value matmuls of
-timm ``Attention`` blocks (``2 * N^2 * head_dim * heads``). Not counted: norms,
-activations, pooling, element-wise ops -- so totals are a few percent below
+Counted: Conv/Linear multiply-accumulates (every call), LSTM/GRU/RNN weight matrices
+(once per time step) and the score/value matmuls of timm ``Attention`` blocks
+(``2 * N^2 * head_dim * heads``). Not counted: norms, activations, pooling, element-wise ops -- so totals are a few percent below
 torch-pruning's op counter, which counts those too.
 """
 from __future__ import annotations
@@ -21,8 +21,9 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from ._util import clear_attention_caches, restore_training, run_model, training_flags
+from ._util import batch_size, clear_attention_caches, restore_training, run_model, training_flags
 from .groups import countable_attention
+from .recurrent import recurrent_matrices, samples, time_steps
 
 __all__ = ["count_macs_params", "alive_sizes"]
 
@@ -62,9 +63,16 @@ def count_macs_params(model: nn.Module, example_inputs, count_zeros: bool = Fals
     attention = {id(m): m for m in countable_attention(model).values()}
     macs = [0]
     handles = []
+    recurrent_batches = []
 
     def hook(module, inputs, output):
         x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        if isinstance(module, nn.RNNBase):  # every matrix runs once per time step of each sample
+            if x is not None:
+                recurrent_batches.append(samples(module, x))
+                per_step = sum(math.prod(alive_sizes(module, n, count_zeros)) for n in recurrent_matrices(module))
+                macs[0] += samples(module, x) * time_steps(module, x) * per_step
+            return
         if id(module) in attention:
             if x is None or x.dim() < 3:
                 return
@@ -87,7 +95,7 @@ def count_macs_params(model: nn.Module, example_inputs, count_zeros: bool = Fals
         macs[0] += positions * kernel * alive[0] * alive[1]
 
     for m in model.modules():
-        if isinstance(m, conv_linear) or id(m) in attention:
+        if isinstance(m, conv_linear + (nn.RNNBase,)) or id(m) in attention:
             handles.append(m.register_forward_hook(hook))
     flags = training_flags(model)
     model.eval()
@@ -98,12 +106,7 @@ def count_macs_params(model: nn.Module, example_inputs, count_zeros: bool = Fals
             h.remove()
         restore_training(flags)
         clear_attention_caches(model)
-    first = example_inputs
-    if isinstance(first, dict):
-        first = next(iter(first.values()), None)
-    elif isinstance(first, (tuple, list)):
-        first = first[0] if first else None
-    batch = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
+    batch = batch_size(example_inputs, recurrent_batches)
 
     params = 0
     seen = set()

@@ -9,7 +9,10 @@ search can act on without touching torch-pruning again:
   importance ranking of its units;
 * a group torch-pruning maps inconsistently (indices out of range, indices it cannot
   map back to the root, grouped convolutions fed by several groups, the model output,
-  RNNs, ``nn.MultiheadAttention``) becomes an :class:`ExcludedGroup` with the reason;
+  ``nn.MultiheadAttention``) becomes an :class:`ExcludedGroup` with the reason;
+* ``nn.LSTM``/``nn.GRU``/``nn.RNN`` join groups through our :class:`RecurrentPruner`: a
+  group rooted at one removes hidden units (see :mod:`.recurrent`), a group feeding one
+  removes its input columns;
 * timm ``Attention`` blocks get a group of their own that removes *whole heads*
   (torch-pruning's own qkv grouping is not head-aware; see :func:`find_attention_blocks`).
 
@@ -33,8 +36,10 @@ from torch import nn
 import torch_pruning as tp
 from torch_pruning import ops as tp_ops
 
-from ._util import ChannelPruningError, ChannelTimeoutError, Deadline, run_model, time_limit
+from ._util import ChannelPruningError, ChannelTimeoutError, Deadline, batch_size, run_model, time_limit
 from .norms import norm_kind
+from .recurrent import (RecurrentPruner, hidden_unit_tensors, input_column_tensors, samples, time_steps,
+                        unsupported_reason)
 
 __all__ = ["TensorSlice", "ChannelGroup", "ExcludedGroup", "GroupDiscovery", "discover_groups",
            "find_attention_blocks", "countable_attention", "classifier_names", "LayerTrace"]
@@ -269,35 +274,13 @@ def find_attention_blocks(model: nn.Module, excluded: Callable[[str], bool]) -> 
     return found
 
 
-# --------------------------------------------------------------------------- RNNs are opaque
-class _OpaquePruner(tp.pruner.function.BasePruningFunc):
-    """Registered for RNNs so torch-pruning treats them as one node that nothing may prune.
-
-    ``prune_out_channels`` and ``prune_in_channels`` are distinct functions, so the node does
-    not couple its input to its output; any group that reaches one is excluded.
-    """
-
-    TARGET_MODULES = _RNN_TYPES
-
-    def prune_out_channels(self, layer, idxs):
-        raise ChannelPruningError(f"{type(layer).__name__}: RNN hidden units are not pruned by channel groups")
-
-    def prune_in_channels(self, layer, idxs):
-        raise ChannelPruningError(f"{type(layer).__name__}: RNN inputs are not pruned by channel groups")
-
-    def get_out_channels(self, layer):
-        return layer.hidden_size * (2 if layer.bidirectional else 1)
-
-    def get_in_channels(self, layer):
-        return layer.input_size
-
-
+# --------------------------------------------------------------------------- RNNs trace as one node
 class _Passthrough(torch.autograd.Function):
-    """Output of an RNN computed without a graph, attached to its input by one autograd node."""
+    """``value`` (computed without a graph) attached to ``source`` by one autograd node."""
 
     @staticmethod
-    def forward(ctx, x, out):
-        return out.clone()
+    def forward(ctx, source, value):
+        return value.clone()
 
     @staticmethod
     def backward(ctx, grad):
@@ -305,14 +288,35 @@ class _Passthrough(torch.autograd.Function):
 
 
 def _opaque_rnn_forward(module: nn.Module):
+    """The module's forward as one autograd node from its input to its output sequence.
+
+    On CPU an LSTM traces as one node but a GRU as many small ops torch-pruning would read as
+    layers of their own (FIELD-NOTES). The final states (``h_n``, ``c_n``) are attached to the
+    output sequence, so a head that reads ``h_n`` is coupled to the module's output features
+    too: exactly right for a unidirectional module (``h_n[-1]`` has the hidden units in the
+    output's order); for a bidirectional one the indices do not line up and the group is
+    excluded (out of range) instead of pruned wrongly.
+    """
     original = module.forward
 
     def forward(input, *args, **kwargs):
         with torch.no_grad():
             out = original(input, *args, **kwargs)
-        if isinstance(input, torch.Tensor) and isinstance(out, tuple) and isinstance(out[0], torch.Tensor):
-            return (_Passthrough.apply(input, out[0]),) + tuple(out[1:])
-        return out
+        if not (isinstance(input, torch.Tensor) and isinstance(out, tuple) and isinstance(out[0], torch.Tensor)):
+            return out
+        # the model's own input carries no graph: hang the output on the module's first weight
+        # (torch-pruning ignores a layer's own parameters, as for a first conv)
+        source = input if input.requires_grad else getattr(module, module._flat_weights_names[0])
+        sequence = _Passthrough.apply(source, out[0])
+
+        def attach(state):
+            if isinstance(state, torch.Tensor):
+                return _Passthrough.apply(sequence, state)
+            if isinstance(state, tuple):
+                return tuple(attach(s) for s in state)
+            return state
+
+        return (sequence,) + tuple(attach(s) for s in out[1:])
 
     return forward
 
@@ -366,14 +370,14 @@ class _TolerantIndexMapping:
 def build_graph(model: nn.Module, example_inputs, seconds: Optional[float] = None):
     """torch-pruning's dependency graph, built safely; returns ``(DG, grad_fns of the outputs)``.
 
-    RNNs are opaque (one node, a registered pruner that refuses to prune), tracing runs
+    LSTM/GRU/RNN modules are one node each, pruned by our :class:`RecurrentPruner`; tracing runs
     with gradients enabled and our own ``forward_fn``, warnings are silenced, the call is
     time-limited, and a crash becomes a :class:`ChannelPruningError` naming the model.
     """
     model_name = type(model).__name__
     rnns = [m for m in model.modules() if isinstance(m, _RNN_TYPES)]
-    opaque = _OpaquePruner()
-    customized = {cls: opaque for cls in {type(m) for m in rnns}}
+    pruner = RecurrentPruner()
+    customized = {cls: pruner for cls in {type(m) for m in rnns}}
     for m in rnns:
         m.forward = _opaque_rnn_forward(m)
     output_fns: Set[Any] = set()
@@ -412,7 +416,10 @@ class LayerTrace:
     name: str
     module: nn.Module = field(repr=False)
     calls: int = 0
-    positions: int = 0       # summed over calls: output positions (input positions for transposed convs)
+    positions: int = 0       # summed over calls, per sample: output positions (input positions for
+    #                          transposed convs), tokens (Linear), time steps (recurrent)
+    rows: int = 0            # Linear: rows of its input summed over calls, for the whole batch
+    attention: bool = False  # a timm attention block (tokens_sq counts its score/value matmuls)
     tokens_sq: int = 0       # attention blocks: sum over calls of N^2
     first_call: int = -1
 
@@ -433,6 +440,7 @@ def _trace_layers(model, example_inputs, attention: Dict[str, nn.Module]) -> Dic
     traces: Dict[str, LayerTrace] = {}
     handles = []
     counter = [0]
+    recurrent_batches: List[int] = []
     conv_linear = (nn.modules.conv._ConvNd, nn.Linear)
 
     def make_hook(tr: LayerTrace, is_attention: bool):
@@ -447,9 +455,15 @@ def _trace_layers(model, example_inputs, attention: Dict[str, nn.Module]) -> Dic
                 if x is not None and x.dim() >= 3:
                     tr.tokens_sq += int(math.prod(x.shape[1:-1])) ** 2
                 return
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Embedding):  # a lookup: order only, no MACs
+                return
+            if isinstance(module, _RNN_TYPES):  # every matrix runs once per time step
+                tr.positions += time_steps(module, inputs[0] if inputs else None)
+                recurrent_batches.append(samples(module, inputs[0] if inputs else None))
+                return
+            if isinstance(module, nn.Linear):  # per-sample tokens: rows / batch, whatever the layout
                 ref = out if out is not None else x
-                tr.positions += int(math.prod(ref.shape[1:-1])) if ref is not None and ref.dim() > 2 else 1
+                tr.rows += int(math.prod(ref.shape[:-1])) if ref is not None and ref.dim() > 1 else 1
             elif getattr(module, "transposed", False):
                 tr.positions += int(math.prod(x.shape[2:])) if x is not None and x.dim() > 2 else 1
             else:
@@ -457,8 +471,8 @@ def _trace_layers(model, example_inputs, attention: Dict[str, nn.Module]) -> Dic
         return hook
 
     for name, m in model.named_modules():
-        if isinstance(m, conv_linear) or name in attention:
-            tr = LayerTrace(name, m)
+        if isinstance(m, conv_linear + _RNN_TYPES + (nn.Embedding,)) or name in attention:
+            tr = LayerTrace(name, m, attention=name in attention)
             traces[name] = tr
             handles.append(m.register_forward_hook(make_hook(tr, name in attention)))
     try:
@@ -467,6 +481,10 @@ def _trace_layers(model, example_inputs, attention: Dict[str, nn.Module]) -> Dic
     finally:
         for h in handles:
             h.remove()
+    n = batch_size(example_inputs, recurrent_batches)
+    for tr in traces.values():
+        if isinstance(tr.module, nn.Linear) and tr.calls:
+            tr.positions = max(tr.calls, tr.rows // n)
     return traces
 
 
@@ -579,8 +597,15 @@ def _member_tensors(DG, node, is_out: bool, model, names, exact_norms: bool = Tr
         return [(owner_name, owner, attr, dim, "param")], notes, None
     if t == OPT.OUTPUT:
         raise _Reject("changes the model's output (the group reaches the output unchanged)")
-    if t == OPT.CUSTOMIZED or isinstance(m, _RNN_TYPES):
-        raise _Reject(f"touches {type(m).__name__} '{name}' (RNN pruning is not supported by channel groups yet)")
+    if isinstance(m, _RNN_TYPES):
+        why = unsupported_reason(m)
+        if why:
+            raise _Reject(f"touches {type(m).__name__} '{name}': {why}")
+        if is_out:  # hidden units: built by _build_group, which knows the root mapping
+            return [], notes, None
+        return [(name, m, tname, 1, "in") for tname in input_column_tensors(m)], notes, None
+    if t == OPT.CUSTOMIZED:
+        raise _Reject(f"touches unsupported layer '{name}' ({type(m).__name__}, customised pruner)")
     if t == OPT.MHA:
         raise _Reject(f"touches nn.MultiheadAttention '{name}' (not supported by channel groups)")
     raise _Reject(f"touches unsupported layer '{name}' ({type(m).__name__}, {t.name})")
@@ -729,6 +754,7 @@ def _build_group(DG, tp_group, roots_of, model, names, root_name: str, excluded_
     uf = _UnionFind(C)
     joined: Set[Tuple[int, ...]] = set()
     norms: list = []
+    recurrent_out: List[Tuple[str, nn.Module]] = []
     for item in tp_group:  # exclusions first, so that the reason names them
         m = item.dep.target.module
         if (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and DG.is_out_channel_pruning_fn(item.dep.handler)
@@ -746,6 +772,11 @@ def _build_group(DG, tp_group, roots_of, model, names, root_name: str, excluded_
             continue
         tensors, notes, grouped = _member_tensors(DG, node, is_out, model, names, exact_norms, norms)
         mname = names.get(id(node.module), None)
+        if is_out and isinstance(node.module, _RNN_TYPES):
+            recurrent_out.append((mname, node.module))
+            if excluded_out(mname or "\0"):
+                raise _Reject(f"contains excluded layer '{mname}' (its hidden units are kept)")
+            out_layers.append(mname)
         if node.type in (OPT.CONV, OPT.DEPTHWISE_CONV, OPT.LINEAR) and is_out and mname is not None:
             out_layers.append(mname)
             if excluded_out(mname):
@@ -777,6 +808,7 @@ def _build_group(DG, tp_group, roots_of, model, names, root_name: str, excluded_
             members.append((tname_mod, tmod, tname, dim, role, idxs, roots, grouped))
         if mname is not None:
             role = "out" if is_out and node.type in (OPT.CONV, OPT.LINEAR) else (
+                ("hidden" if is_out else "in") if isinstance(node.module, _RNN_TYPES) else
                 "in" if node.type in (OPT.CONV, OPT.LINEAR) else
                 ("norm" if node.type in (OPT.BN, OPT.LN, OPT.GN, OPT.IN) else "param"))
             if node.type == OPT.DEPTHWISE_CONV:
@@ -793,6 +825,13 @@ def _build_group(DG, tp_group, roots_of, model, names, root_name: str, excluded_
     for r in range(per_group):
         for k in range(1, ch_groups):
             uf.union(r, r + k * per_group)
+    for _, rnn in recurrent_out:  # a hidden unit is one output feature per direction
+        if rnn is not root_item.dep.target.module:
+            raise _Reject(f"reaches the hidden units of '{names.get(id(rnn), '?')}' from another layer")
+        H = rnn.hidden_size
+        for r in range(H):
+            for d in range(1, C // H):
+                uf.union(r, r + d * H)
     classes: Dict[int, int] = {}
     root_unit = torch.empty(C, dtype=torch.long)
     for r in range(C):
@@ -851,6 +890,15 @@ def _build_group(DG, tp_group, roots_of, model, names, root_name: str, excluded_
         for p, u in zip(idx_t.tolist(), units.tolist()):
             if table.setdefault(p, u) != u:
                 raise _Reject(f"'{mod_name}.{tname}' position {p} would belong to two units")
+    for mod_name, rnn in recurrent_out:  # root channel h (< hidden_size) stands for hidden unit h
+        for tname, dim, positions, hidden in hidden_unit_tensors(rnn):
+            key = (id(rnn), tname, dim)
+            entry = slices.setdefault(key, {"module_name": mod_name, "module": rnn, "tensor_name": tname,
+                                            "dim": dim, "size": _tensor_size(rnn, tname)[dim], "role": "hidden",
+                                            "map": {}})
+            for p, u in zip(positions.tolist(), root_unit[hidden].tolist()):
+                if entry["map"].setdefault(p, u) != u:
+                    raise _Reject(f"'{mod_name}.{tname}' position {p} would belong to two units")
     out = []
     for entry in slices.values():
         pos = sorted(entry["map"])
@@ -1017,7 +1065,7 @@ def discover_groups(model: nn.Module, example_inputs, *, importance=None, exclud
         why = ("heads=False" if not heads else
                f"{type(a).__name__} layout not prunable by whole heads (num_heads={a.num_heads})")
         excluded.append(ExcludedGroup(f"{name}:heads", f"attention heads left alone: {why}", [f"{name}.qkv"]))
-    roots = (nn.modules.conv._ConvNd, nn.Linear)
+    roots = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding) + _RNN_TYPES
     visited: Set[int] = set()
     specs: List[dict] = []
     stuck_at: Optional[str] = None
@@ -1074,7 +1122,8 @@ def discover_groups(model: nn.Module, example_inputs, *, importance=None, exclud
             key_name = _first_executed([names.get(id(o), "?") for o in outs] or [name], traces)
             excluded.append(ExcludedGroup(f"{key_name}:out", str(r), sorted({names.get(id(o), "?") for o in outs})))
             continue
-        spec["tp_group"] = g
+        # torch-pruning's importances skip recurrent tensors: rank hidden units by their own magnitude
+        spec["tp_group"] = None if isinstance(m, _RNN_TYPES) else g
         spec["root_module"] = m
         spec["root_handler"] = pruner.prune_out_channels
         spec["root_name"] = name

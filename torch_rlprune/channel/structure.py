@@ -23,6 +23,7 @@ from ._util import (ModelState, clear_attention_caches, primary_tensor, remove_p
 from .groups import ChannelGroup, ExcludedGroup, build_graph, classifier_names, discover_groups
 from .hard import hard_prune
 from .norms import MaskedNormStatistics, remove_norm_hooks
+from .recurrent import recurrent_matrices
 
 __all__ = ["ChannelStructure"]
 
@@ -356,29 +357,40 @@ class ChannelStructure:
         for i, p in enumerate(sl_ptr):
             ptr[i, :len(p)] = p
             ptr[i, len(p):] = p[-1]
-        # MAC terms: every traced Conv/Linear
-        mac_coef, mac_e = [], []
+        # MAC terms: every traced Conv/Linear, every recurrent matrix (once per time step);
+        # term_modules names the module of each term (DepthCost drops the terms of removed blocks)
+        mac_coef, mac_e, mac_modules = [], [], []
         for name, tr in self.traces.items():
             m = tr.module
-            if tr.calls == 0 or not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            if tr.calls == 0:
                 continue
-            shape = _shape_of(m, "weight")
-            kernel = int(math.prod(shape[2:])) if len(shape) > 2 else 1
-            mac_coef.append(tr.positions * kernel)
-            mac_e.append([entry(m, "weight", 0, shape[0]), entry(m, "weight", 1, shape[1])])
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+                shape = _shape_of(m, "weight")
+                kernel = int(math.prod(shape[2:])) if len(shape) > 2 else 1
+                terms = [("weight", tr.positions * kernel, shape)]
+            elif isinstance(m, nn.RNNBase):
+                terms = [(w, tr.positions, _shape_of(m, w)) for w in recurrent_matrices(m)]
+            else:
+                continue
+            for wname, coef, shape in terms:
+                mac_coef.append(coef)
+                mac_e.append([entry(m, wname, 0, shape[0]), entry(m, wname, 1, shape[1])])
+                mac_modules.append(name)
         # attention matmuls
         head_group = {id(g._attention): g.index for g in self.groups if g.kind == "heads"}
-        att_coef, att_group, att_const = [], [], 0
+        att_coef, att_group, att_modules, att_const_terms = [], [], [], []
         for name, tr in self.traces.items():
-            if tr.calls == 0 or isinstance(tr.module, (nn.modules.conv._ConvNd, nn.Linear)):
+            if tr.calls == 0 or not tr.attention:
                 continue
             hd, H = int(tr.module.head_dim), int(tr.module.num_heads)
             coef = 2 * tr.tokens_sq * hd
             if id(tr.module) in head_group:
                 att_coef.append(coef)
                 att_group.append(head_group[id(tr.module)])
+                att_modules.append(name)
             else:
-                att_const += coef * H
+                att_const_terms.append((name, coef * H))
+        att_const = sum(v for _, v in att_const_terms)
         # parameter terms
         par_const, par_e, par_fixed = [], [], 0
         seen = set()
@@ -403,6 +415,8 @@ class ChannelStructure:
         self._ptr = ptr
         self._mac_coef = np.array(mac_coef, dtype=np.int64)
         self._mac_e = np.array(mac_e, dtype=np.int64).reshape(-1, 2)
+        self._mac_modules, self._att_modules, self._att_const_terms = mac_modules, att_modules, att_const_terms
+        self._entry_keys = set(entries)  # (id(module), tensor, dim) whose alive size the model tracks
         self._att_coef = np.array(att_coef, dtype=np.int64)
         self._att_group = np.array(att_group, dtype=np.int64)
         self._att_const = int(att_const)

@@ -1,0 +1,30 @@
+"""The examples run end to end on real data (tiny budgets here; the closing notes have full runs)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from test_data import needs_mnist
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lstm_example_prunes_weights_and_hidden_units(data_root, tmp_path):
+    needs_mnist(data_root)
+    example = load("lstm_sequential_mnist")
+    out = example.main(["--epochs", "0.05", "--episodes", "6", "--calibration", "128", "--quiet",
+                        "--data", str(data_root), "--checkpoints", str(tmp_path)])
+    rows = {(name, structure): (removed, acc) for name, structure, removed, acc, _ in out["rows"]}
+    assert abs(rows[("rl_prune agent=amc", "weights")][0] - 0.8) <= 0.005
+    assert abs(rows[("rl_prune agent=amc", "hidden units")][0] - 0.5) <= 0.02, "MACs removed, measured after compact"
+    assert all(0.0 <= acc <= 1.0 for _, acc in rows.values())
+    rl_sizes = out["sizes"]["rl"]
+    assert min(rl_sizes[:2]) < 128, "an LSTM lost hidden units physically"
+    assert (tmp_path / "rowlstm_mnist_e0.05.pt").is_file()
