@@ -36,7 +36,7 @@ test: $(STAMP) data
 demo: $(STAMP) data
 	OMP_WAIT_POLICY=PASSIVE $(PY) examples/demo.py
 
-bench: $(STAMP)
+bench: $(STAMP) data
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/run.py
 
 clean:

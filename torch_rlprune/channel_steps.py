@@ -15,7 +15,7 @@ from torch import nn
 from .budget import Budget
 from .structure import PRUNABLE_TYPES, RECURRENT_TYPES, PrunableTensor, _describe
 
-__all__ = ["GroupMask", "ChannelBudget", "group_descriptors"]
+__all__ = ["GroupMask", "ChannelBudget", "LatencyBudget", "group_descriptors"]
 
 
 class GroupMask:
@@ -47,14 +47,40 @@ class ChannelBudget(Budget):
         self.structure = structure
         self.which = {"macs": 0, "params": 1}[budget]
         groups = structure.groups
-        self.k_min = np.zeros(len(groups), dtype=np.int64)
-        self.k_max = np.array([min(g.max_removed, g.effective(int(max_amount * g.num_units))) for g in groups],
-                              dtype=np.int64)
+        self.k_min, self.k_max = _count_range(groups, max_amount)
         self.total = float(structure.cost(np.zeros(len(groups), dtype=np.int64))[self.which])
         self.step_cost = np.array([float(g.macs if self.which == 0 else g.params) for g in groups])
 
     def removed(self, k: np.ndarray) -> float:
         return self.total - float(self.structure.cost(np.asarray(k, dtype=np.int64))[self.which])
+
+
+class LatencyBudget(Budget):
+    """Predicted wall time removed by a vector of per-group unit counts: AMC's latency-aware
+    mode, with a :class:`~torch_rlprune.channel.latency.LatencyTable` as the cost model.
+
+    ``removed(k)`` is the table's dense prediction minus its prediction for ``k``. It is
+    monotone in ``k`` although measured timings are noisy, because the table makes every
+    layer's timings monotone in both of its widths before interpolating; the base class's
+    clipping and repair rely on that. ``step_cost[i]`` is the latency group ``i`` controls.
+    """
+
+    def __init__(self, structure, table, max_amount: float):
+        self.structure, self.table = structure, table
+        self.k_min, self.k_max = _count_range(structure.groups, max_amount)
+        self.total = float(table.dense_latency)
+        self.step_cost = table.group_latencies()
+
+    def removed(self, k: np.ndarray) -> float:
+        return self.total - self.table.latency(np.asarray(k, dtype=np.int64))
+
+
+def _count_range(groups, max_amount: float):
+    """Units each group may lose: none up to ``max_amount`` of it, rounded as the group
+    rounds and never all of it."""
+    k_min = np.zeros(len(groups), dtype=np.int64)
+    k_max = np.array([min(g.max_removed, g.effective(int(max_amount * g.num_units))) for g in groups], dtype=np.int64)
+    return k_min, k_max
 
 
 def _representative(model: nn.Module, root: str) -> tuple:

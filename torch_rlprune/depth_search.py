@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .budget import Budget
+from .threads import intra_op_threads
 from .channel.counting import count_macs_params
 from .depth import _TAG, RemovableBlock, RemovedBlock, find_removable_blocks, mask_block, unmask_block
 from .env import BestPlan, BestPlanResults, EpisodeRecord
@@ -223,6 +224,7 @@ class DepthWidthEnv(BestPlanResults):
         self.blocks = space.blocks
         self.cost_model = space.cost_model
         self.score_fn = score_fn
+        self.scoring_threads = torch.get_num_threads()  # the caller's; agents run on one (threads.py)
         self.budget = budget
         self.which = {"macs": 0, "params": 1}[budget]
         groups = self.structure.groups
@@ -396,7 +398,8 @@ class DepthWidthEnv(BestPlanResults):
         key = tuple(int(v) for v in self.join(removed, counts))
         if key not in self._cache:
             self.apply(np.asarray(key, dtype=np.int64))
-            self._cache[key] = float(self.score_fn())
+            with intra_op_threads(self.scoring_threads):
+                self._cache[key] = float(self.score_fn())
             self.evaluations += 1
         return self._cache[key]
 

@@ -16,14 +16,20 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from .budget import AdditiveBudget, Budget
 from .masking import InPlaceMask
 from .structure import PrunableTensor
+from .threads import intra_op_threads
 
-__all__ = ["LayerwisePruningEnv", "EpisodeRecord", "BUDGETS", "STATE_FEATURES", "CONSTRAINTS"]
+__all__ = ["LayerwisePruningEnv", "EpisodeRecord", "BUDGETS", "STRUCTURE_BUDGETS", "check_budget",
+           "STATE_FEATURES", "CONSTRAINTS"]
 
-BUDGETS = ("params", "macs")
+BUDGETS = ("params", "macs", "latency")
+# Latency is predicted from layers timed at narrower widths (channel.latency.LatencyTable):
+# only removing channels makes a layer narrower; zeroed weights run as fast as dense ones.
+STRUCTURE_BUDGETS = {"unstructured": ("params", "macs"), "channel": ("params", "macs", "latency")}
 # "clip": AMC's action clipping keeps every episode on budget. "free": actions are only kept
 # inside each layer's range; the agent sees the violation and must learn the budget itself
 # (CRL's Lagrangian); the plans kept as results are projected onto the budget.
@@ -35,6 +41,16 @@ CONSTRAINTS = ("clip", "free")
 # token-wise Linear layers have no h, w).
 STATE_FEATURES = ("index", "kind", "in_channels", "out_channels", "in_positions", "stride",
                   "kernel_size", "params", "macs", "reduced", "rest", "previous_amount")
+
+
+def check_budget(budget, structure: str) -> None:
+    """Raise a ValueError naming ``budget`` and the values allowed for ``structure``."""
+    allowed = STRUCTURE_BUDGETS.get(structure, BUDGETS)
+    if budget in allowed:
+        return
+    takers = [name for name, budgets in STRUCTURE_BUDGETS.items() if budget in budgets]
+    why = f" ({budget!r} needs structure={' or '.join(map(repr, takers))})" if takers else ""
+    raise ValueError(f"budget must be one of {allowed} with structure={structure!r}, got {budget!r}{why}")
 
 
 @dataclass
@@ -56,7 +72,7 @@ class EpisodeRecord:
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in
                 ("episode", "reward", "score", "sparsity", "best_reward", "phase", "seconds", "target",
-                 "violation", "evaluations")}
+                 "violation", "evaluations", "amounts")}
 
 
 @dataclass
@@ -100,8 +116,9 @@ class LayerwisePruningEnv(BestPlanResults):
         masks: one :class:`InPlaceMask` per layer, same order.
         score_fn: scores the model as currently masked (higher is better).
         target: fraction of the budget's total cost to remove, in (0, 1).
-        budget: ``"params"`` (each weight costs 1) or ``"macs"`` (each weight costs the
-            multiply-accumulates it takes part in per sample).
+        budget: ``"params"`` (each weight costs 1), ``"macs"`` (each weight costs the
+            multiply-accumulates it takes part in per sample) or ``"latency"`` (channel
+            groups only: needs ``cost``, a :class:`~torch_rlprune.channel_steps.LatencyBudget`).
         max_amount: the largest fraction of any single layer that may be removed; keeps
             every layer alive (a fully pruned layer cuts the network).
         score_floor: accuracy-guaranteed mode (AMC's second strategy): ``target`` is ignored,
@@ -123,9 +140,13 @@ class LayerwisePruningEnv(BestPlanResults):
                  score_floor: Optional[float] = None):
         if budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+        if budget == "latency" and cost is None:
+            raise ValueError("budget='latency' needs cost= (a LatencyBudget over channel groups): weights "
+                             "have no per-weight latency")
         self.layers = list(layers)
         self.masks = list(masks)
         self.score_fn = score_fn
+        self.scoring_threads = torch.get_num_threads()  # the caller's; agents run on one (threads.py)
         self.target = float(target)
         self.budget = budget
         self.n = np.array([m.numel for m in self.masks], dtype=np.int64)
@@ -256,7 +277,8 @@ class LayerwisePruningEnv(BestPlanResults):
         key = tuple(int(v) for v in k)
         if key not in self._cache:
             self.apply(k)
-            self._cache[key] = float(self.score_fn())
+            with intra_op_threads(self.scoring_threads):
+                self._cache[key] = float(self.score_fn())
             self.evaluations += 1
         return self._cache[key]
 

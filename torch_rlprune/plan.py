@@ -17,7 +17,7 @@ from .safety import ModelSnapshot
 __all__ = ["PruningPlan", "apply_plan", "PlanError"]
 
 PLAN_FORMAT_VERSION = 1
-PLAN_BUDGETS = ("params", "macs")
+PLAN_BUDGETS = ("params", "macs", "latency")
 PLAN_STRUCTURES = ("unstructured", "channel")
 
 
@@ -34,7 +34,8 @@ class PruningPlan:
             tensor's entries removed, counting entries an earlier mask already removed.
         numels: entries per tensor, to check that a model the plan is applied to matches.
         target: the fraction of the budget's cost the plan was searched for.
-        sparsity: the fraction it achieves (of the budget's cost).
+        sparsity: the fraction it achieves (of the budget's cost; for ``budget="latency"`` of
+            the predicted latency, see ``metadata["latency"]``).
         budget, structure, agent, reward, seed: how it was searched.
         score: the best reward, and ``baseline_score`` the unpruned model's.
     """
@@ -98,6 +99,8 @@ class PruningPlan:
             raise PlanError(f"plan 'budget' must be one of {PLAN_BUDGETS}, got {data['budget']!r}")
         if data.get("structure", "unstructured") not in PLAN_STRUCTURES:
             raise PlanError(f"plan 'structure' must be one of {PLAN_STRUCTURES}, got {data['structure']!r}")
+        if data.get("budget") == "latency" and data.get("structure") != "channel":
+            raise PlanError("plan 'budget' 'latency' comes from channel searches only (structure 'channel')")
         for key in ("seed", "episodes"):
             v = data.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):

@@ -1,0 +1,620 @@
+"""The benchmark suite: every agent against honest baselines at an equal evaluation budget.
+
+    make bench                               # python benchmarks/run.py         (about an hour, 2 cores)
+    python benchmarks/run.py --quick         # one seed, one target each, small budgets (minutes)
+
+Set-up: timm resnet18 (in_chans=1, 10 classes, pretrained=False) trained by the suite on
+Fashion-MNIST with a fixed seed and cached in checkpoints/ (the demo's checkpoint); the
+reward (calibration) set is carved from the training split, accuracy is on the test split.
+
+Measured, written to benchmarks/results/bench[_quick].{json,md} (and, for a full run, the
+README section between the ``bench`` markers):
+
+* quality -- unstructured targets 0.5/0.8/0.9 of the weights and channel target 0.5 of the
+  MACs, over seeds (mean and min-max): test accuracy with no fine-tune and after the same
+  fixed short fine-tune (masks kept) for uniform per-layer L1, global magnitude,
+  torch-pruning uniform and global channel pruning (group L2 magnitude, the channel ratio
+  bisected onto the MACs target), random search with the same number of reward evaluations
+  as each agent (the best of the first N plans of one random run: random search's plans do
+  not depend on how many it will draw), and every agent;
+* search efficiency -- best-so-far reward against episodes and against plans scored, and
+  the episode at which it first reached 99% of its final value;
+* cost against its floor -- wall time of one episode over the time of one forward pass of
+  the unpruned model over the reward set (an episode that scores once cannot cost less);
+* real speed -- CPU latency at batch 1 and 64 of every channel-pruned model before and
+  after ``compact``, against its MACs ratio;
+* peak memory -- the largest RSS increase during each search (sampled every 5 ms), against
+  the model's parameters and one batch of its activations.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "examples"))
+from demo import trained_resnet18  # noqa: E402
+
+import torch_pruning as tp  # noqa: E402
+from torch_rlprune import PruningPlan, apply_plan, compact, rl_prune  # noqa: E402
+from torch_rlprune.channel import count_macs_params  # noqa: E402
+from torch_rlprune.data import fashion_mnist, tensor_subset  # noqa: E402
+from torch_rlprune.depth_search import count_macs_params_removed  # noqa: E402
+from torch_rlprune.recalibration import BatchNormRecalibration  # noqa: E402
+from torch_rlprune.structure import find_prunable  # noqa: E402
+from torch_rlprune.training import evaluate_accuracy, train_classifier  # noqa: E402
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+@dataclass
+class SuiteConfig:
+    """Everything a run of the suite depends on (recorded in the JSON)."""
+
+    seeds: List[int]
+    unstructured_targets: List[float]
+    channel_targets: List[float]
+    unstructured_agents: List[str]
+    channel_agents: List[str]
+    multi_target_agent: str = "cacp"      # one search for all unstructured targets
+    calibration: int = 256                # reward set, from the training split
+    test_images: int = 10_000
+    finetune_steps: int = 40              # SGD steps, batch 64, lr 0.01, the same for every model
+    train_epochs: float = 2.0
+    latency_repeats: int = 30
+    agent_config: Dict[str, dict] = field(default_factory=dict)   # per-agent overrides (episodes...)
+
+
+FULL = SuiteConfig(
+    seeds=[0, 1, 2], unstructured_targets=[0.5, 0.8, 0.9], channel_targets=[0.5], test_images=5000,
+    finetune_steps=30,
+    unstructured_agents=["amc", "purl", "crl"], channel_agents=["amc", "purl", "crl", "n2n"],
+    agent_config={"amc": {"episodes": 200, "warmup": 50}, "purl": {"episodes": 30, "warmup": 6},
+                  "crl": {"episodes": 160}, "cacp": {"episodes": 360, "warmup": 60},
+                  "n2n": {"episodes": 200}})
+QUICK = SuiteConfig(
+    seeds=[0], unstructured_targets=[0.8], channel_targets=[0.5],
+    unstructured_agents=["amc", "purl", "crl"], channel_agents=["amc", "purl", "crl", "n2n"],
+    calibration=128, test_images=2000, finetune_steps=10, latency_repeats=10,
+    agent_config={"amc": {"episodes": 40, "warmup": 15}, "purl": {"episodes": 6, "warmup": 2},
+                  "crl": {"episodes": 32}, "cacp": {"episodes": 40, "warmup": 15}, "n2n": {"episodes": 30}})
+
+
+# --------------------------------------------------------------------------- measurement helpers
+class PeakRSS:
+    """Largest resident set size (bytes) seen while the block runs, sampled every 5 ms."""
+
+    def __enter__(self):
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+        return False
+
+    @property
+    def increase(self) -> int:
+        return self.peak - self.start
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: peak since process start
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of every module output in one forward of ``x`` (what a training step would keep)."""
+    total = [0]
+
+    def hook(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            total[0] += output.numel() * output.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+@torch.inference_mode()
+def paired_latency_ms(first: nn.Module, second: nn.Module, x: torch.Tensor, repeats: int) -> tuple:
+    """Median wall time of each model, runs interleaved so that load changes hit both alike."""
+    first.eval()
+    second.eval()
+    for _ in range(3):
+        first(x)
+        second(x)
+    times = ([], [])
+    for _ in range(repeats):
+        for model, out in ((first, times[0]), (second, times[1])):
+            tick = time.perf_counter()
+            model(x)
+            out.append(time.perf_counter() - tick)
+    return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
+
+
+def matrices(model: nn.Module):
+    return [(layer.module, layer.param_name) for layer in find_prunable(model)]
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Fraction of the prunable weights that are zero (what an unstructured target counts)."""
+    zero = total = 0
+    for module, name in matrices(model):
+        w = getattr(module, name)
+        zero += int((w == 0).sum())
+        total += w.numel()
+    return zero / total
+
+
+def best_so_far(history: List[dict]) -> List[float]:
+    return [h["best_reward"] for h in history]
+
+
+def episodes_to(curve: List[float], fraction: float = 0.99) -> Optional[int]:
+    finite = [v for v in curve if v > -math.inf]
+    if not finite:
+        return None
+    final = curve[-1]
+    goal = fraction * final if final >= 0 else final / fraction
+    return next(i + 1 for i, v in enumerate(curve) if v >= goal)
+
+
+def summary(values: List[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "min": None, "max": None, "n": 0}
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+# --------------------------------------------------------------------------- the suite
+class Suite:
+    def __init__(self, cfg: SuiteConfig, log: Callable[[str], None] = print):
+        self.cfg, self.log = cfg, log
+        train = fashion_mnist(ROOT / "data", train=True)
+        test = fashion_mnist(ROOT / "data", train=False)
+        x_all, y_all = tensor_subset(train, len(train), seed=0)
+        # the demo's split: the last 512 shuffled training images were never trained on
+        self.x_train, self.y_train = x_all[:-512], y_all[:-512]
+        self.x_cal, self.y_cal = x_all[-512:][:cfg.calibration], y_all[-512:][:cfg.calibration]
+        x_test, y_test = tensor_subset(test, len(test), seed=0)
+        self.x_test, self.y_test = x_test[:cfg.test_images], y_test[:cfg.test_images]
+        tick = time.perf_counter()
+        self.dense = trained_resnet18(self.x_train, self.y_train, cfg.train_epochs,
+                                      ROOT / "checkpoints" / f"resnet18_fmnist_e{cfg.train_epochs:g}.pt")
+        self.train_seconds = time.perf_counter() - tick
+        self.dense_acc = evaluate_accuracy(self.dense, self.x_test, self.y_test)
+        self.dense_macs, self.dense_params = count_macs_params(self.dense, self.x_cal[:1])
+        self.rows: List[dict] = []       # one per pruned model
+        self.curves: Dict[str, List[float]] = {}
+
+    # ------------------------------------------------------------------ model outcomes
+    def fresh(self) -> nn.Module:
+        return copy.deepcopy(self.dense)
+
+    def finish(self, model: nn.Module, row: dict, structure: str) -> dict:
+        """Sparsity, test accuracy before/after the fixed fine-tune, and (channels) real speed."""
+        if structure == "unstructured":
+            row["removed"] = weight_sparsity(model)
+        else:
+            # blocks N2N masked still run their first layers until compact removes them: count them gone
+            row["removed"] = 1 - count_macs_params_removed(model, self.x_cal[:1])[0] / self.dense_macs
+        row["test_acc"] = evaluate_accuracy(model, self.x_test, self.y_test)
+        train_classifier(model, self.x_train, self.y_train, epochs=1.0, batch_size=64, lr=0.01,
+                         seed=row.get("seed", 0), max_steps=self.cfg.finetune_steps)
+        row["test_acc_finetuned"] = evaluate_accuracy(model, self.x_test, self.y_test)
+        if structure == "channel" and row.get("seed") in (None, self.cfg.seeds[0]):
+            row.update(self.speed(model))
+        self.rows.append(row)
+        self.log(f"  {row['method']:<28} {row['structure']:<12} target {row['target']:.2f} seed {row.get('seed', '-')}: "
+                 f"removed {row['removed']:.3f}, acc {row['test_acc']:.2%} -> {row['test_acc_finetuned']:.2%}")
+        return row
+
+    def speed(self, model: nn.Module) -> dict:
+        """Latency before/after compact (masked models compute at dense cost) and the MACs ratio."""
+        if any(prune.is_pruned(m) for m in model.modules()):
+            compact(model, self.x_cal[:2])
+        out = {"macs_ratio": self.dense_macs / max(1, count_macs_params(model, self.x_cal[:1])[0])}
+        for batch in (1, 64):
+            dense, pruned = paired_latency_ms(self.dense, model, self.x_test[:batch], self.cfg.latency_repeats)
+            out[f"latency_b{batch}_dense_ms"], out[f"latency_b{batch}_ms"] = dense, pruned
+        return out
+
+    # ------------------------------------------------------------------ searches
+    def search(self, agent: str, target, structure: str, seed: int, episodes: Optional[int] = None,
+               budget: Optional[str] = None):
+        model = self.fresh()
+        config = dict(self.cfg.agent_config.get(agent, {}))
+        if episodes is not None:
+            config["episodes"] = episodes
+        tick = time.perf_counter()
+        result = rl_prune(model, target, data=(self.x_cal, self.y_cal), agent=agent, structure=structure,
+                          seed=seed, verbose=False, calibration_samples=self.cfg.calibration,
+                          agent_config=config or None, budget=budget)
+        return model, result, time.perf_counter() - tick
+
+    def search_row(self, method, result, seconds, structure, target, seed) -> dict:
+        history = result.history
+        curve = best_so_far(history)
+        evaluations = history[-1]["evaluations"] if history else 0
+        return {"method": method, "structure": structure, "target": target, "seed": seed,
+                "episodes": len(history), "evaluations": evaluations, "wall_s": seconds,
+                "reward": result.plan.score, "episodes_to_99pct": episodes_to(curve),
+                "episode_ms": result.episode_seconds * 1e3, "forward_ms": result.forward_seconds * 1e3,
+                "episode_over_forward": result.episode_seconds / result.forward_seconds,
+                "evaluation_over_forward": seconds / max(1, evaluations) / result.forward_seconds}
+
+    def random_matched(self, structure: str, target: float, seed: int, budgets: Dict[str, int]) -> None:
+        """Random search at each agent's number of plans scored: one run as long as the longest,
+        and for each agent the best of its first N plans (clipped random plans are always on budget)."""
+        longest = max(budgets.values())
+        model, result, seconds = self.search("random", target, structure, seed, episodes=longest)
+        self.curves[f"random/{structure}/{target}/{seed}"] = best_so_far(result.history)
+        del model
+        for agent, n in budgets.items():
+            first = result.history[:n]
+            best = max(first, key=lambda h: h["reward"])
+            plan = PruningPlan.from_dict({**result.plan.to_dict(), "score": best["score"],
+                                          "amounts": dict(zip(result.plan.amounts, best["amounts"]))})
+            pruned = self.fresh()
+            apply_plan(pruned, plan, example_inputs=self.x_cal[:2])
+            if structure == "channel":
+                BatchNormRecalibration(pruned, [self.x_cal])()
+            row = {"method": f"random (= {agent} evals)", "structure": structure, "target": target, "seed": seed,
+                   "episodes": n, "evaluations": n, "wall_s": seconds * n / longest, "reward": best["reward"]}
+            self.finish(pruned, row, structure)
+
+    def run_agents(self, structure: str, agents: List[str], target: float, seed: int) -> Dict[str, int]:
+        budgets = {}
+        for agent in agents:
+            self.log(f"{agent} {structure} {target} seed {seed} ...")
+            model, result, seconds = self.search(agent, target, structure, seed)
+            self.curves[f"{agent}/{structure}/{target}/{seed}"] = best_so_far(result.history)
+            row = self.search_row(agent, result, seconds, structure, target, seed)
+            budgets[agent] = row["evaluations"]
+            self.finish(model, row, structure)
+        return budgets
+
+    def run_multi_target(self, seed: int) -> Dict[float, int]:
+        """One conditional search for every unstructured target; returns the plans scored per target."""
+        agent, targets = self.cfg.multi_target_agent, self.cfg.unstructured_targets
+        self.log(f"{agent} one search for {targets} seed {seed} ...")
+        host = self.fresh()
+        config = self.cfg.agent_config.get(agent)
+        tick = time.perf_counter()
+        multi = rl_prune(host, targets if len(targets) > 1 else targets[0], data=(self.x_cal, self.y_cal),
+                         agent=agent, seed=seed, verbose=False, calibration_samples=self.cfg.calibration,
+                         agent_config=config)
+        seconds = time.perf_counter() - tick
+        results = {t: multi[t] for t in targets} if len(targets) > 1 else {targets[0]: multi}
+        budgets = {}
+        for t, result in results.items():
+            model = self.fresh()
+            apply_plan(model, result.plan)
+            self.curves[f"{agent}/unstructured/{t}/{seed}"] = best_so_far(result.history)
+            row = self.search_row(f"{agent} (one search, {len(targets)} targets)", result, seconds,
+                                  "unstructured", t, seed)
+            row["evaluations"] = budgets[t] = len(result.history)   # each clipped episode scores once
+            self.finish(model, row, "unstructured")
+        return budgets
+
+    def run_latency_budget(self, target: float, seed: int) -> None:
+        """AMC with ``budget="latency"``: the target is the fraction of batch-1 latency removed, as the
+        latency table predicts it; verified against the latency measured after ``compact``."""
+        self.log(f"amc channel budget=latency {target} seed {seed} ...")
+        model, result, seconds = self.search("amc", target, "channel", seed, budget="latency")
+        row = self.search_row("amc, budget=latency", result, seconds, "channel", target, seed)
+        row["predicted_latency_removed"] = result.sparsity
+        row["latency_table"] = result.plan.metadata.get("latency")
+        self.curves[f"amc,/channel/{target}/{seed}"] = best_so_far(result.history)
+        self.finish(model, row, "channel")
+
+    # ------------------------------------------------------------------ baselines
+    def unstructured_baselines(self, target: float) -> None:
+        uniform, global_mag = self.fresh(), self.fresh()
+        for module, name in matrices(uniform):
+            prune.l1_unstructured(module, name, amount=target)
+        self.finish(uniform, {"method": "uniform per-layer L1", "structure": "unstructured", "target": target}, "unstructured")
+        prune.global_unstructured(matrices(global_mag), prune.L1Unstructured, amount=target)
+        self.finish(global_mag, {"method": "global magnitude", "structure": "unstructured", "target": target},
+                    "unstructured")
+
+    def torch_pruning(self, target: float, global_pruning: bool) -> nn.Module:
+        """torch-pruning's BasePruner with group L2 magnitude, its channel ratio bisected so the
+        pruned model loses ``target`` of its MACs (classifier kept), BatchNorm re-estimated on the
+        same calibration batch the searches use."""
+        def prune_at(ratio: float) -> nn.Module:
+            model = self.fresh()
+            pruner = tp.pruner.BasePruner(model, self.x_cal[:2], importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                          global_pruning=global_pruning, pruning_ratio=ratio, max_pruning_ratio=0.9,
+                                          ignored_layers=[model.get_classifier()])
+            pruner.step()
+            return model
+
+        def removed(model) -> float:
+            return 1 - count_macs_params(model, self.x_cal[:1])[0] / self.dense_macs
+
+        lo, hi = 0.0, 0.9
+        for _ in range(10):
+            mid = (lo + hi) / 2
+            if removed(prune_at(mid)) >= target:
+                hi = mid
+            else:
+                lo = mid
+        model = prune_at(hi)
+        BatchNormRecalibration(model, [self.x_cal])()
+        return model
+
+    def channel_baselines(self, target: float) -> None:
+        for global_pruning, name in ((False, "torch-pruning uniform"), (True, "torch-pruning global")):
+            model = self.torch_pruning(target, global_pruning)
+            self.finish(model, {"method": name, "structure": "channel", "target": target}, "channel")
+
+    # ------------------------------------------------------------------ everything
+    def run(self) -> dict:
+        cfg = self.cfg
+        started = time.perf_counter()
+        for target in cfg.unstructured_targets:
+            self.unstructured_baselines(target)
+        for target in cfg.channel_targets:
+            self.channel_baselines(target)
+        for seed in cfg.seeds:
+            multi = self.run_multi_target(seed) if cfg.multi_target_agent else {}
+            for target in cfg.unstructured_targets:
+                budgets = self.run_agents("unstructured", cfg.unstructured_agents, target, seed)
+                if target in multi:
+                    budgets[cfg.multi_target_agent] = multi[target]
+                self.random_matched("unstructured", target, seed, budgets)
+            for target in cfg.channel_targets:
+                budgets = self.run_agents("channel", cfg.channel_agents, target, seed)
+                self.random_matched("channel", target, seed, budgets)
+                if seed == cfg.seeds[0]:
+                    self.run_latency_budget(target, seed)
+        probes = [(a, "unstructured", cfg.unstructured_targets[0])
+                  for a in cfg.unstructured_agents + [cfg.multi_target_agent, "random"] if a]
+        probes += [(a, "channel", cfg.channel_targets[0]) for a in cfg.channel_agents + ["random"]]
+        memory = []
+        for agent, structure, target in probes:
+            self.log(f"memory of one {agent} {structure} search (separate process) ...")
+            memory.append(run_memory_probe(agent, structure, target, cfg.calibration))
+        return {"config": asdict(cfg), "machine": {"threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                                                   "torch": torch.__version__, "python": platform.python_version(),
+                                                   "load_average_end": os.getloadavg()[0]},
+                "dense": {"test_acc": self.dense_acc, "macs": self.dense_macs, "params": self.dense_params,
+                          "train_or_load_s": self.train_seconds},
+                "memory": memory, "rows": self.rows, "curves": self.curves,
+                "wall_s": time.perf_counter() - started}
+
+
+# --------------------------------------------------------------------------- memory, in a fresh process
+PROBE_CONFIG = {"amc": {"episodes": 30, "warmup": 10}, "cacp": {"episodes": 30, "warmup": 10},
+                "purl": {"episodes": 4, "warmup": 2}, "crl": {"episodes": 16}, "n2n": {"episodes": 20},
+                "random": {"episodes": 30}}
+
+
+def memory_probe(agent: str, structure: str, target: float, calibration: int) -> dict:
+    """Peak RSS increase of one (short) search over the RSS after a forward over the reward set.
+
+    Run in its own process: a process that already searched keeps its freed memory and would
+    report almost nothing for the next search. Replay buffers grow by a few KB per episode, so
+    a short search shows the peak of a long one."""
+    train = fashion_mnist(ROOT / "data", train=True)
+    x_all, y_all = tensor_subset(train, len(train), seed=0)
+    x_cal, y_cal = x_all[-512:][:calibration], y_all[-512:][:calibration]
+    del train, x_all, y_all
+    model = timm_resnet18()
+    model.load_state_dict(torch.load(ROOT / "checkpoints" / "resnet18_fmnist_e2.pt", weights_only=True))
+    model.eval()
+    with torch.inference_mode():
+        model(x_cal)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    activations = activation_bytes(model, x_cal)
+    with PeakRSS() as rss:
+        rl_prune(model, target, data=(x_cal, y_cal), agent=agent, structure=structure, seed=0, verbose=False,
+                 calibration_samples=calibration, agent_config=PROBE_CONFIG.get(agent))
+    return {"agent": agent, "structure": structure, "peak_rss_increase_mb": rss.increase / 2 ** 20,
+            "rss_before_mb": rss.start / 2 ** 20, "model_parameters_mb": params / 2 ** 20,
+            "activations_mb": activations / 2 ** 20, "episodes": PROBE_CONFIG.get(agent, {}).get("episodes")}
+
+
+def timm_resnet18() -> nn.Module:
+    import timm
+    return timm.create_model("resnet18", pretrained=False, in_chans=1, num_classes=10)
+
+
+def run_memory_probe(agent: str, structure: str, target: float, calibration: int) -> dict:
+    import subprocess
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", agent, "--structure", structure,
+           "--target", str(target), "--calibration", str(calibration)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ))
+    line = next(line for line in out.stdout.splitlines() if line.startswith("MEMORY "))
+    return json.loads(line[len("MEMORY "):])
+
+
+# --------------------------------------------------------------------------- report
+def grouped(rows: List[dict]) -> Dict[tuple, List[dict]]:
+    out: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        out.setdefault((r["structure"], r["target"], r["method"]), []).append(r)
+    return out
+
+
+def _pct(s: dict) -> str:
+    if s["mean"] is None:
+        return "—"
+    if s["n"] == 1:
+        return f"{s['mean']:.2%}"
+    return f"{s['mean']:.2%} ({s['min']:.2%}–{s['max']:.2%})"
+
+
+def to_markdown(report: dict, command: str) -> str:
+    cfg, dense = report["config"], report["dense"]
+    lines = [f"Reproduce: `{command}` ({report['wall_s'] / 60:.0f} min on {report['machine']['threads']} threads). "
+             f"timm resnet18 on Fashion-MNIST, unpruned {dense['test_acc']:.2%} on {cfg['test_images']} test images; "
+             f"reward: agreement with the unpruned model on {cfg['calibration']} training images; seeds "
+             f"{cfg['seeds']} (mean, min–max); fine-tune: {cfg['finetune_steps']} SGD steps (batch 64, lr 0.01), "
+             f"masks kept, the same for every model.", ""]
+    lines += ["| structure | target | method | removed | test acc | after fine-tune | plans scored | search s |",
+              "|---|---|---|---|---|---|---|---|"]
+    groups = grouped(report["rows"])
+    for (structure, target, method), rows in sorted(groups.items(), key=lambda kv: (kv[0][0] != "unstructured",
+                                                                                     kv[0][1], _order(kv[0][2]))):
+        acc = summary([r["test_acc"] for r in rows])
+        ft = summary([r["test_acc_finetuned"] for r in rows])
+        removed = statistics.fmean(r["removed"] for r in rows)
+        evals = rows[0].get("evaluations")
+        wall = summary([r.get("wall_s") for r in rows])["mean"]
+        what = "weights" if structure == "unstructured" else "MACs"
+        lines.append(f"| {structure} | {target:.0%} {what} | {method} | {removed:.3f} | {_pct(acc)} | {_pct(ft)} | "
+                     f"{evals if evals is not None else '—'} | {'—' if wall is None else f'{wall:.0f}'} |")
+    lines += ["", "Search efficiency and cost (mean over seeds): best-so-far reward after 25 / 100 episodes and at "
+              "the end, episodes to reach 99% of the final best, one episode over one forward pass of the unpruned "
+              "model over the reward set (the floor of an episode that scores once; median episode) and the search's "
+              "wall time per plan scored over the same forward pass. — : no plan within the budget during the "
+              "search (CRL: the final plan is its best projected onto the budget).", "",
+              "| structure | target | agent | best @25 | best @100 | final | episodes to 99% | episode / forward | "
+              "search s per plan / forward |", "|---|---|---|---|---|---|---|---|---|"]
+    for (structure, target, method), rows in sorted(groups.items(), key=lambda kv: (kv[0][0] != "unstructured",
+                                                                                     kv[0][1], _order(kv[0][2]))):
+        if "episode_over_forward" not in rows[0]:
+            continue
+        agent = method.split(" ")[0]
+        curves = [report["curves"].get(f"{agent}/{structure}/{target}/{r['seed']}") for r in rows]
+        curves = [c for c in curves if c]
+
+        def at(n):
+            vals = [c[min(n, len(c)) - 1] for c in curves if c and c[min(n, len(c)) - 1] > -math.inf]
+            return f"{statistics.fmean(vals):.3f}" if vals else "—"
+
+        reach = summary([r["episodes_to_99pct"] for r in rows])["mean"]
+        final = f"{statistics.fmean(r['reward'] for r in rows):.3f}"
+        lines.append(f"| {structure} | {target:.0%} | {method} | {at(25)} | {at(100)} | {final} | "
+                     f"{'—' if reach is None else f'{reach:.0f}'} | "
+                     f"{statistics.fmean(r['episode_over_forward'] for r in rows):.2f} | "
+                     f"{statistics.fmean(r['evaluation_over_forward'] for r in rows):.2f} |")
+    memory = report["memory"]
+    if memory:
+        lines += ["", "Peak memory of a search (each in a fresh process; RSS increase over the process after one "
+                  "forward pass over the reward set), against the model's parameters and the activations of one "
+                  "forward pass over the reward set:", "",
+                  "| structure | agent | peak RSS increase MB | parameters MB | activations MB |", "|---|---|---|---|---|"]
+        for m in memory:
+            lines.append(f"| {m['structure']} | {m['agent']} | {m['peak_rss_increase_mb']:.0f} | "
+                         f"{m['model_parameters_mb']:.0f} | {m['activations_mb']:.0f} |")
+        lines.append("")
+    speed = [r for r in report["rows"] if "latency_b1_ms" in r]
+    if speed:
+        lines += ["Real speed after `compact` (first seed; median of "
+                  f"{cfg['latency_repeats']} runs, {report['machine']['threads']} threads): latency at batch 1 and 64 "
+                  "against the MACs ratio.", "",
+                  "| method | MACs ratio | batch 1 ms (dense → pruned) | speed-up | batch 64 ms (dense → pruned) | "
+                  "speed-up |", "|---|---|---|---|---|---|"]
+        for r in sorted(speed, key=lambda r: _order(r["method"])):
+            lines.append(f"| {r['method']} | x{r['macs_ratio']:.2f} | {r['latency_b1_dense_ms']:.2f} → "
+                         f"{r['latency_b1_ms']:.2f} | x{r['latency_b1_dense_ms'] / r['latency_b1_ms']:.2f} | "
+                         f"{r['latency_b64_dense_ms']:.1f} → {r['latency_b64_ms']:.1f} | "
+                         f"x{r['latency_b64_dense_ms'] / r['latency_b64_ms']:.2f} |")
+        for r in speed:
+            if "predicted_latency_removed" in r:
+                measured = 1 - r["latency_b1_ms"] / r["latency_b1_dense_ms"]
+                lines += ["", f"`budget=\"latency\"` (AMC, seed {r['seed']}, target {r['target']:.0%} of the batch-1 "
+                              f"latency): the latency table predicted {r['predicted_latency_removed']:.1%} removed, "
+                              f"measured after `compact`: {measured:.1%} (MACs x{r['macs_ratio']:.2f})."]
+    return "\n".join(lines) + "\n"
+
+
+def _order(method: str) -> tuple:
+    baselines = ["uniform per-layer L1", "global magnitude", "torch-pruning uniform", "torch-pruning global"]
+    if method in baselines:
+        return (0, baselines.index(method), method)
+    return (2, 0, method) if method.startswith("random") else (1, 0, method)
+
+
+def update_readme(markdown: str) -> bool:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{markdown}{README_END}{tail}")
+    return True
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one seed, one target per structure, small budgets")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--no-readme", action="store_true", help="do not update README.md (full runs do)")
+    parser.add_argument("--report", metavar="JSON", help="only regenerate the markdown (and README) from a JSON")
+    parser.add_argument("--memory-probe", metavar="AGENT", help=argparse.SUPPRESS)
+    parser.add_argument("--structure", default="unstructured", help=argparse.SUPPRESS)
+    parser.add_argument("--target", type=float, default=0.8, help=argparse.SUPPRESS)
+    parser.add_argument("--calibration", type=int, default=256, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_probe:
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+        print("MEMORY " + json.dumps(memory_probe(args.memory_probe, args.structure, args.target, args.calibration)))
+        return {}
+    cfg = copy.deepcopy(QUICK if args.quick else FULL)
+    if args.seeds:
+        cfg.seeds = args.seeds
+    name = "bench_quick" if args.quick else "bench"
+    command = "python benchmarks/run.py --quick" if args.quick else "make bench"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        report = json.loads(Path(args.report).read_text())
+    else:
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+        suite = Suite(cfg, log=lambda s: print(s, flush=True))
+        try:
+            report = suite.run()
+        except BaseException:  # keep what an hour of measuring produced
+            (out / f"{name}.partial.json").write_text(json.dumps({"rows": suite.rows, "curves": suite.curves}))
+            raise
+        (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    markdown = to_markdown(report, command)
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)
+    if not args.quick and not args.no_readme and update_readme(markdown):
+        print("README.md updated")
+    return report
+
+
+if __name__ == "__main__":
+    main()
