@@ -41,6 +41,7 @@ from .apply import ChannelPlanResult, apply_channel_plan, compact
 from .counting import count_macs_params
 from .groups import ChannelGroup, ExcludedGroup, TensorSlice
 from .hard import prune_heads
+from .latency import LatencyTable, measure_latency
 from .method import ChannelMask, channel_mask
 from .norms import MaskedNormStatistics
 from .recurrent import RecurrentPruner, remove_hidden_units
@@ -49,4 +50,4 @@ from .structure import ChannelStructure
 __all__ = ["ChannelStructure", "ChannelGroup", "ExcludedGroup", "TensorSlice", "apply_channel_plan",
            "ChannelPlanResult", "compact", "count_macs_params", "ChannelMask", "channel_mask", "prune_heads",
            "MaskedNormStatistics", "ChannelPruningError", "ChannelTimeoutError", "RecurrentPruner",
-           "remove_hidden_units"]
+           "remove_hidden_units", "LatencyTable", "measure_latency"]
