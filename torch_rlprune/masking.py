@@ -47,9 +47,19 @@ class InPlaceMask:
         self.k_min = 0 if existing is None else int((existing == 0).sum())
         self.applied = self.k_min
 
-    def _write(self, idx: torch.Tensor, values) -> None:
+    # index_fill_/index_copy_ rather than ``flat[idx] = ...``: the generic index_put path was
+    # 3x slower on 600k scattered entries of a 2.4M tensor (4.6 vs 1.6 ms zeroing, 20 vs 6.4 ms
+    # restoring), which made writing an episode's masks ~15% of a 256-image forward pass.
+    def _zero(self, idx: torch.Tensor) -> None:
         if self.target.is_contiguous():
-            self.target.data.view(-1)[idx] = values
+            self.target.data.view(-1).index_fill_(0, idx, 0)
+        else:
+            self.target.data[torch.unravel_index(idx, self.target.shape)] = 0
+
+    def _put_back(self, idx: torch.Tensor) -> None:
+        values = self.saved.reshape(-1).index_select(0, idx)
+        if self.target.is_contiguous():
+            self.target.data.view(-1).index_copy_(0, idx, values)
         else:
             self.target.data[torch.unravel_index(idx, self.target.shape)] = values
 
@@ -60,10 +70,9 @@ class InPlaceMask:
         if not self.k_min <= k <= self.numel:
             raise ValueError(f"k={k} outside [{self.k_min}, {self.numel}] for {self.layer.name!r}")
         if k > self.applied:
-            self._write(self.order[self.applied:k], 0)
+            self._zero(self.order[self.applied:k])
         elif k < self.applied:
-            idx = self.order[k:self.applied]
-            self._write(idx, self.saved.reshape(-1)[idx])
+            self._put_back(self.order[k:self.applied])
         self.applied = k
 
     @torch.no_grad()
