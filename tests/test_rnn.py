@@ -54,7 +54,7 @@ IDS = [f"{c.__name__}-{'bi' if b else 'uni'}-{'bf' if f else 'tf'}-{n}l" for c, 
 
 
 @pytest.mark.parametrize("cell, bidirectional, batch_first, num_layers", CASES, ids=IDS)
-def test_recurrent_matrices_are_searched_pruned_and_removable(cell, bidirectional, batch_first, num_layers):
+def test_recurrent_weight_names_are_searched_pruned_and_removable(cell, bidirectional, batch_first, num_layers):
     model, x = build(cell, bidirectional, batch_first, num_layers)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no flat-weights or other warnings

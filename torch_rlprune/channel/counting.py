@@ -23,7 +23,7 @@ from torch import nn
 
 from ._util import batch_size, clear_attention_caches, restore_training, run_model, training_flags
 from .groups import countable_attention
-from .recurrent import recurrent_matrices, samples, time_steps
+from .recurrent import recurrent_weight_names, samples, time_steps
 
 __all__ = ["count_macs_params", "alive_sizes"]
 
@@ -70,7 +70,7 @@ def count_macs_params(model: nn.Module, example_inputs, count_zeros: bool = Fals
         if isinstance(module, nn.RNNBase):  # every matrix runs once per time step of each sample
             if x is not None:
                 recurrent_batches.append(samples(module, x))
-                per_step = sum(math.prod(alive_sizes(module, n, count_zeros)) for n in recurrent_matrices(module))
+                per_step = sum(math.prod(alive_sizes(module, n, count_zeros)) for n in recurrent_weight_names(module))
                 macs[0] += samples(module, x) * time_steps(module, x) * per_step
             return
         if id(module) in attention:

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from ._util import batch_size, restore_training, run_model, training_flags
-from .recurrent import recurrent_matrices, samples
+from .recurrent import recurrent_weight_names, samples
 
 __all__ = ["LatencyTable", "TimedLayer", "measure_latency", "default_cache_dir", "CACHE_ENV"]
 
@@ -310,7 +310,7 @@ def _layer_entries(structure) -> Dict[str, Tuple[int, int]]:
     for name, module_terms in terms.items():
         module = structure.traces[name].module
         if isinstance(module, nn.RNNBase):  # input features: weight_ih_l0's columns; hidden: weight_hh_l0's
-            by_matrix = dict(zip(recurrent_matrices(module), module_terms))
+            by_matrix = dict(zip(recurrent_weight_names(module), module_terms))
             entries[name] = (by_matrix["weight_ih_l0"][1], by_matrix["weight_hh_l0"][1])
         else:
             entries[name] = module_terms[0]

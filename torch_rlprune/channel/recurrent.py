@@ -36,10 +36,11 @@ from torch import nn
 
 import torch_pruning as tp
 
+from ..structure import recurrent_weight_names
 from ._util import ChannelPruningError
 
 __all__ = ["RECURRENT_MODULES", "RecurrentPruner", "hidden_unit_tensors", "remove_hidden_units",
-           "remove_input_features", "input_column_tensors", "unsupported_reason", "recurrent_matrices",
+           "remove_input_features", "input_column_tensors", "unsupported_reason",
            "time_steps", "samples"]
 
 RECURRENT_MODULES = (nn.LSTM, nn.GRU, nn.RNN)
@@ -61,11 +62,6 @@ def unsupported_reason(rnn: nn.Module) -> str:
         return (f"LSTM with proj_size={rnn.proj_size}: its outputs are projections, not hidden units "
                 f"(its matrices still prune unstructured)")
     return ""
-
-
-def recurrent_matrices(rnn: nn.RNNBase) -> List[str]:
-    """Weight matrices (not biases) in the module's flat-weights order."""
-    return [n for n in rnn._flat_weights_names if n.startswith("weight_")]
 
 
 def time_steps(rnn: nn.RNNBase, x) -> int:

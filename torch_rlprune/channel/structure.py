@@ -23,7 +23,7 @@ from ._util import (ModelState, clear_attention_caches, primary_tensor, remove_p
 from .groups import ChannelGroup, ExcludedGroup, build_graph, classifier_names, discover_groups
 from .hard import hard_prune
 from .norms import MaskedNormStatistics, remove_norm_hooks
-from .recurrent import recurrent_matrices
+from .recurrent import recurrent_weight_names
 
 __all__ = ["ChannelStructure"]
 
@@ -369,7 +369,7 @@ class ChannelStructure:
                 kernel = int(math.prod(shape[2:])) if len(shape) > 2 else 1
                 terms = [("weight", tr.positions * kernel, shape)]
             elif isinstance(m, nn.RNNBase):
-                terms = [(w, tr.positions, _shape_of(m, w)) for w in recurrent_matrices(m)]
+                terms = [(w, tr.positions, _shape_of(m, w)) for w in recurrent_weight_names(m)]
             else:
                 continue
             for wname, coef, shape in terms:
