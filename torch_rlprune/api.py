@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 import statistics
 import time
 import warnings
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .agents import Agent, get_agent_class, list_agents
 from .calibration import build_calibration, primary_output
+from .checkpoint import SearchRecorder, load_checkpoint
 from .env import LayerwisePruningEnv, check_budget
 from .threads import agent_threads
 from .masking import InPlaceMask
@@ -313,7 +315,7 @@ class _PreparedSearch:
 
 def _prepare_search(model, layers, targets, data, reward, budget, structure, exclude, example_inputs, seed,
                     calibration_samples, max_amount, importance_scores, importance, round_to, bn_recalibration,
-                    max_drop, depth: bool = False) -> _PreparedSearch:
+                    max_drop, depth: bool = False, distributed=None) -> _PreparedSearch:
     """Calibration data, the search space (weights or channel groups), the reward and the MDP,
     every target checked for feasibility. Masks are touched only from here on: the caller holds
     a :class:`ModelSnapshot`."""
@@ -345,7 +347,14 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
                          f"{tuple(calibration.inputs[0].shape)}: {err}") from err
     if first_output[0] is None:
         raise ValueError("data: the model's output holds no tensor to score")
-    scorer = make_reward(reward, calibration)
+    if distributed is None:
+        scorer = make_reward(reward, calibration)
+    else:  # every rank scores its share of the calibration set (distributed.py)
+        from .distributed import SplittableReward, check_same_calibration, shard
+
+        check_same_calibration(calibration, distributed.device)
+        scorer = SplittableReward(make_reward(reward, shard(calibration, distributed.rank, distributed.world)),
+                                  distributed.device)
     scorer.prepare(model)
     recalibrate = BatchNormRecalibration(model, calibration.inputs[:int(bn_recalibration)])
 
@@ -354,34 +363,63 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
             recalibrate()
         return scorer(model)
 
-    tick = time.perf_counter()
-    baseline = float(scorer(model))
-    forward_seconds = time.perf_counter() - tick
-    if recalibrate:
-        baseline = float(score())
+    try:  # from here on BatchNorm statistics get re-estimated in place: undo that on any failure
+        tick = time.perf_counter()
+        baseline = float(scorer(model))
+        forward_seconds = time.perf_counter() - tick
+        if recalibrate:
+            baseline = float(score())
 
-    floor = baseline - float(max_drop) if targets is None else None
-    if depth:
-        env = space.make_env(score, targets[0], max_amount, baseline, tolerance)
-    else:
-        env = LayerwisePruningEnv(space.steps, space.masks, score, targets[0] if targets else 0.0, budget,
-                                  max_amount, cost=space.cost, score_floor=floor)
-    for t in targets or ():
-        env.set_target(t)
-        if env.existing_fraction > t + tolerance:
-            raise ValueError(f"target {t} is below what the model's existing masks already remove "
-                             f"({env.existing_fraction:.4f})")
-        if env.max_fraction < t - tolerance:
-            raise ValueError(f"target {t} cannot be reached with at most max_amount={max_amount} of "
-                             f"each layer removed (at most {env.max_fraction:.4f})")
-        closest = env.achieved(env.closest_plan())
-        if abs(closest - t) > tolerance:
-            raise ValueError(f"target {t} cannot be met within {tolerance * 100:g} percentage points: "
-                             f"the layers are too coarse (the closest plan removes {closest:.4f})")
-    if targets:
-        env.set_target(targets[0])
-    env.targets = targets
+        floor = baseline - float(max_drop) if targets is None else None
+        if depth:
+            env = space.make_env(score, targets[0], max_amount, baseline, tolerance)
+        else:
+            env = LayerwisePruningEnv(space.steps, space.masks, score, targets[0] if targets else 0.0, budget,
+                                      max_amount, cost=space.cost, score_floor=floor)
+        for t in targets or ():
+            env.set_target(t)
+            if env.existing_fraction > t + tolerance:
+                raise ValueError(f"target {t} is below what the model's existing masks already remove "
+                                 f"({env.existing_fraction:.4f})")
+            if env.max_fraction < t - tolerance:
+                raise ValueError(f"target {t} cannot be reached with at most max_amount={max_amount} of "
+                                 f"each layer removed (at most {env.max_fraction:.4f})")
+            closest = env.achieved(env.closest_plan())
+            if abs(closest - t) > tolerance:
+                raise ValueError(f"target {t} cannot be met within {tolerance * 100:g} percentage points: "
+                                 f"the layers are too coarse (the closest plan removes {closest:.4f})")
+        if targets:
+            env.set_target(targets[0])
+        env.targets = targets
+    except BaseException:
+        recalibrate.restore()
+        raise
     return _PreparedSearch(space, env, scorer, calibration, recalibrate, baseline, forward_seconds, floor)
+
+
+def _run_search(agent_obj: Agent, agent_cls, agent_config, seed, env, episodes: int, targets, one_search: bool,
+                recorder: Optional[SearchRecorder], coordinator) -> None:
+    """The agent's part of a search (rank 0's, when distributed); releases the other ranks at the end."""
+    try:
+        with agent_threads():  # scoring switches back to the caller's threads (threads.py)
+            if one_search:
+                agent_obj.search(env, episodes)
+            else:  # one fresh agent per target, one search after the other
+                for i, t in enumerate(targets):
+                    env.set_target(t)
+                    searcher = agent_obj if i == 0 else agent_cls(agent_config, seed=int(seed))
+                    if recorder is not None:
+                        recorder.agent = searcher
+                    searcher.search(env, episodes)
+            env.finalize()
+        if recorder is not None:
+            recorder.save()
+    except BaseException:
+        if coordinator is not None:
+            coordinator.finish(env, failed=True)
+        raise
+    if coordinator is not None:
+        coordinator.finish(env)
 
 
 def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8, data=None, reward="fidelity",
@@ -390,7 +428,8 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
              exclude=None, example_inputs=None, seed: int = 0, verbose: bool = True,
              agent_config=None, calibration_samples: int = 512, max_amount: Optional[float] = None,
              importance_scores=None, parameters=None, importance=None, round_to: Optional[int] = None,
-             bn_recalibration: Optional[int] = None, max_drop: Optional[float] = None):
+             bn_recalibration: Optional[int] = None, max_drop: Optional[float] = None,
+             checkpoint=None, checkpoint_every: int = 10, resume=None, distributed: bool = False):
     """Search per-layer pruning amounts with an RL agent and prune ``model`` in place.
 
     Args:
@@ -455,6 +494,19 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             consistent gain for ~30% more time per episode).
         max_drop: with ``target=None``: the largest score drop allowed (absolute, in the
             reward's units: 0.01 = one point of fidelity or accuracy).
+        checkpoint: a file the search is saved to every ``checkpoint_every`` episodes, when it
+            ends, and when it is interrupted or fails (:mod:`torch_rlprune.checkpoint`).
+        checkpoint_every: episodes between two checkpoints.
+        resume: a checkpoint file (or a directory holding ``checkpoint.pt``) of an earlier call
+            with the same arguments: the search continues from it and ends with the same plan as
+            an uninterrupted run. Plans it already scored are not scored again. Unless
+            ``checkpoint`` is given, the resumed search keeps saving to the same file.
+        distributed: call on every rank under ``torchrun``: the calibration set is split over the
+            processes (gloo on CPU, nccl on CUDA; the default process group is created from
+            torchrun's environment if none exists), the agent runs on rank 0, and every rank ends
+            with the same plan applied (:mod:`torch_rlprune.distributed`). Needs
+            ``reward="fidelity"`` or ``"accuracy"`` and the same ``data`` on every rank; only rank 0
+            shows progress and writes ``checkpoint``.
 
     Returns:
         :class:`PruneResult` (one target or ``target=None``) or :class:`MultiTargetResult`.
@@ -527,6 +579,32 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
     if isinstance(bn_recalibration, bool) or not isinstance(bn_recalibration, numbers.Integral) \
             or bn_recalibration < 0:
         raise ValueError(f"bn_recalibration must be a number of batches >= 0, got {bn_recalibration!r}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, numbers.Integral) \
+            or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+    for name, value in (("checkpoint", checkpoint), ("resume", resume)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a file path, got {type(value).__name__}")
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True or False, got {type(distributed).__name__}")
+    if distributed and reward not in REWARDS:
+        raise ValueError(f"distributed=True splits the calibration set over processes: reward must be one of "
+                         f"{REWARDS} (a sum over samples), got {reward!r}")
+    leader = True
+    coordinator = None
+    if distributed:
+        from .distributed import DistributedSearch, distributed_context
+
+        rank, world, _ = distributed_context(model)
+        param = next(model.parameters(), None)
+        coordinator = DistributedSearch(rank, world, param.device if param is not None and param.is_cuda
+                                        else torch.device("cpu"))
+        leader = coordinator.leader
+        if not leader:  # the agent, its progress bar and its checkpoints live on rank 0
+            verbose, checkpoint, resume = False, None, None
+    resumed = load_checkpoint(resume) if resume is not None else None
+    if resumed is not None and checkpoint is None:
+        checkpoint = resumed["path"]
     if not isinstance(agent, Agent):
         agent_obj = agent_cls(agent_config, seed=int(seed))
     episodes = int(episodes if episodes is not None else agent_obj.config.episodes)
@@ -537,38 +615,44 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         raise ValueError("the model has no prunable layers (Conv/Linear weights) left after 'exclude'")
 
     snapshot = ModelSnapshot(model)
-    env = recalibrate = None
+    env = recalibrate = recorder = None
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             prepared = _prepare_search(model, layers, targets, data, reward, budget, structure, exclude,
                                        example_inputs, seed, calibration_samples, max_amount, importance_scores,
-                                       importance, round_to, bn_recalibration, max_drop, depth=needs_depth)
+                                       importance, round_to, bn_recalibration, max_drop, depth=needs_depth,
+                                       distributed=coordinator)
             space, env, scorer, calibration, recalibrate = (prepared.space, prepared.env, prepared.scorer,
                                                             prepared.calibration, prepared.recalibrate)
             baseline, forward_seconds, floor = prepared.baseline, prepared.forward_seconds, prepared.floor
             one_search = targets is None or len(targets) == 1 or agent_obj.multi_target
             total_episodes = episodes if one_search else episodes * len(targets)
 
+            if checkpoint is not None or resumed is not None:
+                fingerprint = _search_fingerprint(agent_obj, targets, max_drop, structure, budget, scorer, seed,
+                                                  episodes, max_amount, calibration, bn_recalibration, round_to,
+                                                  importance, space)
+                recorder = SearchRecorder(checkpoint, checkpoint_every, fingerprint, resumed)
+                recorder.attach(env, agent_obj)
             bar = tqdm(total=total_episodes, desc=f"rl_prune[{agent_obj.name}]", disable=not verbose,
                        leave=False, dynamic_ncols=True)
             env.callbacks.append(lambda rec: (bar.update(1), bar.set_postfix(best=f"{rec.best_reward:.4f}",
                                                                              last=f"{rec.reward:.4f}")))
+            if coordinator is not None and leader:
+                env.score_fn = coordinator.wrap_leader_score(env, env.score_fn, scorer)
             try:
-                with agent_threads():  # scoring switches back to the caller's threads (threads.py)
-                    if one_search:
-                        agent_obj.search(env, episodes)
-                    else:
-                        for i, t in enumerate(targets):
-                            env.set_target(t)
-                            searcher = agent_obj if i == 0 else agent_cls(agent_config, seed=int(seed))
-                            searcher.search(env, episodes)
-                    env.finalize()
+                if not leader:
+                    coordinator.serve(env, env.score_fn)
+                else:
+                    _run_search(agent_obj, agent_cls if not isinstance(agent, Agent) else None, agent_config, seed,
+                                env, episodes, targets, one_search, recorder, coordinator)
+                if coordinator is not None:
+                    coordinator.share_results(env)
             finally:
                 bar.close()
                 env.restore()
                 recalibrate.restore()
-
             def plan_for(key: Optional[float]) -> PruningPlan:
                 best = env.best_by_target.get(key)
                 if best is None or best.k is None:
@@ -612,6 +696,11 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
                                       time.perf_counter() - started, forward_seconds, space.steps,
                                       example_inputs=example)
     except BaseException:
+        if recorder is not None:
+            try:
+                recorder.save()
+            except Exception as err:  # never hide the original error behind a failed save
+                warnings.warn(f"rl_prune: could not save the checkpoint {recorder.path}: {err}", RuntimeWarning)
         if env is not None:
             env.restore()
         if recalibrate is not None:
@@ -622,6 +711,25 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
     for m in model.modules():
         m.training = snapshot_modes.get(id(m), m.training)
     return outcome
+
+
+def _search_fingerprint(agent, targets, max_drop, structure, budget, scorer, seed, episodes, max_amount,
+                        calibration, bn_recalibration, round_to, importance, space) -> dict:
+    """What a resumed search must share with the checkpointed one (plain data, compared with ==)."""
+    def plain(value):
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
+
+    return plain({"agent": agent.name, "agent_config": agent.hyperparameters(), "targets": targets,
+                  "max_drop": max_drop, "structure": structure, "budget": budget, "reward": scorer.name,
+                  "seed": int(seed), "episodes": int(episodes), "max_amount": float(max_amount),
+                  "calibration_samples": calibration.num_samples, "synthetic_calibration": calibration.synthetic,
+                  "bn_recalibration": int(bn_recalibration), "round_to": round_to,
+                  "importance": None if importance is None else type(importance).__name__,
+                  "steps": [f"{layer.name}:{getattr(layer, 'numel', '')}" for layer in space.steps]})
 
 
 def compact(model: nn.Module, example_inputs=None) -> dict:

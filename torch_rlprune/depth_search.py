@@ -46,7 +46,6 @@ import torch
 from torch import nn
 
 from .budget import Budget
-from .threads import intra_op_threads
 from .channel.counting import count_macs_params
 from .depth import _TAG, RemovableBlock, RemovedBlock, find_removable_blocks, mask_block, unmask_block
 from .env import BestPlan, BestPlanResults, EpisodeRecord
@@ -242,6 +241,8 @@ class DepthWidthEnv(BestPlanResults):
         self.evaluations = 0
         self.targets = None
         self._cache: Dict[Tuple[int, ...], float] = {}
+        self.replay: Dict[Tuple[int, ...], float] = {}
+        self.scoring_key: Optional[Tuple[int, ...]] = None
         self._masked = np.zeros(len(self.blocks), dtype=bool)
         self._started = time.perf_counter()
         self.set_target(target)
@@ -395,13 +396,7 @@ class DepthWidthEnv(BestPlanResults):
         """Score a plan; identical plans (same blocks, same counts) are scored once."""
         removed, counts = self.split(k)
         counts = np.where(self.cost_model.inactive_groups(removed), 0, self.cost_model.effective(counts))
-        key = tuple(int(v) for v in self.join(removed, counts))
-        if key not in self._cache:
-            self.apply(np.asarray(key, dtype=np.int64))
-            with intra_op_threads(self.scoring_threads):
-                self._cache[key] = float(self.score_fn())
-            self.evaluations += 1
-        return self._cache[key]
+        return self._score_plan(tuple(int(v) for v in self.join(removed, counts)))
 
     def restore(self) -> None:
         """Every tensor back exactly as before the search: channel zeros first, then block masks."""

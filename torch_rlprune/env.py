@@ -107,6 +107,20 @@ class BestPlanResults:
     def best_k(self) -> Optional[np.ndarray]:
         return self._best.k
 
+    def _score_plan(self, key: Tuple[int, ...]) -> float:
+        """The score of plan ``key``: from this search's cache, from the record of the search
+        being resumed (``replay``, see :mod:`torch_rlprune.checkpoint`), or measured."""
+        if key not in self._cache:
+            if key in self.replay:
+                self._cache[key] = self.replay.pop(key)
+            else:
+                self.apply(np.asarray(key, dtype=np.int64))
+                self.scoring_key = key
+                with intra_op_threads(self.scoring_threads):
+                    self._cache[key] = float(self.score_fn())
+            self.evaluations += 1
+        return self._cache[key]
+
 
 class LayerwisePruningEnv(BestPlanResults):
     """Layer-by-layer pruning MDP over in-place masks.
@@ -171,6 +185,8 @@ class LayerwisePruningEnv(BestPlanResults):
         self.phase = "search"
         self.callbacks: List[Callable[[EpisodeRecord], None]] = []
         self._cache: Dict[Tuple[int, ...], float] = {}
+        self.replay: Dict[Tuple[int, ...], float] = {}
+        self.scoring_key: Optional[Tuple[int, ...]] = None  # the plan being scored (distributed scoring reads it)
         self.evaluations = 0
         self.reset()
 
@@ -274,13 +290,7 @@ class LayerwisePruningEnv(BestPlanResults):
 
     def evaluate(self, k: np.ndarray) -> float:
         """Score a plan (per-layer counts); identical plans are scored once."""
-        key = tuple(int(v) for v in k)
-        if key not in self._cache:
-            self.apply(k)
-            with intra_op_threads(self.scoring_threads):
-                self._cache[key] = float(self.score_fn())
-            self.evaluations += 1
-        return self._cache[key]
+        return self._score_plan(tuple(int(v) for v in k))
 
     def apply(self, k: np.ndarray) -> None:
         for mask, kk in zip(self.masks, k):

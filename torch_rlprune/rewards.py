@@ -3,7 +3,7 @@ mode under ``inference_mode`` on the fixed calibration batches."""
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -62,7 +62,9 @@ class FidelityReward(Reward):
             self._teacher = [o.float().clone() for o in outs]
             self._scale = sum(float(((o - o.mean()) ** 2).sum()) for o in self._teacher) or 1.0
 
-    def __call__(self, model: nn.Module) -> float:
+    def partial_sums(self, model: nn.Module) -> Tuple[float, float]:
+        """(agreements, samples) for classifiers, (squared error, 0) otherwise: sums over the
+        calibration batches, so shares of the data add up (:mod:`torch_rlprune.distributed`)."""
         if self._teacher is None:
             raise RuntimeError("FidelityReward.prepare(model) must run on the unpruned model first")
         total, count = 0.0, 0
@@ -72,9 +74,15 @@ class FidelityReward(Reward):
                 count += len(teacher)
             else:
                 total += float(((out.float() - teacher) ** 2).sum())
+        return total, count
+
+    def from_sums(self, total: float, count: float) -> float:
         if self._classifier:
             return total / count
         return 1.0 / (1.0 + total / self._scale)
+
+    def __call__(self, model: nn.Module) -> float:
+        return self.from_sums(*self.partial_sums(model))
 
 
 class AccuracyReward(Reward):
@@ -99,11 +107,18 @@ class AccuracyReward(Reward):
             raise ValueError(f"data: labels range over [{int(labels.min())}, {int(labels.max())}] but the "
                              f"model has {out.shape[1]} classes")
 
-    def __call__(self, model: nn.Module) -> float:
+    def partial_sums(self, model: nn.Module) -> Tuple[float, float]:
+        """(correct, samples) over the calibration batches."""
         correct = 0
         for out, y in zip(_forward_all(model, self.calibration.inputs), self.calibration.labels):
             correct += int((out.argmax(1) == y).sum())
-        return correct / self.calibration.num_samples
+        return correct, self.calibration.num_samples
+
+    def from_sums(self, correct: float, count: float) -> float:
+        return correct / count
+
+    def __call__(self, model: nn.Module) -> float:
+        return self.from_sums(*self.partial_sums(model))
 
 
 class CallableReward(Reward):

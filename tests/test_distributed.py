@@ -1,0 +1,114 @@
+"""rl_prune(distributed=True) under torchrun: 2 CPU processes (gloo) end with the single-process plan."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from torch_rlprune import rl_prune
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "distributed_prune.py"
+
+
+def _torchrun(args, tmp_path, nproc=2, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           *map(str, args)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("distributed_prune", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("structure,agent,config", [("unstructured", "amc", {"warmup": 3}),
+                                                    ("channel", "purl", {"warmup": 2})])
+def test_two_processes_end_with_the_single_process_plan(structure, agent, config, data_root, tmp_path):
+    common = ["--model", "resnet18", "--structure", structure, "--agent", agent, "--episodes", "6",
+              "--agent-config", json.dumps(config), "--calibration", "256", "--data-root", str(data_root), "--seed", "3"]
+    run = _torchrun([EXAMPLE, *common, "--out", tmp_path / "two"], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with torch.random.fork_rng(devices=[]):
+        _example().main([*common, "--single", "--out", str(tmp_path / "one")])
+    single = json.loads((tmp_path / "one" / "plan_rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "two" / f"plan_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # every rank ends with the same plan applied
+    for key in ("amounts", "score", "sparsity", "baseline_score", "episodes"):
+        assert ranks[0][key] == single[key], key
+    assert len(set(ranks[0]["amounts"].values())) > 1  # a real plan, not a uniform fallback
+    assert "processes 2" in run.stdout
+
+
+SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    from torch import nn
+    from torch_rlprune import rl_prune
+    from torch_rlprune.rewards import FidelityReward
+    rank = int(os.environ["RANK"])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 8 * 8, 10))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mode = sys.argv[1]
+    x = torch.randn(64, 1, 12, 12, generator=torch.Generator().manual_seed(rank if mode == "different-data" else 0))
+    if mode == "rank0-fails" and rank == 0:
+        calls = {"n": 0}
+        original = FidelityReward.partial_sums
+        def failing(self, m):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt
+            return original(self, m)
+        FidelityReward.partial_sums = failing
+    try:
+        rl_prune(model, target=0.5, data=x, agent="random", episodes=8, verbose=False, distributed=True)
+    except BaseException as err:
+        same = all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and \\
+            set(model.state_dict()) == set(before)
+        with open(f"rank{rank}.txt", "w") as f:  # separate files: torchrun interleaves the ranks' stdout
+            f.write(f"rank {rank}: {type(err).__name__}: {err} | model unchanged: {same}")
+        sys.exit(7)
+""")
+
+
+@pytest.mark.parametrize("mode", ["different-data", "rank0-fails"])
+def test_failures_stop_every_rank_and_leave_the_model_untouched(mode, tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    run = _torchrun([script, mode], tmp_path, timeout=180)
+    assert run.returncode != 0
+    files = [tmp_path / f"rank{r}.txt" for r in (0, 1)]
+    assert all(f.exists() for f in files), run.stdout + run.stderr[-2000:]
+    lines = [f.read_text() for f in files]
+    assert all(line.endswith("model unchanged: True") for line in lines)
+    if mode == "different-data":
+        assert all("different calibration sets" in line for line in lines)
+    else:
+        assert any(line.startswith("rank 0: KeyboardInterrupt") for line in lines)
+        assert any(line.startswith("rank 1: RuntimeError") and "rank 0 failed" in line for line in lines)
+
+
+def test_distributed_needs_torchrun_and_a_splittable_reward(small_cnn_model, cnn_batch, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    before = {k: v.clone() for k, v in small_cnn_model.state_dict().items()}
+    with pytest.raises(ValueError, match="torchrun"):
+        rl_prune(small_cnn_model, target=0.5, data=cnn_batch, distributed=True, verbose=False)
+    with pytest.raises(ValueError, match="reward must be one of"):
+        rl_prune(small_cnn_model, target=0.5, data=cnn_batch, distributed=True, verbose=False,
+                 reward=lambda m: 1.0)
+    with pytest.raises(TypeError, match="distributed must be True or False"):
+        rl_prune(small_cnn_model, target=0.5, data=cnn_batch, distributed="yes", verbose=False)
+    assert all(torch.equal(v, before[k]) for k, v in small_cnn_model.state_dict().items())

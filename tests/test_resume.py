@@ -1,0 +1,208 @@
+"""Checkpoints and resume: an interrupted search continues to exactly the uninterrupted result."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import weight_masks
+from torch_rlprune import rl_prune
+from torch_rlprune.checkpoint import CheckpointError, load_checkpoint
+from torch_rlprune.rewards import FidelityReward
+
+# (agent, structure, target, episodes, agent_config): every registered agent, each on its own loop
+CASES = [
+    ("amc", "unstructured", 0.8, 14, {"warmup": 4}),
+    ("purl", "unstructured", 0.8, 8, {"warmup": 2}),
+    ("crl", "unstructured", 0.8, 12, {"episodes_per_update": 4}),
+    ("random", "unstructured", 0.8, 10, None),
+    ("cacp", "unstructured", [0.6, 0.8], 12, {"warmup": 4}),
+    ("amc", "unstructured", [0.6, 0.8], 6, {"warmup": 2}),   # one agent per target, one after the other
+    ("n2n", "channel", 0.5, 12, {"rollouts": 3}),
+]
+
+
+class CountingFidelity:
+    """Counts scoring passes and raises KeyboardInterrupt on pass ``interrupt_at`` (if given)."""
+
+    def __init__(self, monkeypatch, interrupt_at=None):
+        self.calls, self.interrupt_at = 0, interrupt_at
+        original = FidelityReward.__call__
+
+        def call(reward, model):
+            self.calls += 1
+            if self.calls == self.interrupt_at:
+                raise KeyboardInterrupt
+            return original(reward, model)
+
+        monkeypatch.setattr(FidelityReward, "__call__", call)
+
+
+def _search(model, calibration, agent, structure, target, episodes, config, **kwargs):
+    return rl_prune(model, target=target, data=calibration, agent=agent, structure=structure, episodes=episodes,
+                    agent_config=config, seed=5, verbose=False, calibration_samples=128, **kwargs)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def calibration(fmnist_train_split):
+    (x, y), _ = fmnist_train_split
+    return x[:128], y[:128]
+
+
+@pytest.mark.parametrize("agent,structure,target,episodes,config", CASES,
+                         ids=[f"{c[0]}-{c[1]}-{'multi' if isinstance(c[2], list) else c[2]}" for c in CASES])
+def test_interrupted_search_resumes_to_the_uninterrupted_result(agent, structure, target, episodes, config,
+                                                                  trained_fmnist_cnn, _trained_fmnist_cnn,
+                                                                  calibration, tmp_path, monkeypatch):
+    import copy
+    reference = _search(copy.deepcopy(_trained_fmnist_cnn), calibration, agent, structure, target, episodes, config,
+                        checkpoint=tmp_path / "reference.pt")
+    multi = isinstance(target, list)
+    assert len({h["reward"] for h in reference.history}) > 1, "the scores must vary for the comparison to mean anything"
+    total = len(torch.load(tmp_path / "reference.pt", weights_only=True)["scores"])  # finalize() may score more
+
+    # the unpruned model is scored once, and once more after BatchNorm recalibration (channel pruning)
+    unpruned_passes = 2 if structure == "channel" else 1
+    model, path = trained_fmnist_cnn, tmp_path / "search.pt"
+    before = _state(model)
+    CountingFidelity(monkeypatch, interrupt_at=unpruned_passes + 1 + total // 2)
+    with pytest.raises(KeyboardInterrupt):
+        _search(model, calibration, agent, structure, target, episodes, config, checkpoint=path, checkpoint_every=2)
+    after = _state(model)
+    assert after.keys() == before.keys() and [k for k in before if not torch.equal(after[k], before[k])] == []
+    assert not weight_masks(model)
+
+    saved = torch.load(path, weights_only=True)  # plain data only
+    recorded = len(saved["scores"])
+    assert 0 < recorded < total
+    assert saved["agent"] is None or saved["agent"]["episode"] % 2 == 1  # snapshots at every 2nd episode
+
+    monkeypatch.undo()
+    counter = CountingFidelity(monkeypatch)
+    resumed = _search(model, calibration, agent, structure, target, episodes, config, resume=path)
+    assert counter.calls == unpruned_passes + total - recorded  # only plans never scored before
+    if multi:
+        for t in target:
+            assert resumed[t].plan.amounts == reference[t].plan.amounts
+            assert resumed[t].plan.score == reference[t].plan.score
+    else:
+        assert resumed.plan.amounts == reference.plan.amounts and resumed.plan.score == reference.plan.score
+        assert weight_masks(model).keys() == weight_masks(reference.model).keys()
+        assert all(torch.equal(a, b) for a, b in zip(weight_masks(model).values(),
+                                                     weight_masks(reference.model).values()))
+    got, want = resumed.history, reference.history
+    assert [(h["reward"], h["amounts"], h["evaluations"], h["target"]) for h in got] == \
+        [(h["reward"], h["amounts"], h["evaluations"], h["target"]) for h in want]
+    # the replayed episodes keep the wall time they took when they ran
+    assert [h["seconds"] for h in got[:len(saved["history"])]] == [h["seconds"] for h in saved["history"]]
+    final = torch.load(path, weights_only=True)
+    assert len(final["history"]) == len(want) and len(final["scores"]) >= total
+
+
+def test_checkpoint_holds_agent_state_and_resume_checks_it(trained_fmnist_cnn, calibration, tmp_path):
+    import copy
+    path, untouched = tmp_path / "amc.pt", copy.deepcopy(trained_fmnist_cnn)
+    _search(trained_fmnist_cnn, calibration, "amc", "unstructured", 0.8, 9, {"warmup": 3}, checkpoint=path,
+            checkpoint_every=4)
+    saved = torch.load(path, weights_only=True)
+    agent = saved["agent"]
+    assert agent["episode"] == 7
+    state = agent["state"]
+    assert {"actor", "critic", "actor_target", "critic_target", "actor_opt", "critic_opt", "memory", "rng"} <= set(state)
+    layers = len(saved["history"][0]["amounts"])
+    assert state["memory"]["size"] == 7 * layers  # taken when episode 7 ended, before its steps are stored
+    assert isinstance(state["rng"]["bit_generator"]["state"]["state"], int)
+    assert isinstance(saved["torch_rng"], torch.Tensor)
+    assert len(saved["history"]) == 9 and saved["best"][0]["k"] is not None
+
+    # tamper with what the agent learned: the replay notices and says so
+    state["actor"]["net.0.weight"] += 1.0
+    torch.save(saved, path)
+    with pytest.warns(RuntimeWarning, match="episode 7 did not reproduce the agent"):
+        _search(untouched, calibration, "amc", "unstructured", 0.8, 9, {"warmup": 3}, resume=path)
+
+
+def test_tampered_history_is_reported(trained_fmnist_cnn, calibration, tmp_path):
+    import copy
+    path = tmp_path / "r.pt"
+    original = copy.deepcopy(trained_fmnist_cnn)
+    _search(trained_fmnist_cnn, calibration, "random", "unstructured", 0.8, 6, None, checkpoint=path)
+    saved = torch.load(path, weights_only=True)
+    saved["history"][2]["amounts"][0] += 0.25
+    torch.save(saved, path)
+    with pytest.warns(RuntimeWarning, match="episode 2 did not reproduce its plan"):
+        _search(original, calibration, "random", "unstructured", 0.8, 6, None, resume=path)
+
+
+@pytest.mark.parametrize("change,needle", [({"target": 0.7}, "targets"), ({"seed": 6}, "seed"),
+                                           ({"agent": "purl"}, "agent"), ({"episodes": 7}, "episodes")])
+def test_resume_refuses_a_different_search_before_touching_the_model(change, needle, small_cnn_model, cnn_batch,
+                                                                    tmp_path):
+    path = tmp_path / "c.pt"
+    kwargs = dict(target=0.5, data=cnn_batch, agent="random", episodes=4, seed=5, verbose=False)
+    rl_prune(small_cnn_model, checkpoint=path, **kwargs)
+    from helpers import seeded, small_cnn
+    fresh = seeded(small_cnn, 0)
+    before = _state(fresh)
+    with pytest.raises(CheckpointError, match=f"different search.*{needle}"):
+        rl_prune(fresh, resume=path, **{**kwargs, **change})
+    assert _state(fresh).keys() == before.keys() and all(torch.equal(_state(fresh)[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("failure", ["interrupt while scoring the unpruned model", "unreachable target"])
+def test_batchnorm_statistics_survive_a_failure_before_the_search(failure, trained_fmnist_cnn, calibration,
+                                                                   monkeypatch):
+    before = _state(trained_fmnist_cnn)
+    if failure.startswith("interrupt"):
+        CountingFidelity(monkeypatch, interrupt_at=2)  # the pass after the statistics were re-estimated
+        with pytest.raises(KeyboardInterrupt):
+            _search(trained_fmnist_cnn, calibration, "amc", "channel", 0.5, 2, None)
+    else:
+        with pytest.raises(ValueError, match="cannot be reached"):
+            _search(trained_fmnist_cnn, calibration, "amc", "channel", 0.9, 2, None, max_amount=0.3)
+    after = _state(trained_fmnist_cnn)
+    assert [k for k in before if not torch.equal(after[k], before[k])] == []
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/torch_rlprune_pwned"),))
+
+
+def test_hostile_and_malformed_checkpoints_get_clear_errors(small_cnn_model, cnn_batch, tmp_path):
+    marker = Path("/tmp/torch_rlprune_pwned")
+    marker.unlink(missing_ok=True)
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"format": 1, "payload": _Exploit()}, hostile)
+    kwargs = dict(target=0.5, data=cnn_batch, agent="random", episodes=2, verbose=False)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        rl_prune(small_cnn_model, resume=hostile, **kwargs)
+    assert not marker.exists()
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(garbage)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"format": 1, "fingerprint": {}, "history": "x", "plans": torch.zeros(1, 2, dtype=torch.int64),
+                "scores": torch.zeros(1, dtype=torch.float64), "best": []}, wrong)
+    with pytest.raises(CheckpointError, match="'history'"):
+        load_checkpoint(wrong)
+    torch.save({"format": 99}, wrong)
+    with pytest.raises(CheckpointError, match="format 99"):
+        load_checkpoint(wrong)
+    with pytest.raises(CheckpointError, match="no checkpoint file"):
+        load_checkpoint(tmp_path / "missing")
+    assert not hasattr(small_cnn_model[0], "weight_mask")
+
+
+@pytest.mark.parametrize("kwargs,needle", [({"checkpoint_every": 0}, "checkpoint_every"),
+                                           ({"checkpoint": 3}, "checkpoint must be a file path"),
+                                           ({"resume": ["x"]}, "resume must be a file path")])
+def test_bad_checkpoint_arguments(kwargs, needle, small_cnn_model, cnn_batch):
+    with pytest.raises((ValueError, TypeError), match=needle):
+        rl_prune(small_cnn_model, target=0.5, data=cnn_batch, verbose=False, **kwargs)

@@ -1,0 +1,232 @@
+"""Checkpoints of a running search, and resuming one to the result it would have reached.
+
+What a search spends its time on is scoring plans (forward passes); what makes it
+reproducible is the seed. A checkpoint therefore stores every plan scored so far with its
+score, the episode history, the best plans, and a snapshot of the agent (networks,
+optimisers, replay buffers, RNG states) and of torch's global RNG.
+
+Resuming re-runs the search from its seed and answers every plan the checkpoint already
+scored from the record instead of running the model: the agent takes the same decisions,
+so its networks, optimiser moments, replay buffer and random streams are rebuilt exactly,
+at the cost of the agent's own work only (AMC: about a third of a forward pass per episode).
+Restoring networks into the middle of six different training loops would need every loop
+rewritten as a resumable state machine; replaying them needs none, and it is checked: every
+replayed episode must match the recorded one (amounts and reward), and the agent's state
+at the checkpointed episode must equal the stored snapshot. A mismatch (another torch build,
+another thread count) is reported with a warning and the search goes on from there.
+
+Files are written atomically and hold only tensors, numbers, strings, lists and dicts, so
+they load with ``torch.load(weights_only=True)``: a hostile file cannot run code.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "SearchRecorder", "load_checkpoint", "agent_state",
+           "states_equal"]
+
+CHECKPOINT_FORMAT = 1
+_MAX_DEPTH = 6
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, is not a search checkpoint, or belongs to another search."""
+
+
+# ----------------------------------------------------------------------------- agent state
+def _to_saveable(value: Any, depth: int = 0):
+    """``value`` as tensors, numbers, strings, lists and dicts (what ``weights_only`` loads)."""
+    if depth > _MAX_DEPTH:
+        return repr(type(value).__name__)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value).copy()) if value.dtype != object else \
+            [_to_saveable(v, depth + 1) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.random.Generator):
+        return {"bit_generator": _to_saveable(value.bit_generator.state, depth + 1)}
+    if isinstance(value, nn.Module):
+        return {k: v.detach().clone() for k, v in value.state_dict().items()}
+    if isinstance(value, torch.optim.Optimizer):
+        return _to_saveable(value.state_dict(), depth + 1)
+    if isinstance(value, dict):
+        return {str(k): _to_saveable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_saveable(v, depth + 1) for v in value]
+    if hasattr(value, "__dict__") and not callable(value):  # replay buffers and the like
+        return {k: _to_saveable(v, depth + 1) for k, v in vars(value).items() if not k.startswith("__")}
+    return repr(type(value).__name__)
+
+
+def agent_state(agent) -> Dict[str, Any]:
+    """A snapshot of everything an agent learned and drew so far (config and callables left out)."""
+    return {name: _to_saveable(value) for name, value in sorted(vars(agent).items())
+            if name != "config" and (isinstance(value, nn.Module) or not callable(value))}
+
+
+def states_equal(a, b) -> bool:
+    """Exact equality of two snapshots (NaNs equal to themselves)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+            and a.dtype == b.dtype and bool(torch.equal(a, b) or (a.is_floating_point()
+                                                                   and torch.equal(a.isnan(), b.isnan())
+                                                                   and torch.equal(a.nan_to_num(), b.nan_to_num())))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(states_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
+
+
+# ----------------------------------------------------------------------------- the file
+def _write_atomically(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _require(cond: bool, path, what: str) -> None:
+    if not cond:
+        raise CheckpointError(f"resume: {path} is not a valid torch_rlprune search checkpoint ({what})")
+
+
+def load_checkpoint(path) -> dict:
+    """Read and check a checkpoint file (``weights_only=True``: tensors and plain data only)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise CheckpointError(f"resume: no checkpoint file at {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle opcodes outside the allow-list, truncated files, ...
+        raise CheckpointError(f"resume: cannot read {path} as a search checkpoint: {err}") from None
+    _require(isinstance(data, dict), path, "not a dict")
+    _require(data.get("format") == CHECKPOINT_FORMAT, path,
+             f"format {data.get('format')!r}, this library reads {CHECKPOINT_FORMAT}")
+    for key, kind in (("fingerprint", dict), ("history", list), ("plans", torch.Tensor), ("scores", torch.Tensor),
+                      ("best", list)):
+        _require(isinstance(data.get(key), kind), path, f"'{key}' missing or not a {kind.__name__}")
+    plans, scores = data["plans"], data["scores"]
+    _require(plans.dtype == torch.int64 and plans.dim() == 2 and scores.dtype == torch.float64
+             and scores.dim() == 1 and len(plans) == len(scores), path, "plans/scores shapes")
+    _require(all(isinstance(h, dict) for h in data["history"]), path, "history entries")
+    for best in data["best"]:
+        _require(isinstance(best, dict) and {"target", "reward", "score", "k"} <= set(best), path, "best plans")
+    data["path"] = path
+    return data
+
+
+class SearchRecorder:
+    """Writes a search's checkpoint every ``every`` episodes and when asked (on interrupt),
+    and, when resuming, feeds the recorded scores back and checks the replay against them.
+
+    Attach with :meth:`attach` after the environment exists and before the agent runs.
+    """
+
+    def __init__(self, path: Optional[os.PathLike], every: int, fingerprint: dict,
+                 resume: Optional[dict] = None):
+        self.path = Path(path) if path is not None else None
+        self.every = int(every)
+        self.fingerprint = fingerprint
+        self.resume = resume
+        self.env = self.agent = None
+        self._snapshot: Optional[dict] = None
+        self._recorded: List[dict] = resume["history"] if resume else []
+        self.replayed = 0
+        self.diverged_at: Optional[int] = None
+        if resume is not None:
+            self._check_fingerprint(resume)
+
+    # ------------------------------------------------------------------ set-up
+    def _check_fingerprint(self, data: dict) -> None:
+        saved, now = data["fingerprint"], self.fingerprint
+        differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if differ:
+            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in differ[:6])
+            raise CheckpointError(f"resume: {data['path']} belongs to a different search ({details}); "
+                                  f"resume with the same arguments, or start a new search")
+
+    def attach(self, env, agent) -> None:
+        self.env, self.agent = env, agent
+        if self.resume is not None:
+            env.replay = {tuple(int(v) for v in row): float(s) for row, s in zip(self.resume["plans"].tolist(),
+                                                                                  self.resume["scores"].tolist())}
+        env.callbacks.insert(0, self._on_episode)
+
+    # ------------------------------------------------------------------ per episode
+    @property
+    def replaying(self) -> bool:
+        return self.env is not None and len(self.env.history) <= len(self._recorded)
+
+    def _on_episode(self, record) -> None:
+        i = record.episode
+        if i < len(self._recorded):
+            self._check_replay(record, self._recorded[i])
+            record.seconds = float(self._recorded[i].get("seconds", record.seconds))
+            self.replayed = i + 1
+            snap = self.resume.get("agent")
+            if snap and snap.get("episode") == i and self.diverged_at is None:
+                if not states_equal(agent_state(self.agent), snap["state"]):
+                    self._diverged(i, "the agent's networks, optimiser or random state")
+            return
+        if self.path is not None and self.every > 0 and (i + 1) % self.every == 0:
+            self._snapshot = {"episode": i, "state": agent_state(self.agent)}
+            self.save()
+
+    def _check_replay(self, record, recorded: dict) -> None:
+        if self.diverged_at is not None:
+            return
+        same = recorded.get("reward") == record.reward and recorded.get("amounts") == list(record.amounts)
+        if not same:
+            self._diverged(record.episode, "its plan or reward")
+
+    def _diverged(self, episode: int, what: str) -> None:
+        self.diverged_at = episode
+        warnings.warn(f"resume: replaying episode {episode} did not reproduce {what} as recorded "
+                      f"(another torch build or thread count?); the search continues from here and may "
+                      f"not end where the interrupted one would have", RuntimeWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------ the file
+    def state(self) -> dict:
+        env = self.env
+        scored = dict(env._cache)
+        for key, score in getattr(env, "replay", {}).items():  # recorded, not yet replayed
+            scored.setdefault(key, score)
+        width = len(next(iter(scored))) if scored else 0
+        history = [h.as_dict() for h in env.history]
+        if len(history) < len(self._recorded):  # interrupted during the replay: keep the record
+            history += self._recorded[len(history):]
+        snapshot = self._snapshot
+        if snapshot is None and self.resume is not None:
+            snapshot = self.resume.get("agent")
+        return {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint,
+                "plans": torch.tensor(list(scored), dtype=torch.int64).reshape(len(scored), width),
+                "scores": torch.tensor(list(scored.values()), dtype=torch.float64),
+                "history": history,
+                "best": [{"target": key, "reward": float(b.reward), "score": float(b.score),
+                          "k": None if b.k is None else torch.from_numpy(np.asarray(b.k, dtype=np.int64).copy())}
+                         for key, b in env.best_by_target.items()],
+                "agent": snapshot, "torch_rng": torch.get_rng_state()}
+
+    def save(self) -> Optional[Path]:
+        """Write the checkpoint now (no-op without a path or before the search scored anything)."""
+        if self.path is None or self.env is None or not (self.env._cache or getattr(self.env, "replay", None)):
+            return None
+        _write_atomically(self.state(), self.path)
+        return self.path
