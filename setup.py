@@ -20,6 +20,8 @@ setup(
         "timm>=0.9",
         "numpy>=1.22",
         "tqdm>=4.60",
+        # report.md's plots (PNG, Agg backend): the charts people look at are not worth re-implementing.
+        "matplotlib>=3.5",
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "gymnasium>=0.29"], "gym": ["gymnasium>=0.29"]},
 )

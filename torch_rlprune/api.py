@@ -1,6 +1,7 @@
 """``rl_prune``: search a per-layer pruning plan with an RL agent and apply it in place."""
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import statistics
@@ -45,6 +46,8 @@ class PruneResult:
         baseline_score: the unpruned model's score under the same reward.
         wall_time: seconds for the whole call.
         forward_seconds: seconds of one scoring pass of the unpruned model (an episode's floor).
+        search_seconds: seconds the agent's search took (episodes, learning and scoring; without
+            the set-up before it and applying the plan after it).
     """
 
     model: nn.Module
@@ -56,6 +59,7 @@ class PruneResult:
     forward_seconds: float
     layers: List[PrunableTensor] = field(repr=False, default_factory=list)
     example_inputs: Optional[torch.Tensor] = field(repr=False, default=None)
+    search_seconds: float = math.nan
 
     def compact(self) -> dict:
         """Physically remove the masked channels (``structure="channel"``); see :func:`compact`."""
@@ -74,28 +78,11 @@ class PruneResult:
         return statistics.median(h["seconds"] for h in self.history) if self.history else float("nan")
 
     def summary(self) -> str:
-        p = self.plan
-        goal = (f"accuracy-guaranteed (max_drop {p.metadata['max_drop']:g}): smallest plan found"
-                if p.metadata.get("mode") == "accuracy-guaranteed" else f"target {p.target:.4f}")
-        lines = [f"rl_prune: agent={p.agent} reward={p.reward} budget={p.budget} structure={p.structure} "
-                 f"episodes={p.episodes} seed={p.seed}",
-                 f"{goal}  achieved {self.sparsity:.4f}  "
-                 f"score {p.score:.4f} (unpruned {self.baseline_score:.4f})  wall time {self.wall_time:.1f}s  "
-                 f"episode {self.episode_seconds * 1e3:.0f} ms vs forward {self.forward_seconds * 1e3:.0f} ms"]
-        latency = p.metadata.get("latency")
-        if isinstance(latency, dict):  # budget="latency": what the table predicts, not a measurement
-            lines.append(f"predicted latency {latency['dense_ms']:.3f} ms -> {latency['planned_ms']:.3f} ms "
-                         f"(batch {latency['batch']}, {latency['threads']} threads, {latency['device']})")
-        if "removed_blocks" in p.metadata:  # depth agents (n2n)
-            lines.append(f"blocks removed ({len(p.metadata['removed_blocks'])} of "
-                         f"{len(p.metadata.get('removable_blocks', []))} removable): "
-                         f"{', '.join(p.metadata['removed_blocks']) or 'none'}")
-        lines += [f"{'layer' if p.structure == 'unstructured' else 'channel group':<40} {'kind':<8} "
-                  f"{'params' if p.structure == 'unstructured' else 'units':>10} {'pruned':>8}"]
-        kinds = [lay.kind for lay in self.layers] if len(self.layers) == len(p.amounts) else [""] * len(p.amounts)
-        for (name, amount), kind in zip(p.amounts.items(), kinds):
-            lines.append(f"{name:<40} {kind:<8} {p.numels[name]:>10} {amount:>8.1%}")
-        return "\n".join(lines)
+        """The table ``rlprune prune`` prints: per-layer amounts, achieved sparsity, MACs and params
+        before and after, score, wall time (:func:`torch_rlprune.report.format_summary`)."""
+        from .report import format_summary, summarize
+
+        return format_summary(summarize(self))
 
 
 class MultiTargetResult(Mapping):
@@ -641,6 +628,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
                                                                              last=f"{rec.reward:.4f}")))
             if coordinator is not None and leader:
                 env.score_fn = coordinator.wrap_leader_score(env, env.score_fn, scorer)
+            search_started = time.perf_counter()
             try:
                 if not leader:
                     coordinator.serve(env, env.score_fn)
@@ -653,6 +641,8 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
                 bar.close()
                 env.restore()
                 recalibrate.restore()
+            search_seconds = time.perf_counter() - search_started
+
             def plan_for(key: Optional[float]) -> PruningPlan:
                 best = env.best_by_target.get(key)
                 if best is None or best.k is None:
@@ -681,7 +671,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
                     results[t] = PruneResult(model, plan, plan.sparsity,
                                              [h.as_dict() for h in env.history if h.target == t], baseline,
                                              time.perf_counter() - started, forward_seconds, space.steps,
-                                             example_inputs=example)
+                                             example_inputs=example, search_seconds=search_seconds)
                 outcome = MultiTargetResult(model, results, agent_obj.name, time.perf_counter() - started,
                                             [h.as_dict() for h in env.history], latency=getattr(space, "latency", None))
             else:
@@ -694,7 +684,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
                                        "please report this")
                 outcome = PruneResult(model, plan, achieved, [h.as_dict() for h in env.history], baseline,
                                       time.perf_counter() - started, forward_seconds, space.steps,
-                                      example_inputs=example)
+                                      example_inputs=example, search_seconds=search_seconds)
     except BaseException:
         if recorder is not None:
             try:
