@@ -23,5 +23,6 @@ setup(
         # report.md's plots (PNG, Agg backend): the charts people look at are not worth re-implementing.
         "matplotlib>=3.5",
     ],
+    entry_points={"console_scripts": ["rlprune=torch_rlprune.cli:main"]},
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "gymnasium>=0.29"], "gym": ["gymnasium>=0.29"]},
 )

@@ -96,6 +96,24 @@ def test_cacp_channel_plans_meet_each_target_after_compaction(budget):
         assert info["macs_after"] < dense[0]
 
 
+def test_multi_target_apply_reports_the_macs_fraction_for_an_unstructured_macs_budget(cnn_batch):
+    """Regression: apply() read back the params fraction for budget="macs" (layers not traced)."""
+    from helpers import macs_per_weight
+
+    model = seeded(small_cnn, 0)
+    result = rl_prune(model, [0.3, 0.6], data=cnn_batch, budget="macs", agent="random", episodes=3, seed=0,
+                      verbose=False)
+    for target in (0.3, 0.6):
+        other = seeded(small_cnn, 0)
+        achieved = result.apply(other, target=target)
+        cost = macs_per_weight(other, cnn_batch[:2])   # independent: hooks, not the library's trace
+        masked = [(m, m.weight_mask) for m in other.modules() if hasattr(m, "weight_mask")]
+        removed = sum(float((mask == 0).sum()) * cost[m] for m, mask in masked)
+        total = sum(mask.numel() * cost[m] for m, mask in masked)
+        assert_budget_met(removed / total, target)
+        assert achieved == pytest.approx(removed / total, abs=1e-9)
+
+
 BAD_TARGETS = {
     "empty list": (dict(target=[]), ValueError, ["empty"]),
     "repeated target": (dict(target=[0.5, 0.5]), ValueError, ["repeated"]),

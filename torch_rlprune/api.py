@@ -139,9 +139,14 @@ class MultiTargetResult(Mapping):
             which = 0 if result.plan.budget == "macs" else 1
             return 1.0 - count_macs_params(model, result.example_inputs)[which] / dense[which]
         apply_plan(model, result.plan)
-        layers = find_prunable(model, None)
         names = set(result.plan.amounts)
-        return pruned_fraction([lay for lay in layers if lay.name in names], result.plan.budget)
+        layers = [lay for lay in find_prunable(model, None) if lay.name in names]
+        if result.plan.budget == "macs":  # a weight's MACs come from a traced forward (feature-map sizes)
+            def run():
+                with torch.inference_mode():
+                    model(result.example_inputs)
+            layers, _ = trace_execution(model, layers, run)
+        return pruned_fraction(layers, result.plan.budget)
 
     def summary(self) -> str:
         lines = [f"rl_prune: agent={self.agent}, {len(self)} targets, wall time {self.wall_time:.1f}s",
