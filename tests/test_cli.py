@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import inspect
 import io
 import json
 import os
@@ -29,11 +28,6 @@ from torch_rlprune.report import format_summary, load_run
 MODEL = "test_resnet"
 QUICK = ["--episodes", "4", "--calibration", "64", "--test-samples", "200"]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _has_resume_kwargs() -> bool:
-    params = inspect.signature(rl_prune).parameters
-    return all(name in params for name in ("checkpoint", "checkpoint_every", "resume"))
 
 
 def run_cli(*argv) -> tuple:
@@ -400,15 +394,13 @@ def test_interrupt_exits_130_and_says_how_to_resume(tmp_path, data_root, monkeyp
     assert code == EXIT_INTERRUPTED
     assert f"rlprune prune --resume {out}" in stderr and "Traceback" not in stderr
     assert (out / "command.json").is_file() and not (out / "plan.json").exists()
-    if _has_resume_kwargs():
-        assert (out / "checkpoint.pt").is_file()
+    assert (out / "checkpoint.pt").is_file()
     # the run directory is refused as a new --out, and --resume takes no other option
     assert run_cli("prune", MODEL, "--out", out)[0] == EXIT_USAGE
     code, _, stderr = run_cli("prune", "--resume", out, "--target", "0.5")
     assert code == EXIT_USAGE and "--target" in stderr and "--quiet" in stderr
 
 
-@pytest.mark.skipif(not _has_resume_kwargs(), reason="rl_prune has no checkpoint=/resume= yet")
 def test_resume_continues_to_the_uninterrupted_result(tmp_path, data_root, monkeypatch):
     import torch_rlprune
 

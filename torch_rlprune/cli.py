@@ -631,7 +631,6 @@ def _prune_settings(args) -> dict:
 
 def _validate_prune(s: dict) -> None:
     """Usage errors, before anything is read or written; message names the flag and allowed values."""
-    from . import rl_prune
     from .agents import get_agent_class, list_agents
     from .api import STRUCTURES
     from .env import STRUCTURE_BUDGETS
@@ -673,8 +672,6 @@ def _validate_prune(s: dict) -> None:
             raise _usage(f"--agent {s['agent']} removes residual blocks and channels: it needs --structure channel")
         if len(targets) > 1:
             raise _usage(f"--agent {s['agent']} searches one target at a time: give one --target")
-    if s["distributed"] and "distributed" not in inspect.signature(rl_prune).parameters:
-        raise _usage("--distributed needs a torch_rlprune whose rl_prune accepts distributed= (this one does not)")
 
 
 def _reject_constant(name: str):
@@ -769,13 +766,6 @@ def _default_out(model: str, agent: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- prune
-def _has_kwargs(*names: str) -> bool:
-    from . import rl_prune
-
-    params = inspect.signature(rl_prune).parameters
-    return all(n in params for n in names)
-
-
 def _cmd_prune(args) -> int:
     quiet = bool(args.quiet)
     if args.resume is not None:
@@ -802,10 +792,9 @@ def _cmd_prune(args) -> int:
     _check_model_spec(model_spec)
     leader = not s["distributed"] or int(os.environ.get("RANK", "0")) == 0
     console = _Console(quiet, silent=not leader)
-    resumable = _has_kwargs("checkpoint", "checkpoint_every", "resume")
     created = not out.exists()
     try:
-        return _run_prune(args, s, model_spec, out, console, leader, resumable)
+        return _run_prune(args, s, model_spec, out, console, leader)
     except (ValueError, RuntimeError):
         # rl_prune refused the arguments (e.g. an unreachable target) before writing anything: a
         # run directory holding only command.json would just block the next --out
@@ -823,8 +812,7 @@ def _cmd_prune(args) -> int:
             from None
 
 
-def _run_prune(args, s: dict, model_spec: str, out: Path, console: _Console, leader: bool,
-               resumable: bool) -> int:
+def _run_prune(args, s: dict, model_spec: str, out: Path, console: _Console, leader: bool) -> int:
     from . import rl_prune
     from .api import PruneResult
     from .training import evaluate_accuracy
@@ -891,17 +879,14 @@ def _run_prune(args, s: dict, model_spec: str, out: Path, console: _Console, lea
                   data=(x_cal, y_cal), reward=s["reward"], agent=s["agent"], episodes=s["episodes"],
                   budget=s["budget"], structure=s["structure"], exclude=list(s["exclude"]) or None, seed=seed,
                   verbose=not console.quiet, calibration_samples=calibration, max_amount=s["max_amount"])
-    if resumable:
-        state = out / SEARCH_CHECKPOINT
-        kwargs.update(checkpoint=state, checkpoint_every=s["checkpoint_every"])
-        if args.resume is not None:
-            if state.is_file():
-                kwargs["resume"] = state
-                console.note(f"resuming the search from {state}")
-            else:
-                console.note(f"no {SEARCH_CHECKPOINT} in {out}: the search starts from the beginning")
-    elif args.resume is not None:
-        console.warn("this rl_prune cannot resume (no resume= argument): the search starts from the beginning")
+    state = out / SEARCH_CHECKPOINT
+    kwargs.update(checkpoint=state, checkpoint_every=s["checkpoint_every"])
+    if args.resume is not None:
+        if state.is_file():
+            kwargs["resume"] = state
+            console.note(f"resuming the search from {state}")
+        else:
+            console.note(f"no {SEARCH_CHECKPOINT} in {out}: the search starts from the beginning")
     if s["distributed"]:
         kwargs["distributed"] = True
     console.note(f"searching: agent {s['agent']}, {s['structure']}, target {' '.join(f'{t:g}' for t in s['target'])}")
