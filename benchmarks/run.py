@@ -285,7 +285,7 @@ class Suite:
             self._floor = statistics.median(times[1:])
         return self._floor
 
-    def search_row(self, method, result, seconds, structure, target, seed) -> dict:
+    def search_row(self, method, result, seconds, structure, target, seed, whole_search=None) -> dict:
         """Cost against the floor, split in two: an episode of the environment (masks, budget, the
         scoring forward: median over episodes) and the agent's own work between episodes (acting and
         learning: the search's wall time minus its episodes', per episode)."""
@@ -294,15 +294,17 @@ class Suite:
         evaluations = history[-1]["evaluations"] if history else 0
         floor = self.floor_seconds()
         search_s = result.search_seconds
-        in_episodes = sum(h["seconds"] for h in history)
+        # a conditional search's seconds pay for every target's episodes, not just this target's
+        everything = whole_search if whole_search is not None else history
+        in_episodes = sum(h["seconds"] for h in everything)
         return {"method": method, "structure": structure, "target": target, "seed": seed,
                 "episodes": len(history), "evaluations": evaluations, "wall_s": seconds,
                 "reward": result.plan.score, "episodes_to_99pct": episodes_to(curve),
                 "episode_ms": result.episode_seconds * 1e3, "forward_ms": floor * 1e3,
                 "search_s": search_s,
                 "episode_over_forward": result.episode_seconds / floor,
-                "agent_over_forward": max(0.0, search_s - in_episodes) / max(1, len(history)) / floor,
-                "wall_episode_over_forward": search_s / max(1, len(history)) / floor,
+                "agent_over_forward": max(0.0, search_s - in_episodes) / max(1, len(everything)) / floor,
+                "wall_episode_over_forward": search_s / max(1, len(everything)) / floor,
                 "evaluation_over_forward": seconds / max(1, evaluations) / floor}
 
     def random_matched(self, structure: str, target: float, seed: int, budgets: Dict[str, int]) -> None:
@@ -360,7 +362,7 @@ class Suite:
             apply_plan(model, result.plan)
             self.curves[f"{agent}/unstructured/{t}/{seed}"] = best_so_far(result.history)
             row = self.search_row(f"{agent} (one search, {len(targets)} targets)", result, seconds,
-                                  "unstructured", t, seed)
+                                  "unstructured", t, seed, whole_search=getattr(multi, "history", None))
             row["evaluations"] = budgets[t] = len(result.history)   # each clipped episode scores once
             self.finish(model, row, "unstructured")
         return budgets

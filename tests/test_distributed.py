@@ -63,7 +63,9 @@ SCRIPT = textwrap.dedent("""
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mode = sys.argv[1]
     x = torch.randn(64, 1, 12, 12, generator=torch.Generator().manual_seed(rank if mode == "different-data" else 0))
-    if mode == "rank0-fails" and rank == 0:
+    if mode == "bad-resume" and rank == 0:
+        open("garbage.pt", "wb").write(b"not a checkpoint")
+    if (mode == "rank0-fails" and rank == 0) or (mode == "rank1-fails" and rank == 1):
         calls = {"n": 0}
         original = FidelityReward.partial_sums
         def failing(self, m):
@@ -73,17 +75,22 @@ SCRIPT = textwrap.dedent("""
             return original(self, m)
         FidelityReward.partial_sums = failing
     try:
-        rl_prune(model, target=0.5, data=x, agent="random", episodes=8, verbose=False, distributed=True)
+        rl_prune(model, target=0.5, data=x, agent="random", episodes=8, verbose=False, distributed=True,
+                 resume="garbage.pt" if mode == "bad-resume" else None)
     except BaseException as err:
         same = all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and \\
             set(model.state_dict()) == set(before)
         with open(f"rank{rank}.txt", "w") as f:  # separate files: torchrun interleaves the ranks' stdout
             f.write(f"rank {rank}: {type(err).__name__}: {err} | model unchanged: {same}")
+        import time  # torchrun stops the other ranks once one exits with an error: let both report first
+        deadline = time.time() + 60
+        while not all(os.path.exists(f"rank{r}.txt") for r in (0, 1)) and time.time() < deadline:
+            time.sleep(0.1)
         sys.exit(7)
 """)
 
 
-@pytest.mark.parametrize("mode", ["different-data", "rank0-fails"])
+@pytest.mark.parametrize("mode", ["different-data", "rank0-fails", "rank1-fails", "bad-resume"])
 def test_failures_stop_every_rank_and_leave_the_model_untouched(mode, tmp_path):
     script = tmp_path / "job.py"
     script.write_text(SCRIPT)
@@ -95,9 +102,15 @@ def test_failures_stop_every_rank_and_leave_the_model_untouched(mode, tmp_path):
     assert all(line.endswith("model unchanged: True") for line in lines)
     if mode == "different-data":
         assert all("different calibration sets" in line for line in lines)
+    elif mode == "rank0-fails":
+        assert lines[0].startswith("rank 0: KeyboardInterrupt")
+        assert lines[1].startswith("rank 1: RuntimeError") and "failed" in lines[1]
+    elif mode == "rank1-fails":
+        assert lines[1].startswith("rank 1: KeyboardInterrupt")
+        assert lines[0].startswith("rank 0: RuntimeError") and "another rank failed while scoring" in lines[0]
     else:
-        assert any(line.startswith("rank 0: KeyboardInterrupt") for line in lines)
-        assert any(line.startswith("rank 1: RuntimeError") and "rank 0 failed" in line for line in lines)
+        assert lines[0].startswith("rank 0: CheckpointError") and "cannot read" in lines[0]
+        assert lines[1].startswith("rank 1: RuntimeError") and "while reading the checkpoint" in lines[1]
 
 
 def test_distributed_needs_torchrun_and_a_splittable_reward(small_cnn_model, cnn_batch, monkeypatch):

@@ -1,6 +1,7 @@
 """Checkpoints and resume: an interrupted search continues to exactly the uninterrupted result."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,47 @@ def test_batchnorm_statistics_survive_a_failure_before_the_search(failure, train
             _search(trained_fmnist_cnn, calibration, "amc", "channel", 0.9, 2, None, max_amount=0.3)
     after = _state(trained_fmnist_cnn)
     assert [k for k in before if not torch.equal(after[k], before[k])] == []
+
+
+def test_a_changed_model_is_refused_even_with_the_same_arguments(small_cnn_model, cnn_batch, tmp_path):
+    path = tmp_path / "c.pt"
+    kwargs = dict(target=0.5, data=cnn_batch, agent="random", episodes=3, seed=5, verbose=False)
+    rl_prune(small_cnn_model, checkpoint=path, **kwargs)
+    from helpers import seeded, small_cnn
+    other = seeded(small_cnn, 1)  # same architecture, other weights: the record's scores would not hold
+    with pytest.raises(CheckpointError, match="weights"):
+        rl_prune(other, resume=path, **kwargs)
+    with pytest.raises(CheckpointError, match="calibration"):
+        rl_prune(seeded(small_cnn, 0), resume=path, **{**kwargs, "data": cnn_batch + 1})
+
+
+def test_numpy_numbers_and_a_directory_make_a_loadable_checkpoint(small_cnn_model, cnn_batch, tmp_path):
+    import numpy as np
+    kwargs = dict(target=np.float64(0.5), data=cnn_batch, agent="amc", episodes=4, seed=5, verbose=False,
+                  agent_config={"warmup": 2, "init_delta": np.float64(0.4)}, max_amount=np.float64(0.9))
+    reference = rl_prune(copy.deepcopy(small_cnn_model), **kwargs)
+    rl_prune(small_cnn_model, checkpoint=tmp_path, checkpoint_every=1, **kwargs)  # a directory
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["fingerprint"]["agent_config"]["init_delta"] == 0.4
+    from helpers import seeded, small_cnn
+    resumed = rl_prune(seeded(small_cnn, 0), resume=tmp_path, **kwargs)
+    assert resumed.plan.amounts == reference.plan.amounts
+
+
+def test_after_a_divergence_the_checkpoint_describes_the_new_search(trained_fmnist_cnn, calibration, tmp_path):
+    path = tmp_path / "d.pt"
+    original = copy.deepcopy(trained_fmnist_cnn)
+    _search(trained_fmnist_cnn, calibration, "random", "unstructured", 0.8, 8, None, checkpoint=path,
+            checkpoint_every=2)
+    saved = torch.load(path, weights_only=True)
+    saved["history"][3]["reward"] = -1.0  # a record this search cannot reproduce
+    torch.save(saved, path)
+    with pytest.warns(RuntimeWarning, match="episode 3 did not reproduce its plan"):
+        resumed = _search(original, calibration, "random", "unstructured", 0.8, 8, None, resume=path,
+                          checkpoint_every=2)
+    final = torch.load(path, weights_only=True)
+    assert [h["reward"] for h in final["history"]] == [h["reward"] for h in resumed.history]
+    assert final["agent"]["episode"] == 7  # written again by this search, not the old snapshot
 
 
 class _Exploit:

@@ -10,6 +10,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -345,6 +346,8 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
         from .distributed import SplittableReward, check_same_calibration, shard
 
         check_same_calibration(calibration, distributed.device)
+        if reward == "accuracy":  # the label checks see the whole set, as in one process, on every rank
+            make_reward(reward, calibration).prepare(model)
         scorer = SplittableReward(make_reward(reward, shard(calibration, distributed.rank, distributed.world)),
                                   distributed.device)
     scorer.prepare(model)
@@ -407,6 +410,8 @@ def _run_search(agent_obj: Agent, agent_cls, agent_config, seed, env, episodes: 
         if recorder is not None:
             recorder.save()
     except BaseException:
+        if recorder is not None:  # first: releasing the other ranks may not return (they may be gone)
+            recorder.save()
         if coordinator is not None:
             coordinator.finish(env, failed=True)
         raise
@@ -594,7 +599,14 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         leader = coordinator.leader
         if not leader:  # the agent, its progress bar and its checkpoints live on rank 0
             verbose, checkpoint, resume = False, None, None
-    resumed = load_checkpoint(resume) if resume is not None else None
+    try:
+        resumed = load_checkpoint(resume) if resume is not None else None
+    except Exception:
+        if coordinator is not None:
+            coordinator.agree(False, "reading the checkpoint")
+        raise
+    if coordinator is not None:
+        coordinator.agree(True, "reading the checkpoint")
     if resumed is not None and checkpoint is None:
         checkpoint = resumed["path"]
     if not isinstance(agent, Agent):
@@ -621,12 +633,19 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             one_search = targets is None or len(targets) == 1 or agent_obj.multi_target
             total_episodes = episodes if one_search else episodes * len(targets)
 
-            if checkpoint is not None or resumed is not None:
-                fingerprint = _search_fingerprint(agent_obj, targets, max_drop, structure, budget, scorer, seed,
-                                                  episodes, max_amount, calibration, bn_recalibration, round_to,
-                                                  importance, space)
-                recorder = SearchRecorder(checkpoint, checkpoint_every, fingerprint, resumed)
-                recorder.attach(env, agent_obj)
+            try:
+                if checkpoint is not None or resumed is not None:
+                    fingerprint = _search_fingerprint(agent_obj, targets, max_drop, structure, budget, scorer,
+                                                      seed, episodes, max_amount, calibration, bn_recalibration,
+                                                      round_to, importance, space, baseline, model)
+                    recorder = SearchRecorder(checkpoint, checkpoint_every, fingerprint, resumed)
+                    recorder.attach(env, agent_obj)
+            except Exception:
+                if coordinator is not None:
+                    coordinator.agree(False, "checking the checkpoint")
+                raise
+            if coordinator is not None:
+                coordinator.agree(True, "checking the checkpoint")
             bar = tqdm(total=total_episodes, desc=f"rl_prune[{agent_obj.name}]", disable=not verbose,
                        leave=False, dynamic_ncols=True)
             env.callbacks.append(lambda rec: (bar.update(1), bar.set_postfix(best=f"{rec.best_reward:.4f}",
@@ -636,7 +655,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             search_started = time.perf_counter()
             try:
                 if not leader:
-                    coordinator.serve(env, env.score_fn)
+                    coordinator.serve(env, env.score_fn, scorer)
                 else:
                     _run_search(agent_obj, agent_cls if not isinstance(agent, Agent) else None, agent_config, seed,
                                 env, episodes, targets, one_search, recorder, coordinator)
@@ -708,10 +727,27 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
     return outcome
 
 
+def _digest(tensors) -> List[float]:
+    """Two float64 sums that change when any value does (not a hash: enough to tell models apart)."""
+    first = second = 0.0
+    with torch.no_grad():
+        for t in tensors:
+            t = t.detach().double().reshape(-1)
+            first += float(t.abs().sum())
+            second += float((t * torch.arange(1, len(t) + 1, dtype=torch.float64, device=t.device)).sum())
+    return [first, second]
+
+
 def _search_fingerprint(agent, targets, max_drop, structure, budget, scorer, seed, episodes, max_amount,
-                        calibration, bn_recalibration, round_to, importance, space) -> dict:
-    """What a resumed search must share with the checkpointed one (plain data, compared with ==)."""
+                        calibration, bn_recalibration, round_to, importance, space, baseline, model) -> dict:
+    """What a resumed search must share with the checkpointed one (plain data, compared with ==).
+    The weights and the calibration data are in it as digests: the replay answers plans from the
+    record, so a changed model or data would otherwise go unnoticed."""
     def plain(value):
+        if isinstance(value, np.generic):  # np.float64 is a float, but weights_only refuses to load it
+            return value.item()
+        if isinstance(value, torch.Tensor):
+            return [float(value.detach().double().abs().sum()), float(value.detach().double().square().sum())]
         if isinstance(value, dict):
             return {str(k): plain(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
@@ -724,6 +760,10 @@ def _search_fingerprint(agent, targets, max_drop, structure, budget, scorer, see
                   "calibration_samples": calibration.num_samples, "synthetic_calibration": calibration.synthetic,
                   "bn_recalibration": int(bn_recalibration), "round_to": round_to,
                   "importance": None if importance is None else type(importance).__name__,
+                  "importance_scores": dict(sorted(getattr(space, "scores", {}).items())) or None,
+                  "baseline_score": float(baseline),
+                  "weights": _digest(p for p in model.parameters()),
+                  "calibration": _digest(calibration.inputs),
                   "steps": [f"{layer.name}:{getattr(layer, 'numel', '')}" for layer in space.steps]})
 
 

@@ -46,6 +46,8 @@ def _to_saveable(value: Any, depth: int = 0):
     """``value`` as tensors, numbers, strings, lists and dicts (what ``weights_only`` loads)."""
     if depth > _MAX_DEPTH:
         return repr(type(value).__name__)
+    if isinstance(value, np.generic):  # before the plain types: np.float64 is a float, and weights_only refuses it
+        return value.item()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, torch.Tensor):
@@ -53,8 +55,6 @@ def _to_saveable(value: Any, depth: int = 0):
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(value).copy()) if value.dtype != object else \
             [_to_saveable(v, depth + 1) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, np.random.Generator):
         return {"bit_generator": _to_saveable(value.bit_generator.state, depth + 1)}
     if isinstance(value, nn.Module):
@@ -94,9 +94,19 @@ def states_equal(a, b) -> bool:
 
 # ----------------------------------------------------------------------------- the file
 def _write_atomically(obj, path: Path) -> None:
+    """Write, read back with ``weights_only=True`` (a file resume could not load is never left in place),
+    flush to disk, then rename over the old checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        torch.load(tmp, map_location="cpu", weights_only=True)
+    except Exception as err:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"checkpoint {path}: the state would not load back ({err})") from err
     os.replace(tmp, path)
 
 
@@ -125,7 +135,11 @@ def load_checkpoint(path) -> dict:
     plans, scores = data["plans"], data["scores"]
     _require(plans.dtype == torch.int64 and plans.dim() == 2 and scores.dtype == torch.float64
              and scores.dim() == 1 and len(plans) == len(scores), path, "plans/scores shapes")
-    _require(all(isinstance(h, dict) for h in data["history"]), path, "history entries")
+    _require(all(isinstance(h, dict) and isinstance(h.get("amounts"), list) and isinstance(h.get("reward"), float)
+                 and isinstance(h.get("seconds"), float) for h in data["history"]), path, "history entries")
+    agent = data.get("agent")
+    _require(agent is None or (isinstance(agent, dict) and isinstance(agent.get("episode"), int)
+                               and isinstance(agent.get("state"), dict)), path, "agent snapshot")
     for best in data["best"]:
         _require(isinstance(best, dict) and {"target", "reward", "score", "k"} <= set(best), path, "best plans")
     data["path"] = path
@@ -142,6 +156,8 @@ class SearchRecorder:
     def __init__(self, path: Optional[os.PathLike], every: int, fingerprint: dict,
                  resume: Optional[dict] = None):
         self.path = Path(path) if path is not None else None
+        if self.path is not None and self.path.is_dir():
+            self.path = self.path / "checkpoint.pt"
         self.every = int(every)
         self.fingerprint = fingerprint
         self.resume = resume
@@ -170,37 +186,33 @@ class SearchRecorder:
         env.callbacks.insert(0, self._on_episode)
 
     # ------------------------------------------------------------------ per episode
-    @property
-    def replaying(self) -> bool:
-        return self.env is not None and len(self.env.history) <= len(self._recorded)
-
     def _on_episode(self, record) -> None:
         i = record.episode
         if i < len(self._recorded):
-            self._check_replay(record, self._recorded[i])
-            record.seconds = float(self._recorded[i].get("seconds", record.seconds))
-            self.replayed = i + 1
-            snap = self.resume.get("agent")
-            if snap and snap.get("episode") == i and self.diverged_at is None:
-                if not states_equal(agent_state(self.agent), snap["state"]):
-                    self._diverged(i, "the agent's networks, optimiser or random state")
-            return
+            recorded = self._recorded[i]
+            if states_equal(recorded.get("reward"), float(record.reward)) and \
+                    states_equal(recorded.get("amounts"), list(record.amounts)):
+                record.seconds = float(recorded.get("seconds", record.seconds))
+                self.replayed = i + 1
+                snap = self.resume.get("agent")
+                if snap and snap.get("episode") == i and not states_equal(agent_state(self.agent), snap["state"]):
+                    self._diverged(i, i + 1, "the agent's networks, optimiser or random state")
+                return
+            self._diverged(i, i, "its plan or reward")
         if self.path is not None and self.every > 0 and (i + 1) % self.every == 0:
             self._snapshot = {"episode": i, "state": agent_state(self.agent)}
             self.save()
 
-    def _check_replay(self, record, recorded: dict) -> None:
-        if self.diverged_at is not None:
-            return
-        same = recorded.get("reward") == record.reward and recorded.get("amounts") == list(record.amounts)
-        if not same:
-            self._diverged(record.episode, "its plan or reward")
-
-    def _diverged(self, episode: int, what: str) -> None:
+    def _diverged(self, episode: int, keep: int, what: str) -> None:
+        # From here on this search is its own record: the old history's tail and agent snapshot no
+        # longer describe it (the scores of plans stay valid: they depend on the plan only).
         self.diverged_at = episode
+        self._recorded = self._recorded[:keep]
+        self.resume = {**self.resume, "agent": None}
         warnings.warn(f"resume: replaying episode {episode} did not reproduce {what} as recorded "
-                      f"(another torch build or thread count?); the search continues from here and may "
-                      f"not end where the interrupted one would have", RuntimeWarning, stacklevel=2)
+                      f"(another torch build or thread count, or a changed model or data?); the search "
+                      f"continues from here and may not end where the interrupted one would have",
+                      RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ the file
     def state(self) -> dict:

@@ -7,7 +7,11 @@ Under ``torchrun --nproc_per_node N``, ``rl_prune(..., distributed=True)`` runs 
 * rank 0 runs the agent. Each time the environment scores a plan, rank 0 broadcasts the plan
   (its integer per-step counts, a few hundred bytes), every rank applies it to its own masks,
   scores its share, and the shares are summed with one ``all_reduce``: the reward is exactly
-  the single-process reward (agreement and accuracy are counts);
+  the single-process reward (agreement and accuracy are counts; a non-classifier fidelity sums
+  squared errors, equal up to the order of float additions, with a scale computed per batch, so
+  exact only when the shares are whole batches: at least as many batches as processes);
+* a rank that fails (rank 0 reading a checkpoint, any rank while scoring) makes every rank raise
+  instead of leaving the others waiting in a collective;
 * BatchNorm recalibration runs on the same batches on every rank, so the models stay equal;
 * at the end rank 0 sends the best plans and the history, and every rank applies the same plan.
 
@@ -58,6 +62,15 @@ class SplittableReward(Reward):
                              "samples: reward='fidelity' or 'accuracy' (a callable reward cannot be split)")
         self.inner, self.device, self.name = inner, device, inner.name
         self.reducing = False  # between a plan's announcement and its all_reduce (see DistributedSearch)
+        self.peers_stopped = False  # a failure flag went through an all_reduce: every rank has left the loop
+
+    def release(self) -> None:
+        """A rank that failed while scoring completes the pending all_reduce with a failure flag,
+        so the others learn of it instead of waiting in the collective."""
+        if self.reducing:
+            self.reducing = False
+            dist.all_reduce(torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64, device=self.device))
+            self.peers_stopped = True
 
     def prepare(self, model) -> None:
         self.inner.prepare(model)
@@ -67,26 +80,31 @@ class SplittableReward(Reward):
             self.inner._scale = float(scale) or 1.0
 
     def __call__(self, model) -> float:
-        totals = torch.tensor(self.inner.partial_sums(model), dtype=torch.float64, device=self.device)
+        totals = torch.tensor([*self.inner.partial_sums(model), 0.0], dtype=torch.float64, device=self.device)
         dist.all_reduce(totals)
         self.reducing = False
-        return self.inner.from_sums(*totals.tolist())
+        total, count, failed = totals.tolist()
+        if failed:
+            self.peers_stopped = True
+            raise RuntimeError("distributed search: another rank failed while scoring a plan; see its error")
+        return self.inner.from_sums(total, count)
 
 
 def shard(calibration: CalibrationSet, rank: int, world: int) -> CalibrationSet:
     """This rank's share: whole batches when there are enough (the same batches a single process
     scores, so the outputs are bit-identical), else an even split of the samples."""
     inputs, labels = calibration.inputs, calibration.labels
+    total = calibration.num_samples
+    if total < world:  # every rank raises, not only the one left without data
+        raise ValueError(f"distributed=True: {total} calibration samples cannot be split over {world} processes; "
+                         f"raise calibration_samples")
     if len(inputs) >= world:
         bounds = np.linspace(0, len(inputs), world + 1).round().astype(int)
         lo, hi = bounds[rank], bounds[rank + 1]
         return CalibrationSet(inputs[lo:hi], labels[lo:hi] if labels is not None else None, calibration.synthetic)
     x = torch.cat(inputs)
     bounds = np.linspace(0, len(x), world + 1).round().astype(int)
-    if bounds[rank + 1] == bounds[rank]:
-        raise ValueError(f"distributed=True: {len(x)} calibration samples cannot be split over {world} processes; "
-                         f"raise calibration_samples")
-    part = [x[bounds[rank]:bounds[rank + 1]]]
+    part = [x[bounds[rank]:bounds[rank + 1]]]  # total >= world: no share is empty
     y = [torch.cat(labels)[bounds[rank]:bounds[rank + 1]]] if labels is not None else None
     return CalibrationSet(part, y, calibration.synthetic)
 
@@ -110,10 +128,19 @@ class DistributedSearch:
     def __init__(self, rank: int, world: int, device: torch.device):
         self.rank, self.world, self.device = rank, world, device
         self.plans_served = 0
+        self.reward: Optional[SplittableReward] = None
 
     @property
     def leader(self) -> bool:
         return self.rank == 0
+
+    def agree(self, ok: bool, what: str) -> None:
+        """A set-up step some ranks do alone (rank 0 reads the checkpoint): every rank learns whether
+        all succeeded, and the ones that did raise too if another did not (nobody waits in a collective)."""
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if ok and not int(flag):
+            raise RuntimeError(f"distributed search: another rank failed while {what}; see its error")
 
     def _send(self, command: int, key=()) -> None:
         header = torch.tensor([command, len(key)], dtype=torch.int64, device=self.device)
@@ -135,25 +162,30 @@ class DistributedSearch:
         If scoring fails here (an interrupt in the middle of a forward), the other ranks are
         already waiting in the plan's ``all_reduce``: rank 0 completes it with a dummy share
         before announcing the abort, so nobody is left blocked in a collective."""
+        self.reward = reward
+
         def announced() -> float:
             self._send(_SCORE, env.scoring_key)
             reward.reducing = True
             try:
                 return score()
             except BaseException:
-                if reward.reducing:
-                    reward.reducing = False
-                    dist.all_reduce(torch.zeros(2, dtype=torch.float64, device=self.device))
+                reward.release()
                 raise
         return announced
 
-    def serve(self, env, score: Callable[[], float]) -> None:
+    def serve(self, env, score: Callable[[], float], reward: SplittableReward) -> None:
         """The other ranks: apply and score every plan rank 0 announces, until it is done."""
         while True:
             command, key = self._receive()
             if command == _SCORE:
-                env.apply(np.asarray(key, dtype=np.int64))
-                score()
+                reward.reducing = True
+                try:
+                    env.apply(np.asarray(key, dtype=np.int64))
+                    score()
+                except BaseException:
+                    reward.release()
+                    raise
                 self.plans_served += 1
             elif command == _DONE:
                 return
@@ -162,7 +194,15 @@ class DistributedSearch:
 
     def finish(self, env, failed: bool = False) -> None:
         """Rank 0: release the other ranks (``failed``: they raise)."""
-        self._send(_ABORT if failed else _DONE)
+        if not failed:
+            self._send(_DONE)
+            return
+        if self.reward is not None and self.reward.peers_stopped:
+            return  # the failure flag already stopped every rank: nobody listens for the abort (gloo would block)
+        try:
+            self._send(_ABORT)
+        except Exception:  # a rank that failed first may be gone: the original error matters, not this one
+            pass
 
     def share_results(self, env) -> None:
         """Rank 0's best plans, history and evaluation count, copied to every rank's environment."""

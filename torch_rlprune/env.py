@@ -116,7 +116,9 @@ class BestPlanResults:
             else:
                 self.apply(np.asarray(key, dtype=np.int64))
                 self.scoring_key = key
-                with intra_op_threads(self.scoring_threads):
+                # RNG-neutral: a resumed search skips the scoring of plans it has on record, so
+                # anything random in a forward must not shift what the agent draws afterwards
+                with intra_op_threads(self.scoring_threads), torch.random.fork_rng(devices=[]):
                     self._cache[key] = float(self.score_fn())
             self.evaluations += 1
         return self._cache[key]
