@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 from .agents import Agent, get_agent_class, list_agents
 from .calibration import build_calibration, primary_output
 from .checkpoint import SearchRecorder, load_checkpoint
+from .distributed import (DistributedSearch, SplittableReward, all_ranks_succeed, check_same_calibration,
+                          distributed_context, shard)
 from .env import LayerwisePruningEnv, check_budget
 from .threads import agent_threads
 from .masking import InPlaceMask
@@ -343,8 +345,6 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
     if distributed is None:
         scorer = make_reward(reward, calibration)
     else:  # every rank scores its share of the calibration set (distributed.py)
-        from .distributed import SplittableReward, check_same_calibration, shard
-
         check_same_calibration(calibration, distributed.device)
         if reward == "accuracy":  # the label checks see the whole set, as in one process, on every rank
             make_reward(reward, calibration).prepare(model)
@@ -590,8 +590,6 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
     leader = True
     coordinator = None
     if distributed:
-        from .distributed import DistributedSearch, distributed_context
-
         rank, world, _ = distributed_context(model)
         param = next(model.parameters(), None)
         coordinator = DistributedSearch(rank, world, param.device if param is not None and param.is_cuda
@@ -599,14 +597,8 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         leader = coordinator.leader
         if not leader:  # the agent, its progress bar and its checkpoints live on rank 0
             verbose, checkpoint, resume = False, None, None
-    try:
+    with all_ranks_succeed(coordinator, "reading the checkpoint"):  # rank 0 alone reads it
         resumed = load_checkpoint(resume) if resume is not None else None
-    except Exception:
-        if coordinator is not None:
-            coordinator.agree(False, "reading the checkpoint")
-        raise
-    if coordinator is not None:
-        coordinator.agree(True, "reading the checkpoint")
     if resumed is not None and checkpoint is None:
         checkpoint = resumed["path"]
     if not isinstance(agent, Agent):
@@ -633,19 +625,13 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             one_search = targets is None or len(targets) == 1 or agent_obj.multi_target
             total_episodes = episodes if one_search else episodes * len(targets)
 
-            try:
+            with all_ranks_succeed(coordinator, "checking the checkpoint"):
                 if checkpoint is not None or resumed is not None:
                     fingerprint = _search_fingerprint(agent_obj, targets, max_drop, structure, budget, scorer,
                                                       seed, episodes, max_amount, calibration, bn_recalibration,
                                                       round_to, importance, space, baseline, model)
                     recorder = SearchRecorder(checkpoint, checkpoint_every, fingerprint, resumed)
                     recorder.attach(env, agent_obj)
-            except Exception:
-                if coordinator is not None:
-                    coordinator.agree(False, "checking the checkpoint")
-                raise
-            if coordinator is not None:
-                coordinator.agree(True, "checking the checkpoint")
             bar = tqdm(total=total_episodes, desc=f"rl_prune[{agent_obj.name}]", disable=not verbose,
                        leave=False, dynamic_ncols=True)
             env.callbacks.append(lambda rec: (bar.update(1), bar.set_postfix(best=f"{rec.best_reward:.4f}",

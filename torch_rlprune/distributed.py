@@ -21,8 +21,9 @@ a callable reward is opaque (it sees the whole model, not a share of the data) a
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ import torch.distributed as dist
 from .calibration import CalibrationSet
 from .rewards import AccuracyReward, FidelityReward, Reward
 
-__all__ = ["DistributedSearch", "SplittableReward", "distributed_context"]
+__all__ = ["DistributedSearch", "SplittableReward", "distributed_context", "all_ranks_succeed"]
 
 _SCORE, _DONE, _ABORT = 1, 2, 3
 
@@ -88,6 +89,20 @@ class SplittableReward(Reward):
             self.peers_stopped = True
             raise RuntimeError("distributed search: another rank failed while scoring a plan; see its error")
         return self.inner.from_sums(total, count)
+
+
+@contextlib.contextmanager
+def all_ranks_succeed(coordinator: Optional["DistributedSearch"], what: str) -> Iterator[None]:
+    """Around a step some ranks take alone: if it fails anywhere, it fails everywhere (no-op without
+    a coordinator)."""
+    try:
+        yield
+    except Exception:
+        if coordinator is not None:
+            coordinator.agree(False, what)
+        raise
+    if coordinator is not None:
+        coordinator.agree(True, what)
 
 
 def shard(calibration: CalibrationSet, rank: int, world: int) -> CalibrationSet:
