@@ -407,16 +407,16 @@ def _run_search(agent_obj: Agent, agent_cls, agent_config, seed, env, episodes: 
                         recorder.agent = searcher
                     searcher.search(env, episodes)
             env.finalize()
-        if recorder is not None:
-            recorder.save()
     except BaseException:
         if recorder is not None:  # first: releasing the other ranks may not return (they may be gone)
-            recorder.save()
+            recorder.save_after_failure()
         if coordinator is not None:
-            coordinator.finish(env, failed=True)
+            coordinator.finish(failed=True)
         raise
+    if recorder is not None:
+        recorder.save()
     if coordinator is not None:
-        coordinator.finish(env)
+        coordinator.finish()
 
 
 def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8, data=None, reward="fidelity",
@@ -590,7 +590,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
     leader = True
     coordinator = None
     if distributed:
-        rank, world, _ = distributed_context(model)
+        rank, world = distributed_context(model)
         param = next(model.parameters(), None)
         coordinator = DistributedSearch(rank, world, param.device if param is not None and param.is_cuda
                                         else torch.device("cpu"))
@@ -695,12 +695,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
                 outcome = PruneResult(model, plan, achieved, [h.as_dict() for h in env.history], baseline,
                                       time.perf_counter() - started, forward_seconds, space.steps,
                                       example_inputs=example, search_seconds=search_seconds)
-    except BaseException:
-        if recorder is not None:
-            try:
-                recorder.save()
-            except Exception as err:  # never hide the original error behind a failed save
-                warnings.warn(f"rl_prune: could not save the checkpoint {recorder.path}: {err}", RuntimeWarning)
+    except BaseException:  # the search saved its checkpoint itself (_run_search)
         if env is not None:
             env.restore()
         if recalibrate is not None:

@@ -164,8 +164,6 @@ class SearchRecorder:
         self.env = self.agent = None
         self._snapshot: Optional[dict] = None
         self._recorded: List[dict] = resume["history"] if resume else []
-        self.replayed = 0
-        self.diverged_at: Optional[int] = None
         if resume is not None:
             self._check_fingerprint(resume)
 
@@ -193,7 +191,6 @@ class SearchRecorder:
             if states_equal(recorded.get("reward"), float(record.reward)) and \
                     states_equal(recorded.get("amounts"), list(record.amounts)):
                 record.seconds = float(recorded.get("seconds", record.seconds))
-                self.replayed = i + 1
                 snap = self.resume.get("agent")
                 if snap and snap.get("episode") == i and not states_equal(agent_state(self.agent), snap["state"]):
                     self._diverged(i, i + 1, "the agent's networks, optimiser or random state")
@@ -206,7 +203,6 @@ class SearchRecorder:
     def _diverged(self, episode: int, keep: int, what: str) -> None:
         # From here on this search is its own record: the old history's tail and agent snapshot no
         # longer describe it (the scores of plans stay valid: they depend on the plan only).
-        self.diverged_at = episode
         self._recorded = self._recorded[:keep]
         self.resume = {**self.resume, "agent": None}
         warnings.warn(f"resume: replaying episode {episode} did not reproduce {what} as recorded "
@@ -218,7 +214,7 @@ class SearchRecorder:
     def state(self) -> dict:
         env = self.env
         scored = dict(env._cache)
-        for key, score in getattr(env, "replay", {}).items():  # recorded, not yet replayed
+        for key, score in env.replay.items():  # recorded, not yet replayed
             scored.setdefault(key, score)
         width = len(next(iter(scored))) if scored else 0
         history = [h.as_dict() for h in env.history]
@@ -238,7 +234,15 @@ class SearchRecorder:
 
     def save(self) -> Optional[Path]:
         """Write the checkpoint now (no-op without a path or before the search scored anything)."""
-        if self.path is None or self.env is None or not (self.env._cache or getattr(self.env, "replay", None)):
+        if self.path is None or self.env is None or not (self.env._cache or self.env.replay):
             return None
         _write_atomically(self.state(), self.path)
         return self.path
+
+    def save_after_failure(self) -> None:
+        """:meth:`save` on the way out of a failed or interrupted search: a failing save warns
+        instead of hiding the error that stopped the search."""
+        try:
+            self.save()
+        except Exception as err:
+            warnings.warn(f"rl_prune: could not save the checkpoint {self.path}: {err}", RuntimeWarning)

@@ -1115,7 +1115,9 @@ def _cmd_compact(args) -> int:
                 from None
     example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
     try:
-        dense = _count_dense(model, example)  # the architecture as saved, masks ignored
+        from .report import count_dense
+
+        dense = count_dense(model, example)  # the architecture as saved, masks ignored
     except Exception as err:
         raise _usage(f"MODEL {path} does not run on inputs of shape {shape}: {type(err).__name__}: {err} "
                      f"(see --input-shape)") from None
@@ -1135,13 +1137,6 @@ def _cmd_compact(args) -> int:
         print(f"max |masked - compacted| output difference: {info['max_abs_diff']:.3g}")
     print(f"saved the compacted model to {out}")
     return EXIT_OK
-
-
-def _count_dense(model: nn.Module, example: torch.Tensor) -> tuple:
-    """(MACs, params) of the model's architecture with every mask ignored (the report's count)."""
-    from .report import _count_dense as count_dense  # one implementation of "masks swapped for ones"
-
-    return count_dense(model, example)
 
 
 # ----------------------------------------------------------------------------- report

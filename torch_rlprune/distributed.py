@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .calibration import CalibrationSet
+from .env import BestPlan
 from .rewards import AccuracyReward, FidelityReward, Reward
 
 __all__ = ["DistributedSearch", "SplittableReward", "distributed_context", "all_ranks_succeed"]
@@ -39,11 +40,11 @@ _SCORE, _DONE, _ABORT = 1, 2, 3
 
 def distributed_context(model: torch.nn.Module):
     """Join (or create from torchrun's environment) the default process group. Returns
-    ``(rank, world_size, created)``; raises ValueError when there is no group to join."""
+    ``(rank, world_size)``; raises ValueError when there is no group to join."""
     if not dist.is_available():
         raise ValueError("distributed=True: this torch build has no torch.distributed")
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
+        return dist.get_rank(), dist.get_world_size()
     missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
         raise ValueError(f"distributed=True needs an initialised process group or torchrun's environment "
@@ -51,7 +52,7 @@ def distributed_context(model: torch.nn.Module):
     param = next(model.parameters(), None)
     backend = "nccl" if param is not None and param.is_cuda else "gloo"
     dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size(), True
+    return dist.get_rank(), dist.get_world_size()
 
 
 class SplittableReward(Reward):
@@ -142,7 +143,6 @@ class DistributedSearch:
 
     def __init__(self, rank: int, world: int, device: torch.device):
         self.rank, self.world, self.device = rank, world, device
-        self.plans_served = 0
         self.reward: Optional[SplittableReward] = None
 
     @property
@@ -201,13 +201,12 @@ class DistributedSearch:
                 except BaseException:
                     reward.release()
                     raise
-                self.plans_served += 1
             elif command == _DONE:
                 return
             else:
                 raise RuntimeError("distributed search: rank 0 failed; see its error")
 
-    def finish(self, env, failed: bool = False) -> None:
+    def finish(self, failed: bool = False) -> None:
         """Rank 0: release the other ranks (``failed``: they raise)."""
         if not failed:
             self._send(_DONE)
@@ -228,8 +227,6 @@ class DistributedSearch:
                           "history": env.history, "evaluations": env.evaluations}
         dist.broadcast_object_list(payload, src=0, device=self.device if self.device.type == "cuda" else None)
         if not self.leader:
-            from .env import BestPlan
-
             data = payload[0]
             env.best_by_target = {key: BestPlan(r, s, None if k is None else np.asarray(k, dtype=np.int64))
                                   for key, (r, s, k) in data["best"].items()}

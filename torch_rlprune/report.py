@@ -26,7 +26,7 @@ from torch import nn
 
 from .plan import PlanError, PruningPlan
 
-__all__ = ["RUN_FILE", "RUN_FORMAT_VERSION", "summarize", "format_summary", "plot_amounts", "plot_search",
+__all__ = ["RUN_FILE", "RUN_FORMAT_VERSION", "summarize", "format_summary", "count_dense", "plot_amounts", "plot_search",
            "plot_tradeoff", "save_run", "load_run", "write_report", "search_stats"]
 
 RUN_FILE = "run.json"
@@ -135,7 +135,7 @@ def _count(result) -> Tuple[Optional[dict], Optional[dict]]:
     model, plan, example = result.model, result.plan, result.example_inputs
     if example is None or not _architecture_matches(model, plan):
         return None, None
-    dense = _count_dense(model, example)
+    dense = count_dense(model, example)
     macs = {"before": dense[0], "after": None}
     params = {"before": dense[1], "after": None, "nonzero": None}
     if _carries_plan(model, plan):
@@ -162,7 +162,7 @@ def _masked_tensors(model: nn.Module) -> List[Tuple[nn.Module, str]]:
 
 
 @torch.no_grad()
-def _count_dense(model: nn.Module, example) -> Tuple[int, int]:
+def count_dense(model: nn.Module, example) -> Tuple[int, int]:
     """``count_macs_params`` with every mask treated as all-ones, without copying the model.
 
     The masks are swapped for ones during the count and put back, and so is the masked tensor
