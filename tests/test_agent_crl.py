@@ -6,7 +6,7 @@ import statistics
 import pytest
 
 import torch_rlprune.agents.crl  # noqa: F401  (registers "crl")
-from helpers import ModelState, assert_budget_met, mask_sparsity, seeded, small_cnn
+from helpers import AS_PUBLISHED, ModelState, assert_budget_met, mask_sparsity, seeded, small_cnn
 from torch_rlprune import list_agents, rl_prune
 from torch_rlprune.agents.crl import CRLAgent, CRLConfig
 from torch_rlprune.channel import count_macs_params
@@ -55,7 +55,8 @@ def test_lambda_follows_dual_ascent_on_the_shortfall(target, direction, small_cn
     # rise), at 0.1 too much (no shortfall: lambda must fall, down to 0 at most).
     config = CRLConfig(episodes_per_update=4)
     agent = CRLAgent(config, seed=0)
-    result = rl_prune(small_cnn_model, target, data=cnn_batch, agent=agent, episodes=16, seed=0, verbose=False)
+    result = rl_prune(small_cnn_model, target, data=cnn_batch, agent=agent, episodes=16, seed=0, verbose=False,
+                      **AS_PUBLISHED)
     assert len(agent.lambda_history) == 4
     lam = config.lambda_init
     for i, after in enumerate(agent.lambda_history):
@@ -96,7 +97,7 @@ def test_unknown_option_is_a_value_error_before_the_model_changes(small_cnn_mode
 
 # --------------------------------------------------------------------------- CRL learns
 LEARNING_TARGET = 0.8
-LEARNING_SEARCH = dict(episodes=120, calibration_samples=256, verbose=False)  # 15 updates of 8 episodes
+LEARNING_SEARCH = dict(episodes=120, calibration_samples=256, verbose=False, **AS_PUBLISHED)  # 15 updates of 8
 # Measured with this fixture (hard top-1 fidelity, the default config), seeds 0-3:
 #   mean |violation| of the first batch   0.305 0.347 0.337 0.284  (the policy starts at amounts ~0.5)
 #   ... of the last 30 episodes           0.038 0.034 0.059 0.031  -> ratio at most 0.18
@@ -112,7 +113,7 @@ LEARNING_MARGIN = 0.15
 def random_plan_mean_score(_trained_fmnist_cnn, fmnist_train_split):
     _, (x_cal, y_cal) = fmnist_train_split
     result = rl_prune(copy.deepcopy(_trained_fmnist_cnn), LEARNING_TARGET, data=(x_cal, y_cal), agent="random",
-                      episodes=40, seed=0, calibration_samples=256, verbose=False)
+                      episodes=40, seed=0, calibration_samples=256, verbose=False, **AS_PUBLISHED)
     return statistics.mean(h["score"] for h in result.history)
 
 

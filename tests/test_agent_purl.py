@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import torch_rlprune.agents.purl  # noqa: F401  (registers "purl")
-from helpers import ConstantAgent, ModelState, assert_budget_met, inputs, mask_sparsity, seeded, small_cnn
+from helpers import (AS_PUBLISHED, ConstantAgent, ModelState, assert_budget_met, inputs, mask_sparsity, seeded,
+                     small_cnn)
 from torch_rlprune import rl_prune
 from torch_rlprune.agents.purl import PuRLAgent
 from torch_rlprune.channel import count_macs_params
@@ -174,7 +175,7 @@ def constant_policy_scores(_trained_fmnist_cnn, fmnist_train_split):
 
     _, (x_cal, y_cal) = fmnist_train_split
     return {action: rl_prune(copy.deepcopy(_trained_fmnist_cnn), LEARNING_TARGET, data=(x_cal, y_cal),
-                             agent=ConstantAgent({"action": action}), verbose=False).plan.score
+                             agent=ConstantAgent({"action": action}), verbose=False, **AS_PUBLISHED).plan.score
             for action in np.linspace(0.0, PuRLAgent.Config().max_action, PuRLAgent.Config().num_actions)}
 
 
@@ -187,7 +188,7 @@ def learning_check(history):
 def search(agent, model, split, seed):
     _, (x_cal, y_cal) = split
     return rl_prune(model, LEARNING_TARGET, data=(x_cal, y_cal), reward="fidelity", agent=agent,
-                    episodes=LEARNING_EPISODES, seed=seed, verbose=False)
+                    episodes=LEARNING_EPISODES, seed=seed, verbose=False, **AS_PUBLISHED)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

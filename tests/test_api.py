@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import (CallOrderNet, ConstantAgent, ModelState, assert_binary_masks, assert_budget_met, inputs, mask_sparsity, seeded,
+from helpers import (AS_PUBLISHED, CallOrderNet, ConstantAgent, ModelState, assert_binary_masks, assert_budget_met, inputs, mask_sparsity, seeded,
                      small_cnn)
 from torch_rlprune import PruneResult, PruningPlan, global_rl_unstructured, list_agents, rl_prune
 
@@ -320,7 +320,7 @@ def test_same_seed_same_search_bit_for_bit(search, cnn_batch):
 
 # --------------------------------------------------------------------------- AMC learns
 LEARNING_TARGET = 0.85
-LEARNING_SEARCH = dict(agent="amc", episodes=300, agent_config={"warmup": 50})
+LEARNING_SEARCH = dict(agent="amc", episodes=300, agent_config={"warmup": 50}, **AS_PUBLISHED)
 # Measured with this fixture (hard top-1 fidelity, AMC lr_actor 1e-3, delta_decay 0.99), seeds 0-5:
 #   warm-up mean 0.427-0.484 (std 0.19-0.24), warm-up max 0.727-0.766
 #   last-20 explore mean 0.738 0.734 0.640 0.733 0.735 0.736   -> gain over warm-up mean +0.157..+0.307
@@ -337,7 +337,7 @@ def saturated_policy_scores(_trained_fmnist_cnn, fmnist_train_split):
 
     _, (x_cal, y_cal) = fmnist_train_split
     return {action: rl_prune(copy.deepcopy(_trained_fmnist_cnn), LEARNING_TARGET, data=(x_cal, y_cal),
-                             agent=ConstantAgent({"action": action}), verbose=False).plan.score
+                             agent=ConstantAgent({"action": action}), verbose=False, **AS_PUBLISHED).plan.score
             for action in (0.0, 1.0)}
 
 

@@ -161,6 +161,7 @@ def test_apply_plan_to_a_fresh_model_gives_the_same_masks(channel_run, unstructu
                                        *extra)
         assert code == 0, stderr
         assert "applied" in stdout and str(target) in stdout
+        assert "re-estimate them" in stderr   # the plan was scored with re-estimated BatchNorm statistics
         applied, searched = masks_of(load_module(target)), masks_of(load_module(out / "model.pt"))
         assert applied.keys() == searched.keys()
         assert all(torch.equal(applied[k], searched[k]) for k in applied), out.name

@@ -20,9 +20,14 @@ def test_lstm_example_prunes_weights_and_hidden_units(data_root, tmp_path):
     needs_mnist(data_root)
     example = load("lstm_sequential_mnist")
     out = example.main(["--epochs", "0.05", "--episodes", "6", "--calibration", "128", "--quiet",
+                        "--agents", "amc", "cacp", "--seeds", "0", "--unstructured-targets", "0.8", "0.9",
                         "--data", str(data_root), "--checkpoints", str(tmp_path)])
+    weights = {(r["method"], r["target"]): r for r in out["unstructured"]}
+    assert set(weights) == {(m, t) for m in ("amc", "cacp", "prior", "uniform per-layer L1", "global magnitude",
+                                             "LAMP") for t in (0.8, 0.9)}
+    # every method removes the target of the same matrices (the search's), the one-liners included
+    assert all(abs(r["removed"] - r["target"]) <= 0.005 for r in weights.values()), weights
     rows = {(name, structure): (removed, acc) for name, structure, removed, acc, _ in out["rows"]}
-    assert abs(rows[("rl_prune agent=amc", "weights")][0] - 0.8) <= 0.005
     assert abs(rows[("rl_prune agent=amc", "hidden units")][0] - 0.5) <= 0.02, "MACs removed, measured after compact"
     assert all(0.0 <= acc <= 1.0 for _, acc in rows.values())
     rl_sizes = out["sizes"]["rl"]

@@ -8,6 +8,7 @@ from helpers import ModelState, assert_budget_met, mask_sparsity, seeded, small_
 gymnasium = pytest.importorskip("gymnasium")
 from gymnasium.utils.env_checker import check_env  # noqa: E402
 
+from torch_rlprune.env import ANCHORED_STATE_FEATURES  # noqa: E402
 from torch_rlprune.gym_env import PruningGymEnv  # noqa: E402
 
 
@@ -19,7 +20,7 @@ def model():
 def test_passes_gymnasiums_env_checker(model, cnn_batch):
     env = PruningGymEnv(model, 0.6, data=cnn_batch)
     check_env(env, skip_render_check=True)
-    assert env.observation_space.shape == (12,) and env.action_space.shape == (1,)
+    assert env.observation_space.shape == (len(ANCHORED_STATE_FEATURES),) and env.action_space.shape == (1,)
     env.close()
 
 

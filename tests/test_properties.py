@@ -24,6 +24,9 @@ MAX_AMOUNT = 0.98
 PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
+# The budget here is over every weight: the first layer and the classifier are candidates too.
+ALL_LAYERS = dict(protect_first_last=False)
+
 
 # --------------------------------------------------------------------------- architectures
 @dataclass
@@ -133,11 +136,13 @@ def search_or_refusal(model, x, target, budget, **search):
     state = ModelState.of(model)
     if gap > 0.006:
         with pytest.raises(ValueError, match="target"):
-            rl_prune(model, target, data=x, budget=budget, max_amount=MAX_AMOUNT, verbose=False, **search)
+            rl_prune(model, target, data=x, budget=budget, max_amount=MAX_AMOUNT, verbose=False, **ALL_LAYERS,
+                     **search)
         state.assert_unchanged(model)
         return None
     try:
-        return rl_prune(model, target, data=x, budget=budget, max_amount=MAX_AMOUNT, verbose=False, **search)
+        return rl_prune(model, target, data=x, budget=budget, max_amount=MAX_AMOUNT, verbose=False, **ALL_LAYERS,
+                        **search)
     except ValueError:
         assert gap > 0.004, f"refused a target {gap:.5f} away from a reachable plan"
         state.assert_unchanged(model)
@@ -169,7 +174,7 @@ def test_random_search_meets_any_reachable_budget(arch, wanted, budget, episodes
     model, x, out_shape = prepared(arch, seed)
     target = reachable_target(model, x, budget, wanted)
     rl_prune(model, target, data=x, budget=budget, agent="random", episodes=episodes, seed=seed,
-             max_amount=MAX_AMOUNT, verbose=False)
+             max_amount=MAX_AMOUNT, verbose=False, **ALL_LAYERS)
     check_pruned(model, arch, x, target, budget, out_shape)
 
 
@@ -179,7 +184,7 @@ def test_amc_meets_any_reachable_budget(arch, wanted, budget, seed):
     model, x, out_shape = prepared(arch, seed)
     target = reachable_target(model, x, budget, wanted)
     rl_prune(model, target, data=x, budget=budget, agent="amc", episodes=3, agent_config={"warmup": 1},
-             seed=seed, max_amount=MAX_AMOUNT, verbose=False)
+             seed=seed, max_amount=MAX_AMOUNT, verbose=False, **ALL_LAYERS)
     check_pruned(model, arch, x, target, budget, out_shape)
 
 
@@ -212,7 +217,8 @@ def test_a_failing_reward_leaves_any_model_untouched(arch, agent, fail_at, train
     reward = RaisingReward(x, fail_at, RuntimeError("reward failed"))
     try:
         rl_prune(model, target, data=x, reward=reward, agent=agent, episodes=4,
-                 agent_config={"warmup": 1} if agent == "amc" else None, max_amount=MAX_AMOUNT, verbose=False)
+                 agent_config={"warmup": 1} if agent == "amc" else None, max_amount=MAX_AMOUNT, verbose=False,
+                 **ALL_LAYERS)
     except RuntimeError as error:
         assert error is reward.error, f"failed for another reason: {error!r}"
     else:

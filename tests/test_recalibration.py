@@ -43,14 +43,14 @@ def test_result_carries_the_statistics_of_its_plan(structure):
     x = inputs((256, 1, 16, 16))
     before = running_stats(model)
     rl_prune(model, 0.5, data=x, structure=structure, agent="random", episodes=3, verbose=False,
-             bn_recalibration=1, calibration_samples=256)
+             bn_recalibration=1, calibration_samples=256, selection=0.0)  # the first batch is x[:128]
     after = running_stats(model)
     assert any(not torch.equal(a[0], b[0]) for a, b in zip(after, before))
     BatchNormRecalibration(model, [x[:128]])()  # re-estimating on the same batch changes nothing
     assert all(torch.allclose(a[0], b[0], atol=1e-6) for a, b in zip(running_stats(model), after))
 
 
-@pytest.mark.parametrize("structure, default", [("channel", 1), ("unstructured", 0)])
+@pytest.mark.parametrize("structure, default", [("channel", 4), ("unstructured", 4)])
 def test_recalibration_default_depends_on_the_structure(structure, default):
     model = seeded(small_cnn, 0).eval()
     x = inputs((64, 1, 16, 16))
@@ -67,6 +67,42 @@ def test_without_recalibration_statistics_are_untouched():
     before = running_stats(model)
     rl_prune(model, 0.5, data=x, agent="random", episodes=3, verbose=False, bn_recalibration=0)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(running_stats(model), before))
+
+
+def test_the_held_out_part_is_scored_with_statistics_of_the_search_part():
+    """Selection re-estimates BatchNorm on the search part's batches only, then scores the held-out part."""
+    from torch_rlprune.calibration import build_calibration
+    from torch_rlprune.selection import split_calibration
+
+    model = seeded(small_cnn, 0).eval()
+    x = inputs((256, 1, 16, 16))
+    rl_prune(model, 0.5, data=x, agent="random", episodes=3, verbose=False, calibration_samples=256, seed=3)
+    search, held = split_calibration(build_calibration(model, x, None, 256, seed=3), 0.25, seed=3)
+    after = running_stats(model)
+    BatchNormRecalibration(model, search.inputs[:4])()   # the default: up to 4 batches of the search part
+    assert all(torch.allclose(a[0], b[0], atol=1e-6) for a, b in zip(running_stats(model), after))
+    BatchNormRecalibration(model, held.inputs[:1])()
+    assert not all(torch.allclose(a[0], b[0], atol=1e-6) for a, b in zip(running_stats(model), after))
+
+
+def test_a_multi_target_plan_is_applied_with_the_statistics_it_was_scored_with():
+    model = seeded(small_cnn, 0).eval()
+    x = inputs((256, 1, 16, 16))
+    before = running_stats(model)
+    multi = rl_prune(model, [0.4, 0.7], data=x, agent="random", episodes=4, verbose=False,
+                     calibration_samples=256, selection=0.0, bn_recalibration=1)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(running_stats(model), before))  # left unpruned
+    host = seeded(small_cnn, 0).eval()
+    multi.apply(host, target=0.7)
+    applied = running_stats(host)
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(applied, before))
+    BatchNormRecalibration(host, [x[:128]])()  # the search's first calibration batch: nothing moves
+    assert all(torch.allclose(a[0], b[0], atol=1e-6) for a, b in zip(running_stats(host), applied))
+    from torch_rlprune.rewards import make_reward
+    from torch_rlprune.calibration import build_calibration
+    scorer = make_reward("fidelity", build_calibration(model, x, None, 256, seed=0))
+    scorer.prepare(model)
+    assert scorer(host) == pytest.approx(multi[0.7].plan.score, abs=1e-9)  # the model that was scored
 
 
 def test_failed_search_with_recalibration_leaves_the_model_untouched():

@@ -304,3 +304,18 @@ def test_load_run_rejects_malformed_files_naming_the_file(case, tmp_path, unstru
 def test_load_run_of_a_missing_file(tmp_path):
     with pytest.raises(ValueError, match="no run file"):
         load_run(tmp_path)
+
+
+def test_a_marked_section_is_replaced_and_only_it(tmp_path):
+    from torch_rlprune.report import write_marked_section
+
+    doc = tmp_path / "README.md"
+    doc.write_text("intro\n<!-- bench:start -->\nold table\n<!-- bench:end -->\nafter\n<!-- demo:start -->\nx\n"
+                   "<!-- demo:end -->\n")
+    assert write_marked_section(doc, "bench", "| new |\n")
+    text = doc.read_text()
+    assert "old table" not in text and "| new |" in text
+    assert text.startswith("intro\n<!-- bench:start -->\n| new |\n<!-- bench:end -->\nafter")
+    assert "<!-- demo:start -->\nx\n" in text                       # the other section is untouched
+    assert not write_marked_section(doc, "lstm", "y")               # no markers: nothing written
+    assert doc.read_text() == text

@@ -58,7 +58,8 @@ def test_recurrent_weight_names_are_searched_pruned_and_removable(cell, bidirect
     model, x = build(cell, bidirectional, batch_first, num_layers)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no flat-weights or other warnings
-        result = rl_prune(model, 0.6, data=x, agent="random", episodes=3, seed=0, verbose=False)
+        result = rl_prune(model, 0.6, data=x, agent="random", episodes=3, seed=0, verbose=False,
+                          protect_first_last=False)
         expected = {f"rnn.{n}" for n in recurrent_weight_names(model.rnn)} | {"head.weight"}
         assert set(result.plan.amounts) == expected
         assert_budget_met(removed_fraction(model), 0.6)
@@ -93,7 +94,8 @@ def test_lstm_projection_matrices_are_steps_too():
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_macs_budget_counts_a_recurrent_weight_once_per_time_step(batch_first):
     model, x = build(nn.GRU, True, batch_first, 2)
-    rl_prune(model, 0.5, data=x, agent="random", episodes=3, budget="macs", seed=0, verbose=False)
+    rl_prune(model, 0.5, data=x, agent="random", episodes=3, budget="macs", seed=0, verbose=False,
+             protect_first_last=False)
     assert_budget_met(removed_fraction(model, "macs"), 0.5)
 
 

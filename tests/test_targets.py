@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from helpers import ModelState, assert_budget_met, mask_sparsity, seeded, small_cnn
+from helpers import AS_PUBLISHED, ModelState, assert_budget_met, mask_sparsity, seeded, small_cnn
 from torch_rlprune import compact, rl_prune
 from torch_rlprune.api import MultiTargetResult
 from torch_rlprune.rewards import make_reward
@@ -34,7 +34,7 @@ def test_cacp_runs_one_search_for_every_target_and_leaves_the_model_unpruned(cnn
 @pytest.mark.parametrize("target", TARGETS)
 def test_a_plan_from_a_multi_target_search_applies_to_the_model_or_a_copy(target, cnn_batch):
     model = seeded(small_cnn, 0)
-    result = rl_prune(model, TARGETS, data=cnn_batch, seed=0, **FAST_CACP)
+    result = rl_prune(model, TARGETS, data=cnn_batch, seed=0, selection=0.0, **FAST_CACP)  # scored on all of it
     other = seeded(small_cnn, 0)
     assert_budget_met(result.apply(other, target=target), target)
     assert_budget_met(mask_sparsity(other), target)
@@ -178,7 +178,7 @@ def test_cacp_learns_the_easier_target_and_keeps_the_best_plan_of_each(seed, tra
                                                                       fmnist_train_split):
     _, (x_cal, y_cal) = fmnist_train_split
     result = rl_prune(trained_fmnist_cnn, [0.6, 0.8], data=(x_cal, y_cal), agent="cacp", episodes=300,
-                      agent_config={"warmup": 50}, seed=seed, verbose=False)
+                      agent_config={"warmup": 50}, seed=seed, verbose=False, **AS_PUBLISHED)
     for target in (0.6, 0.8):
         history = result[target].history
         warmup = [h["reward"] for h in history if h["phase"] == "warmup"]

@@ -37,13 +37,21 @@ def pruned_by_params(calibration):
     return result
 
 
+def searched(model, result):
+    """The modules whose weights the search pruned (the first conv and the classifier stay dense)."""
+    return [model.get_submodule(name.rsplit(".", 1)[0]) for name in result.plan.amounts]
+
+
 def test_params_budget_of_80_percent_is_met(pruned_by_params, calibration):
     model = pruned_by_params.model
-    assert len(weight_masks(model)) == len(prunable(model)) == 21  # 17 convs, 3 downsamples, fc
-    assert_budget_met(mask_sparsity(model, modules=prunable(model)), 0.8)
+    assert len(prunable(model)) == 21  # 17 convs, 3 downsamples, fc
+    assert pruned_by_params.plan.metadata["protected"] == ["conv1.weight", "fc.weight"]
+    assert len(weight_masks(model)) == len(searched(model, pruned_by_params)) == 19
+    assert_budget_met(mask_sparsity(model, modules=searched(model, pruned_by_params)), 0.8)
     assert_binary_masks(model)
-    for module in prunable(model):
+    for module in searched(model, pruned_by_params):
         assert any(isinstance(h, PolicyUnstructured) for h in module._forward_pre_hooks.values())
+    assert not prune.is_pruned(model.conv1) and not prune.is_pruned(model.fc)
 
 
 def test_pruned_resnet_still_classifies(pruned_by_params, calibration, fmnist_test_tensors):
@@ -58,7 +66,7 @@ def test_macs_budget_of_50_percent_is_met(calibration):
     model, x = seeded(resnet18, 1), calibration[0]
     result = rl_prune(model, 0.5, data=calibration, budget="macs", agent="random", episodes=4,
                       calibration_samples=CALIBRATION, seed=0, verbose=False)
-    measured = mask_sparsity(model, "macs", x[:2], prunable(model))
+    measured = mask_sparsity(model, "macs", x[:2], searched(model, result))
     assert_budget_met(measured, 0.5)
     assert measured == pytest.approx(result.sparsity)
     assert_binary_masks(model)
@@ -70,7 +78,7 @@ def test_prune_remove_makes_the_pruning_permanent(pruned_by_params, calibration)
     with torch.no_grad():
         before = model(x)
     masks = weight_masks(model)
-    for module in prunable(model):
+    for module in searched(model, pruned_by_params):
         prune.remove(module, "weight")
         assert isinstance(module.weight, nn.Parameter) and not prune.is_pruned(module)
     for name, mask in masks.items():
@@ -101,12 +109,12 @@ def test_no_data_falls_back_to_synthetic_inputs_from_pretrained_cfg():
         result = rl_prune(model, 0.5, data=None, agent="random", episodes=2, calibration_samples=4, seed=0,
                           verbose=False)
     assert result.plan.metadata["synthetic_calibration"] is True
-    assert_budget_met(mask_sparsity(model, modules=prunable(model)), 0.5)
+    assert_budget_met(mask_sparsity(model, modules=searched(model, result)), 0.5)
 
 
 def test_no_data_with_small_example_inputs_uses_their_shape():
     model = seeded(resnet18, 3)
     with pytest.warns(UserWarning, match=r"synthetic.*\(1, 32, 32\)"):
-        rl_prune(model, 0.6, data=None, example_inputs=torch.zeros(2, 1, 32, 32), budget="macs", agent="random",
-                 episodes=2, calibration_samples=8, seed=0, verbose=False)
-    assert_budget_met(mask_sparsity(model, "macs", torch.zeros(2, 1, 32, 32), prunable(model)), 0.6)
+        result = rl_prune(model, 0.6, data=None, example_inputs=torch.zeros(2, 1, 32, 32), budget="macs",
+                          agent="random", episodes=2, calibration_samples=8, seed=0, verbose=False)
+    assert_budget_met(mask_sparsity(model, "macs", torch.zeros(2, 1, 32, 32), searched(model, result)), 0.6)

@@ -8,11 +8,13 @@ from .api import PruneResult, compact, global_rl_unstructured, rl_prune
 from .env import LayerwisePruningEnv
 from .methods import PolicyUnstructured, policy_unstructured
 from .plan import PlanError, PruningPlan, apply_plan
+from .priors import global_magnitude_unstructured, lamp_unstructured, uniform_unstructured
 from .rewards import AccuracyReward, CallableReward, FidelityReward, Reward
 
 __version__ = "0.1.0"
 
 __all__ = ["rl_prune", "global_rl_unstructured", "compact", "PruneResult", "PruningPlan", "PlanError", "apply_plan",
-           "PolicyUnstructured", "policy_unstructured", "LayerwisePruningEnv", "Agent", "register_agent",
+           "PolicyUnstructured", "policy_unstructured",
+           "lamp_unstructured", "global_magnitude_unstructured", "uniform_unstructured", "LayerwisePruningEnv", "Agent", "register_agent",
            "create_agent", "list_agents", "Reward", "FidelityReward", "AccuracyReward", "CallableReward",
            "__version__"]

@@ -136,7 +136,10 @@ PRUNE_DEFAULTS: Dict[str, Any] = {
     "episodes": None, "seed": 0, "max_amount": None, "exclude": [], "data": "fashion-mnist", "data_root": "data",
     "in_chans": None, "image_size": None, "calibration": 512, "test_samples": 2000, "checkpoint": None,
     "train_steps": 0, "finetune_steps": 0, "compact": False, "checkpoint_every": 10, "distributed": False,
+    "prior": "best", "selection": 0.25, "importance": None, "protect_first_last": True,
 }
+# Options added after run directories were first written: an older command.json takes their defaults.
+_LATER_OPTIONS = ("prior", "selection", "importance", "protect_first_last")
 # What command.json must hold for each option: (types allowed, element type for lists).
 _PRUNE_TYPES: Dict[str, tuple] = {
     "target": (list, float), "structure": (str,), "agent": (str,), "budget": (str, type(None)), "reward": (str,),
@@ -144,6 +147,7 @@ _PRUNE_TYPES: Dict[str, tuple] = {
     "data": (str,), "data_root": (str,), "in_chans": (int, type(None)), "image_size": (int, type(None)),
     "calibration": (int,), "test_samples": (int,), "checkpoint": (str, type(None)), "train_steps": (int,),
     "finetune_steps": (int,), "compact": (bool,), "checkpoint_every": (int,), "distributed": (bool,),
+    "prior": (str,), "selection": (float,), "importance": (str, type(None)), "protect_first_last": (bool,),
 }
 RESUME_ALLOWED = ("--quiet", "--debug")
 
@@ -248,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest fraction of one tensor (0.98) or channel group (0.8) removed, in (0, 1]")
     g.add_argument("--exclude", nargs="+", metavar="NAME", default=None,
                    help="module names left unpruned (and everything below them)")
+    g.add_argument("--prior", metavar="best|lamp|global|uniform|none", default=None,
+                   help="the heuristic the agents start from and act around (default: best of lamp and global "
+                        "for weights, of global and uniform for channels)")
+    g.add_argument("--selection", type=float, metavar="F", default=None,
+                   help="fraction of the calibration images held out to choose the result (default 0.25; 0: off)")
+    g.add_argument("--importance", metavar="magnitude|activation", default=None,
+                   help="which weights go inside a layer (unstructured; default magnitude)")
+    g.add_argument("--no-protect", dest="protect_first_last", action="store_const", const=False, default=None,
+                   help="also prune the first layer and the classifier (unstructured; kept dense by default)")
     g.add_argument("--compact", action="store_true", default=None,
                    help="also save model_compact.pt with the masked channels removed (--structure channel)")
     g.add_argument("--distributed", action="store_true", default=None,
@@ -666,7 +679,23 @@ def _validate_prune(s: dict) -> None:
     if s["compact"] and s["structure"] != "channel":
         raise _usage("--compact needs --structure channel (unstructured pruning keeps every shape; make its "
                      "zeros permanent with torch.nn.utils.prune.remove)")
+    from .importance import IMPORTANCES
+    from .priors import PRIORS
+
+    priors = ("best", *PRIORS[s["structure"]], "none")
+    if s["prior"] not in priors:
+        raise _usage(f"--prior must be one of {', '.join(priors)} with --structure {s['structure']}, "
+                     f"got {s['prior']!r}")
+    if not (isinstance(s["selection"], (int, float)) and 0.0 <= s["selection"] < 1.0):
+        raise _usage(f"--selection must be a fraction in [0, 1), got {s['selection']!r}")
+    if s["importance"] is not None:
+        if s["structure"] != "unstructured":
+            raise _usage("--importance applies to --structure unstructured")
+        if s["importance"] not in IMPORTANCES:
+            raise _one_of("--importance", IMPORTANCES, s["importance"])
     agent_cls = get_agent_class(s["agent"])
+    if getattr(agent_cls, "needs_prior", False) and s["prior"] == "none":
+        raise _usage(f"--agent {s['agent']} returns the prior's plan: it needs a --prior other than none")
     if getattr(agent_cls, "needs_depth", False):
         if s["structure"] != "channel":
             raise _usage(f"--agent {s['agent']} removes residual blocks and channels: it needs --structure channel")
@@ -704,6 +733,8 @@ def _check_command_file(run_dir: Path) -> dict:
     if not isinstance(options, dict):
         raise bad("'options' must be an object")
     missing, unknown = set(PRUNE_DEFAULTS) - set(options), set(options) - set(PRUNE_DEFAULTS)
+    options = {**{k: PRUNE_DEFAULTS[k] for k in missing & set(_LATER_OPTIONS)}, **options}
+    missing -= set(_LATER_OPTIONS)
     if missing or unknown:
         raise bad(f"'options' is missing {sorted(missing)} / has unknown {sorted(unknown)}")
     settings = {}
@@ -878,7 +909,9 @@ def _run_prune(args, s: dict, model_spec: str, out: Path, console: _Console, lea
     kwargs = dict(target=s["target"][0] if len(s["target"]) == 1 else list(s["target"]),
                   data=(x_cal, y_cal), reward=s["reward"], agent=s["agent"], episodes=s["episodes"],
                   budget=s["budget"], structure=s["structure"], exclude=list(s["exclude"]) or None, seed=seed,
-                  verbose=not console.quiet, calibration_samples=calibration, max_amount=s["max_amount"])
+                  verbose=not console.quiet, calibration_samples=calibration, max_amount=s["max_amount"],
+                  prior=s["prior"], selection=float(s["selection"]), importance=s["importance"],
+                  protect_first_last=s["protect_first_last"])
     state = out / SEARCH_CHECKPOINT
     kwargs.update(checkpoint=state, checkpoint_every=s["checkpoint_every"])
     if args.resume is not None:
@@ -1084,6 +1117,12 @@ def _cmd_apply(args) -> int:
         if blocks:
             print(f"blocks masked to the identity: {', '.join(blocks)}")
     print(f"saved the masked model to {out}")
+    batches = plan.metadata.get("bn_recalibration") if isinstance(plan.metadata, dict) else None
+    if isinstance(batches, int) and batches > 0 and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        console.warn(f"the plan was scored with BatchNorm statistics re-estimated on {batches} calibration "
+                     "batch(es); this model keeps its old ones: re-estimate them (torch_rlprune.recalibration."
+                     "BatchNormRecalibration(model, batches)()) or fine-tune before measuring it")
     return EXIT_OK
 
 

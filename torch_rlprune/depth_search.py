@@ -356,6 +356,24 @@ class DepthWidthEnv(BestPlanResults):
             k = min((k_lo, k_hi), key=lambda kk: abs(budget.removed(kk) - self.goal))
         return budget.repair(k, self.goal)
 
+    # ----------------------------------------------------------------- prior
+    def prior_plan(self, method: str) -> np.ndarray:
+        """The channel heuristic ``method``'s plan with no block removed (a prior of the search)."""
+        removed = np.zeros(self.num_blocks, dtype=bool)
+        return self.join(removed, self.space.channel.prior_plan(method, self.episode_budget(removed), self.goal))
+
+    def set_prior(self, k: np.ndarray, method: Optional[str] = None) -> None:
+        """Widths of the blocks' stage come from ``method`` (:meth:`base_widths`) instead of uniform."""
+        self.prior_method = method
+
+    def base_widths(self, removed) -> np.ndarray:
+        """Counts for the groups once ``removed`` is decided: the prior's heuristic on the remaining
+        budget (uniform when there is no prior)."""
+        method = getattr(self, "prior_method", None)
+        if method is None or method == "uniform":
+            return self.uniform_widths(removed)
+        return self.space.channel.prior_plan(method, self.episode_budget(removed), self.goal)
+
     def keep_first_removal(self) -> np.ndarray:
         """Blocks removed only where the budget needs it (keep whenever keeping stays feasible)."""
         removed = np.zeros(self.num_blocks, dtype=bool)
@@ -422,9 +440,8 @@ class DepthWidthEnv(BestPlanResults):
         achieved = self.achieved(k)
         reward = self.reward(score, achieved)
         violation = self.target - achieved
-        if abs(violation) <= self.tolerance and reward > self.best_reward:
-            best = self._best
-            best.reward, best.score, best.k = reward, score, k.copy()
+        if abs(violation) <= self.tolerance:
+            self._offer(reward, score, k)
         now = time.perf_counter()
         record = EpisodeRecord(len(self.history), reward, score, achieved, self.best_reward, self.phase,
                                now - self._started, removed.astype(float).tolist() + (counts / self.n).tolist(),

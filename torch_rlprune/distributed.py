@@ -218,16 +218,24 @@ class DistributedSearch:
         except Exception:  # a rank that failed first may be gone: the original error matters, not this one
             pass
 
-    def share_results(self, env) -> None:
-        """Rank 0's best plans, history and evaluation count, copied to every rank's environment."""
+    def share_results(self, env, priors: dict) -> dict:
+        """Rank 0's best plans (and runners-up), history and evaluation count, copied to every rank's
+        environment; returns rank 0's ``priors`` (the prior chosen per target) on every rank."""
+        def plain(b: BestPlan):
+            return b.reward, b.score, None if b.k is None else np.asarray(b.k).tolist()
+
+        def plan(r, s, k) -> BestPlan:
+            return BestPlan(r, s, None if k is None else np.asarray(k, dtype=np.int64))
+
         payload: List[Optional[dict]] = [None]
         if self.leader:
-            payload[0] = {"best": {key: (b.reward, b.score, None if b.k is None else np.asarray(b.k).tolist())
-                                   for key, b in env.best_by_target.items()},
-                          "history": env.history, "evaluations": env.evaluations}
+            payload[0] = {"best": {key: plain(b) for key, b in env.best_by_target.items()},
+                          "top": {key: [plain(b) for b in top] for key, top in env.top_by_target.items()},
+                          "history": env.history, "evaluations": env.evaluations, "priors": priors}
         dist.broadcast_object_list(payload, src=0, device=self.device if self.device.type == "cuda" else None)
+        data = payload[0]
         if not self.leader:
-            data = payload[0]
-            env.best_by_target = {key: BestPlan(r, s, None if k is None else np.asarray(k, dtype=np.int64))
-                                  for key, (r, s, k) in data["best"].items()}
+            env.best_by_target = {key: plan(*b) for key, b in data["best"].items()}
+            env.top_by_target = {key: [plan(*b) for b in top] for key, top in data["top"].items()}
             env.history, env.evaluations = data["history"], data["evaluations"]
+        return data["priors"]

@@ -7,9 +7,10 @@
     result = env.apply_best()                    # prune the model with the best plan seen
     env.close()                                  # without apply_best: the model is left as it was
 
-One episode prunes every layer (or channel group) once, in execution order; the action is the
-fraction of the current layer to remove, clipped so the budget is met exactly (AMC's
-clipping), and the reward comes at the end (``dense=True``: after every layer). The plan an
+One episode prunes every layer (or channel group) once, in execution order; the action asks for
+an amount of the current layer around the heuristic prior's (0.5: the prior's own; ``prior="none"``:
+the action is the fraction itself), clipped so the budget is met exactly (AMC's clipping), and the
+reward comes at the end (``dense=True``: after every layer). The plan an
 external agent reaches is applied exactly as ``rl_prune`` applies its own. gymnasium is an
 optional dependency: ``pip install torch_rlprune[gym]``.
 """
@@ -29,7 +30,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise ImportError("torch_rlprune.gym_env needs gymnasium: pip install 'torch_rlprune[gym]'") from err
 
 from .api import (DEFAULT_BN_RECALIBRATION, DEFAULT_BUDGET, DEFAULT_MAX_AMOUNT, STRUCTURES, PruneResult,
-                  _check_targets, _prepare_search)
+                  _check_quality, _check_targets, _prepare_search, _seed_priors)
 from .env import BUDGETS, CONSTRAINTS
 from .plan import PruningPlan
 from .safety import ModelSnapshot
@@ -48,9 +49,15 @@ class PruningGymEnv(gymnasium.Env):
         constraint: ``"clip"`` (every episode meets the budget) or ``"free"`` (no clipping: the
             agent must learn the budget; ``info["violation"]`` reports it at the end of an episode).
         dense: a reward after every layer (the change in score) instead of only at the end.
+        prior: as for :func:`~torch_rlprune.rl_prune`: the heuristic plans are scored when the
+            environment is made (the best is a result before any episode) and actions are anchored
+            to the best; ``"none"``: actions are the amounts themselves.
 
-    Observation: the 12 AMC features of the current layer (``torch_rlprune.env.STATE_FEATURES``),
-    in [0, 1]. Action: ``Box(0, 1, (1,))``, the fraction of the layer to remove.
+    Observation: the features of the current layer, in [0, 1]: AMC's 12
+    (``torch_rlprune.env.STATE_FEATURES``), and the prior's amount when there is a prior
+    (``ANCHORED_STATE_FEATURES``). Action: ``Box(0, 1, (1,))``: with a prior, an offset
+    around the prior's amount (0.5 is the prior's, 0 and 1 ``PRIOR_SPREAD`` logits below and above);
+    with ``prior="none"``, the fraction of the layer to remove.
     """
 
     metadata = {"render_modes": []}
@@ -58,7 +65,8 @@ class PruningGymEnv(gymnasium.Env):
     def __init__(self, model: nn.Module, target: float = 0.8, data=None, reward="fidelity",
                  budget: Optional[str] = None, structure: str = "unstructured", exclude=None, example_inputs=None,
                  seed: int = 0, calibration_samples: int = 512, max_amount: Optional[float] = None,
-                 bn_recalibration: Optional[int] = None, constraint: str = "clip", dense: bool = False):
+                 bn_recalibration: Optional[int] = None, constraint: str = "clip", dense: bool = False,
+                 prior: str = "best"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         targets = _check_targets(target, None)
@@ -69,6 +77,7 @@ class PruningGymEnv(gymnasium.Env):
             raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
         if constraint not in CONSTRAINTS:
             raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+        quality = _check_quality(prior, 0.0, 1, structure, protect_first_last=False)
         max_amount = DEFAULT_MAX_AMOUNT[structure] if max_amount is None else max_amount
         bn_recalibration = DEFAULT_BN_RECALIBRATION[structure] if bn_recalibration is None else bn_recalibration
         layers = find_prunable(model, exclude, None)
@@ -84,7 +93,8 @@ class PruningGymEnv(gymnasium.Env):
                 model.eval()
                 self._search = _prepare_search(model, layers, targets, data, reward, budget, structure, exclude,
                                                example_inputs, seed, calibration_samples, max_amount, None, None,
-                                               None, bn_recalibration, None)
+                                               None, bn_recalibration, None, quality=quality)
+                _seed_priors(self._search, structure, targets)  # scored first, as in rl_prune
         except BaseException:
             self._snapshot.restore()
             raise

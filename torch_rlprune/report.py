@@ -26,7 +26,7 @@ from torch import nn
 
 from .plan import PlanError, PruningPlan
 
-__all__ = ["RUN_FILE", "RUN_FORMAT_VERSION", "summarize", "format_summary", "count_dense", "plot_amounts", "plot_search",
+__all__ = ["write_marked_section", "RUN_FILE", "RUN_FORMAT_VERSION", "summarize", "format_summary", "count_dense", "plot_amounts", "plot_search",
            "plot_tradeoff", "save_run", "load_run", "write_report", "search_stats"]
 
 RUN_FILE = "run.json"
@@ -344,6 +344,24 @@ def _cost_lines(record: dict) -> List[str]:
     return out
 
 
+def _quality_lines(record: dict) -> List[str]:
+    """Where the plan came from: the prior it started at and the held-out choice."""
+    meta = (record.get("plan") or {}).get("metadata", {}) or {}
+    lines = []
+    prior = meta.get("prior")
+    if isinstance(prior, dict):
+        candidates = ", ".join(f"{m} {_num(v)}" for m, v in (prior.get("candidates") or {}).items())
+        lines.append(f"prior {prior.get('method')} (scored {candidates}); protected: "
+                     f"{', '.join(meta.get('protected') or []) or 'none'}")
+    selection = meta.get("selection")
+    if isinstance(selection, dict):
+        lines.append(f"held-out selection: score {_num(selection.get('selection_score'))} on "
+                     f"{selection.get('samples')} samples the search never saw (search score "
+                     f"{_num(selection.get('search_score'))}; best of {len(selection.get('candidates') or [])} "
+                     f"plans, #{int(selection.get('chosen', 0)) + 1} by search score)")
+    return lines
+
+
 def format_summary(record: dict) -> str:
     """The table ``result.summary()`` and the CLI print: settings, target vs achieved, score,
     MACs/params, test accuracy and timings, then one row per layer (or channel group)."""
@@ -353,6 +371,7 @@ def format_summary(record: dict) -> str:
              f"structure={record['structure']} episodes={record.get('episodes')} seed={record.get('seed')}",
              f"{_goal(record)}  achieved {_num(record['sparsity'])}  score {_num(record.get('score'))} "
              f"(unpruned {_num(record.get('baseline_score'))})"]
+    lines += _quality_lines(record)
     lines += _cost_lines(record)
     lines.append(f"wall time {_num(record.get('wall_time'), '.1f')}s  "
                  f"episode {_num(None if episode is None else episode * 1e3, '.0f')} ms vs forward "
@@ -795,3 +814,20 @@ def write_report(run_dir, records: Optional[Sequence[dict]] = None) -> Path:
     path = run_dir / REPORT_FILE
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def write_marked_section(document, name: str, markdown: str) -> bool:
+    """Replace what lies between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``document``.
+
+    How a benchmark or an example writes its own table into a README, so the figures there are
+    the run's, never typed. Returns False (and leaves the file alone) when a marker is missing.
+    """
+    path = Path(document)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = path.read_text()
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{markdown.rstrip()}\n{end}{tail}")
+    return True

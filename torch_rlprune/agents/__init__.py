@@ -41,4 +41,4 @@ def create_agent(name: str, config=None, seed: int = 0, **overrides) -> Agent:
 
 
 # Importing the modules registers them.
-from . import amc, cacp, crl, n2n, purl, random_search  # noqa: E402,F401
+from . import amc, cacp, crl, heuristic, n2n, purl, random_search  # noqa: E402,F401

@@ -24,6 +24,8 @@ class Agent:
     (the environment switches to AMC's accuracy-guaranteed reward and no clipping)."""
     multi_target = False
     """One search serves every target in ``env.targets`` (it calls ``env.set_target``)."""
+    needs_prior = False
+    """Returns nothing but what the prior offers (``rl_prune(prior="none")`` is refused)."""
 
     def __init__(self, config: Optional[Any] = None, seed: int = 0, **overrides):
         if config is None:

@@ -21,6 +21,7 @@ and returns a plan per target; with one target it is AMC with the target in the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -34,8 +35,8 @@ class CACPConfig(AMCConfig):
     """Total episodes over all targets. The paper trains one conditional agent instead of one
     per rate; here three targets share 450 episodes against AMC's 3 x 300 (the closing note of
     the agents issue has the measured comparison)."""
-    warmup: int = 75
-    """Random episodes (AMC's 1/6 share of the total): 25 per target for three targets."""
+    warmup: Optional[int] = None
+    """Random episodes; ``None``: AMC's 1/6 share of the total (75 of 450: 25 per target for three)."""
 
 
 @register_agent

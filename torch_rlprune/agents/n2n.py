@@ -9,7 +9,8 @@ Algorithm, as in the paper (Sec. 3-4) and its reference code, with this library'
                 p_1..p_B = softmax(head(biLSTM(x_1..x_B)))          # keep / remove per block
                 a_i ~ p_i, block by block; a choice that would make the budget unreachable
                     (overshoot, or too little left to remove) is masked out  [budget, ours]
-                the remaining channel groups shrink uniformly onto the budget   [budget, ours]
+                the remaining channel groups shrink onto the budget as the prior's heuristic
+                    allocates (global or uniform; uniform without a prior)   [budget, ours]
                 R = (score / score_0) * C * (2 - C)      # C: fraction of MACs/params removed
             b = running mean of the rewards of earlier rollouts (the batch's own mean at first)
             removal policy <- Adam step on -sum (R - b) * log pi(a)         # REINFORCE
@@ -208,7 +209,7 @@ class N2NAgent(Agent):
             allowed[i] = env.block_options(removed, i)
             actions[i], counted[i] = self._sample(logits[i], allowed[i])
             removed[i] = actions[i] == 1
-        record = env.finish(removed, env.uniform_widths(removed))
+        record = env.finish(removed, env.base_widths(removed))
         traj = (torch.from_numpy(allowed), torch.from_numpy(actions), torch.from_numpy(counted))
         return (traj if counted.any() else None), record
 

@@ -6,7 +6,8 @@ every pruning step, and picks each layer's amount from a small discrete set with
 Q-network. The dense feedback is what lets it converge in far fewer episodes (the paper
 reports ~55 on ImageNet against AMC's 400). Algorithm, as we implement it:
 
-    A = {0, 0.1, ..., 0.9}                                # discrete per-layer amounts
+    A = {0, 0.1, ..., 0.9}                 # discrete per-layer amounts (anchored to a prior:
+                                           #  offsets around the prior's amount, 0 among them)
     env.dense = True                                      # a reward after every layer
     for episode = 1..E:
         eps = 1                                 if episode <= warm-up
@@ -63,7 +64,9 @@ class PuRLConfig:
     and 0.807-0.832 (0.820) after 60."""
     num_actions: int = 10
     """Size of the discrete action set: ``num_actions`` evenly spaced amounts from 0 to
-    ``max_action`` (0, 0.1, ..., 0.9). Each output of the Q-network is learnt separately, so
+    ``max_action`` (0, 0.1, ..., 0.9); anchored to a prior (``rl_prune(prior=...)``, the default),
+    ``num_actions`` rounded up to odd offsets spanning the whole action range, the middle one the
+    prior's own amount (11: logit offsets -2, -1.6, ..., +2 with the default spread). Each output of the Q-network is learnt separately, so
     fewer actions mean more samples per action in a short search; the environment's
     clipping makes the plan land on the budget exactly whatever the grid (the last layer
     takes what is left). Measured: 10 actions 0.790-0.823 (mean 0.801); 20 actions (0,
@@ -183,24 +186,27 @@ class PuRLAgent(Agent):
         if not 0.0 <= c.epsilon_min <= 1.0 or not 0.0 <= c.gamma <= 1.0:
             raise ValueError("agent_config for 'purl': epsilon_min and gamma must be in [0, 1]")
 
-    def _build(self, state_dim: int) -> None:
+    def _build(self, state_dim: int, anchored: bool) -> None:
         c = self.config
-        self.amounts = np.linspace(0.0, c.max_action, c.num_actions)
+        # Anchored to a prior, an action is an offset around the prior's amount: an odd grid over
+        # [0, 1] holds 0.5, the prior itself, and every layer can keep or leave it in both directions.
+        self.actions = (np.linspace(0.0, 1.0, c.num_actions + 1 - c.num_actions % 2) if anchored
+                        else np.linspace(0.0, c.max_action, c.num_actions))
         # Initialised from the agent's seed whatever the caller did with torch's global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(self.rng.integers(2 ** 31)))
-            self.q = QNetwork(state_dim, c.num_actions, c.hidden)
+            self.q = QNetwork(state_dim, len(self.actions), c.hidden)
         self.q_target = copy.deepcopy(self.q)
         self.optimizer = torch.optim.Adam(self.q.parameters(), lr=c.lr)
-        self.memory = ReplayMemory(c.replay_size, state_dim, c.num_actions)
+        self.memory = ReplayMemory(c.replay_size, state_dim, len(self.actions))
         self.updates = 0
 
     def feasible(self, env) -> np.ndarray:
         """Mask of the amounts the current layer may take (never empty)."""
         lo, hi = env.action_bounds()
-        mask = (self.amounts >= lo - 1e-9) & (self.amounts <= hi + 1e-9)
+        mask = (self.actions >= lo - 1e-9) & (self.actions <= hi + 1e-9)
         if not mask.any():
-            mask[np.argmin(np.maximum(lo - self.amounts, self.amounts - hi))] = True
+            mask[np.argmin(np.maximum(lo - self.actions, self.actions - hi))] = True
         return mask
 
     def epsilon(self, episode: int, episodes: int) -> float:
@@ -235,9 +241,9 @@ class PuRLAgent(Agent):
 
     def search(self, env, episodes: int) -> None:
         c = self.config
-        self._build(env.observation_dim)
+        self._build(env.observation_dim, getattr(env, "anchored", False))
         env.dense = True
-        all_actions = np.ones(c.num_actions, bool)
+        all_actions = np.ones(len(self.actions), bool)
         for episode in range(episodes):
             epsilon = self.epsilon(episode, episodes)
             learning = episode >= c.warmup
@@ -246,7 +252,7 @@ class PuRLAgent(Agent):
             feasible = self.feasible(env)
             while not done:
                 index = self.act(state, feasible, epsilon)
-                next_state, reward, done, _ = env.step(float(self.amounts[index]))
+                next_state, reward, done, _ = env.step(float(self.actions[index]))
                 next_feasible = all_actions if done else self.feasible(env)
                 self.memory.add(state, index, reward, next_state, next_feasible, done)
                 state, feasible = next_state, next_feasible
