@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 from torch_rlprune import rl_prune
 from torch_rlprune.channel import ChannelStructure, apply_channel_plan, compact, count_macs_params
@@ -227,13 +226,12 @@ def main(argv=None) -> dict:
 
     model = trained_model(x_train, y_train, args.epochs, Path(args.checkpoints) / f"rowlstm_mnist_e{args.epochs:g}.pt")
     dense_acc = evaluate_accuracy(model, x_test, y_test)
-    dense_macs, dense_params = count_macs_params(model, x_test[:1])
-    rows = [("unpruned", "-", 0.0, dense_acc, 0.0)]
-
-    # ---- unstructured: every agent against the one-liners on the same matrices
     unstructured = compare_unstructured(model, (x_cal, y_cal), (x_test, y_test), args.unstructured_targets,
                                         args.agents, args.seeds, args.episodes, verbose)
-    markdown = unstructured_markdown(unstructured, dense_acc, len(x_test), args.calibration, args.seeds)
+    units = compare_hidden_units(model, (x_cal, y_cal), (x_test, y_test), args.unit_target, args.agent,
+                                 args.episodes, args.seed, verbose)
+    markdown = unstructured_markdown(unstructured, dense_acc, len(x_test), args.calibration, args.seeds) + "\n" + \
+        hidden_units_markdown(units, dense_acc)
     print(markdown)
     defaults = argv is None and args.agents == parser.get_default("agents") and args.episodes is None \
         and args.seeds == parser.get_default("seeds") and args.unstructured_targets == [0.8, 0.9]
@@ -241,50 +239,57 @@ def main(argv=None) -> dict:
         out = ROOT / "benchmarks" / "results"
         out.mkdir(parents=True, exist_ok=True)
         (out / "lstm.md").write_text(markdown)
-        (out / "lstm.json").write_text(json.dumps({"dense_acc": dense_acc, "rows": unstructured}, indent=1))
+        (out / "lstm.json").write_text(json.dumps({"dense_acc": dense_acc, "rows": unstructured,
+                                                   "hidden_units": units}, indent=1))
         if not args.no_readme and write_marked_section(ROOT / "README.md", "lstm", markdown):
             print("README.md updated")
+    return {"unstructured": unstructured, **units}
 
-    # ---- hidden units: 50% of the MACs, physically removed afterwards
-    t = args.unit_target
+
+def compare_hidden_units(model, data, test, target, agent, episodes, seed, verbose) -> dict:
+    """``rl_prune(structure="channel")`` against the same fraction of every group, both compacted
+    (masked and compacted must agree) and timed at batch 1 on one thread."""
+    (x_cal, _), (x_test, y_test) = data, test
+    dense_macs, dense_params = count_macs_params(model, x_test[:1])
     rl_units, uniform_u = copy.deepcopy(model), copy.deepcopy(model)
     tick = time.perf_counter()
-    unit_result = rl_prune(rl_units, t, data=(x_cal, y_cal), structure="channel", agent=args.agent,
-                           episodes=args.episodes, seed=args.seed, verbose=verbose)
+    result = rl_prune(rl_units, target, data=data, structure="channel", agent=agent, episodes=episodes, seed=seed,
+                      verbose=verbose)
     seconds = time.perf_counter() - tick
-    print(unit_result.summary())
-    fraction = uniform_units(uniform_u, x_cal[:8], t)
-    compacted = {}
-    for name, m in (("rl", rl_units), ("uniform", uniform_u)):
+    print(result.summary())
+    fraction = uniform_units(uniform_u, x_cal[:8], target)
+    rows = []
+    for label, m, secs in ((f"rl_prune(agent=\"{agent}\", structure=\"channel\")", rl_units, seconds),
+                           (f"uniform L2 magnitude ({fraction:.1%} of every group)", uniform_u, 0.0)):
         acc = evaluate_accuracy(m, x_test, y_test)
         info = compact(m, x_cal[:8])
-        compacted[name] = (acc, evaluate_accuracy(m, x_test, y_test), info)
-    for name, label, secs in (("rl", f"rl_prune agent={args.agent}", seconds),
-                              ("uniform", f"uniform L2 units ({fraction:.1%} each)", 0.0)):
-        acc, acc_after, info = compacted[name]
-        assert abs(acc - acc_after) < 1e-3, "masked and compacted models disagree"
-        rows.append((label, "hidden units", 1 - info["macs_after"] / dense_macs, acc, secs))
-
-    print(f"\nRow-wise sequential MNIST, {len(x_test)} test sequences, no fine-tuning "
-          f"(dense: {dense_macs / 1e6:.2f} MMACs, {dense_params / 1e3:.0f}k params)")
-    print(f"| {'method':<34} | {'structure':<12} | {'removed':>7} | {'test acc':>8} | {'wall s':>6} |")
-    print(f"|{'-' * 36}|{'-' * 14}|{'-' * 9}|{'-' * 10}|{'-' * 8}|")
-    for name, structure, removed, acc, secs in rows:
-        removed_s = "-" if structure == "-" else f"{removed:.3f}"
-        print(f"| {name:<34} | {structure:<12} | {removed_s:>7} | {acc:>8.2%} | {secs:>6.1f} |")
-    print("(removed: fraction of the weight matrices for 'weights', of the MACs for 'hidden units')")
-
-    sizes = {n: (m.lstm1.hidden_size, m.lstm2.hidden_size, m.proj.out_features)
-             for n, m in (("rl", rl_units), ("uniform", uniform_u))}
-    print(f"\ncompacted sizes (lstm1 hidden, lstm2 hidden, projection): rl {sizes['rl']}, uniform {sizes['uniform']}")
+        assert abs(acc - evaluate_accuracy(m, x_test, y_test)) < 1e-3, "masked and compacted models disagree"
+        rows.append({"method": label, "removed": 1 - info["macs_after"] / dense_macs, "test_acc": acc,
+                     "sizes": [m.lstm1.hidden_size, m.lstm2.hidden_size, m.proj.out_features], "seconds": secs})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    x1 = x_test[:1]
-    latency = {name: latency_ms(m, x1) for name, m in (("dense", model), ("rl", rl_units), ("uniform", uniform_u))}
+    latency = {"dense": latency_ms(model, x_test[:1])}
+    latency.update({r["method"]: latency_ms(m, x_test[:1]) for r, m in zip(rows, (rl_units, uniform_u))})
     torch.set_num_threads(threads)
-    print(f"latency batch 1, 1 thread: dense {latency['dense']:.2f} ms, rl compacted {latency['rl']:.2f} ms, "
-          f"uniform compacted {latency['uniform']:.2f} ms")
-    return {"unstructured": unstructured, "rows": rows, "sizes": sizes, "latency_ms": latency, "unit_plan": unit_result.plan.amounts}
+    for r in rows:
+        r["latency_ms"] = latency[r["method"]]
+    return {"unit_rows": rows, "dense_macs": dense_macs, "dense_params": dense_params,
+            "dense_latency_ms": latency["dense"], "unit_plan": result.plan.amounts, "unit_seed": seed,
+            "unit_target": target}
+
+
+def hidden_units_markdown(units: dict, dense_acc: float) -> str:
+    lines = [f"Hidden units, {units['unit_target']:.0%} of the MACs, search seed {units['unit_seed']} (unpruned {dense_acc:.2%}, "
+             f"{units['dense_macs'] / 1e6:.2f} MMACs, {units['dense_params'] / 1e3:.0f}k params, batch-1 latency "
+             f"{units['dense_latency_ms']:.2f} ms on 1 thread); both plans compacted, masked = compacted checked:", "",
+             "| method | MACs removed | test acc | kept (lstm1, lstm2, projection) | batch-1 ms | search s |",
+             "|---|---|---|---|---|---|"]
+    for r in units["unit_rows"]:
+        lines.append(f"| {r['method']} | {r['removed']:.3f} | {r['test_acc']:.2%} | {tuple(r['sizes'])} | "
+                     f"{r['latency_ms']:.2f} | {r['seconds']:.0f} |" if r["seconds"] else
+                     f"| {r['method']} | {r['removed']:.3f} | {r['test_acc']:.2%} | {tuple(r['sizes'])} | "
+                     f"{r['latency_ms']:.2f} | — |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

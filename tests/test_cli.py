@@ -453,6 +453,39 @@ def test_resume_refuses_wrong_option_types_in_command_file(tmp_path, unstructure
     assert code == EXIT_INPUT and "--structure must be one of unstructured, channel" in stderr
 
 
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/torch_rlprune_cli_pwned"),))
+
+
+def test_resume_never_unpickles_a_model_file_named_only_by_the_run_directory(tmp_path, unstructured_run):
+    """The audit's case: command.json of a run directory points MODEL at a hostile pickle."""
+    marker = Path("/tmp/torch_rlprune_cli_pwned")
+    marker.unlink(missing_ok=True)
+    hostile = tmp_path / "model.pt"
+    torch.save(_Payload(), hostile)
+    run = tmp_path / "run"
+    run.mkdir()
+    command = json.loads((unstructured_run[0] / "command.json").read_text())
+    command["model"] = str(hostile)
+    (run / "command.json").write_text(json.dumps(command))
+    code, _, stderr = run_cli("prune", "--resume", run)
+    assert code == EXIT_USAGE and "pickles" in stderr and f"prune {hostile} --resume" in stderr
+    assert not marker.exists()
+
+
+def test_resume_without_a_search_checkpoint_says_it_starts_over(tmp_path, data_root):
+    args = ["--target", "0.5", "--episodes", "2", "--calibration", "64", "--test-samples", "0", "--data-root",
+            data_root, "--quiet"]
+    run = tmp_path / "run"
+    assert run_cli("prune", MODEL, "--out", run, *args)[0] == 0
+    (run / "run.json").unlink()
+    (run / "checkpoint.pt").unlink()
+    code, _, stderr = run_cli("prune", "--resume", run, "--quiet")
+    assert code == 0, stderr
+    assert "starts over" in stderr
+
+
 def test_out_never_holds_the_input_model(tmp_path, unstructured_run):
     run = tmp_path / "run"
     shutil.copytree(unstructured_run[0], run)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+
+import numpy as np
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 
 from helpers import weight_masks
 from torch_rlprune import rl_prune
-from torch_rlprune.checkpoint import CheckpointError, load_checkpoint
+from torch_rlprune.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
 from torch_rlprune.rewards import FidelityReward
 
 # (agent, structure, target, episodes, agent_config): every registered agent, each on its own loop
@@ -38,6 +40,13 @@ class CountingFidelity:
             return original(reward, model)
 
         monkeypatch.setattr(FidelityReward, "__call__", call)
+
+
+def resealed(saved: dict) -> dict:
+    """A checkpoint edited and given a matching digest again (a forger who knows the format)."""
+    from torch_rlprune.checkpoint import content_digest
+    saved["digest"] = content_digest(saved)
+    return saved
 
 
 def _search(model, calibration, agent, structure, target, episodes, config, **kwargs):
@@ -89,7 +98,10 @@ def test_interrupted_search_resumes_to_the_uninterrupted_result(agent, structure
     # only plans never scored before, and the held-out choice, re-measured (never replayed from the file)
     results = [resumed[t] for t in target] if multi else [resumed]
     held_out = sum(len(r.plan.metadata["selection"]["candidates"]) for r in results)
-    assert counter.calls == unpruned_passes + total - recorded + held_out
+    # and the replayed plans it could report (best, held-out candidates) plus a sample, measured again
+    remeasured = results[0].plan.metadata["resume"]["remeasured"]
+    assert 1 <= remeasured <= results[0].plan.metadata["resume"]["replayed_plans"]
+    assert counter.calls == unpruned_passes + total - recorded + held_out + remeasured
     if multi:
         for t in target:
             assert resumed[t].plan.amounts == reference[t].plan.amounts
@@ -124,9 +136,9 @@ def test_checkpoint_holds_agent_state_and_resume_checks_it(trained_fmnist_cnn, c
     assert isinstance(saved["torch_rng"], torch.Tensor)
     assert len(saved["history"]) == 9 and saved["best"][0]["k"] is not None
 
-    # tamper with what the agent learned: the replay notices and says so
+    # tamper with what the agent learned (digest recomputed, as a careful forger would): the replay notices
     state["actor"]["net.0.weight"] += 1.0
-    torch.save(saved, path)
+    torch.save(resealed(saved), path)
     with pytest.warns(RuntimeWarning, match="episode 7 did not reproduce the agent"):
         _search(untouched, calibration, "amc", "unstructured", 0.8, 9, {"warmup": 3}, resume=path)
 
@@ -138,7 +150,7 @@ def test_tampered_history_is_reported(trained_fmnist_cnn, calibration, tmp_path)
     _search(trained_fmnist_cnn, calibration, "random", "unstructured", 0.8, 6, None, checkpoint=path)
     saved = torch.load(path, weights_only=True)
     saved["history"][2]["amounts"][0] += 0.25
-    torch.save(saved, path)
+    torch.save(resealed(saved), path)
     with pytest.warns(RuntimeWarning, match="episode 2 did not reproduce its plan"):
         _search(original, calibration, "random", "unstructured", 0.8, 6, None, resume=path)
 
@@ -205,7 +217,7 @@ def test_after_a_divergence_the_checkpoint_describes_the_new_search(trained_fmni
             checkpoint_every=2)
     saved = torch.load(path, weights_only=True)
     saved["history"][3]["reward"] = -1.0  # a record this search cannot reproduce
-    torch.save(saved, path)
+    torch.save(resealed(saved), path)
     with pytest.warns(RuntimeWarning, match="episode 3 did not reproduce its plan"):
         resumed = _search(original, calibration, "random", "unstructured", 0.8, 8, None, resume=path,
                           checkpoint_every=2)
@@ -223,7 +235,7 @@ def test_hostile_and_malformed_checkpoints_get_clear_errors(small_cnn_model, cnn
     marker = Path("/tmp/torch_rlprune_pwned")
     marker.unlink(missing_ok=True)
     hostile = tmp_path / "hostile.pt"
-    torch.save({"format": 1, "payload": _Exploit()}, hostile)
+    torch.save({"format": CHECKPOINT_FORMAT, "payload": _Exploit()}, hostile)
     kwargs = dict(target=0.5, data=cnn_batch, agent="random", episodes=2, verbose=False)
     with pytest.raises(CheckpointError, match="cannot read"):
         rl_prune(small_cnn_model, resume=hostile, **kwargs)
@@ -233,8 +245,9 @@ def test_hostile_and_malformed_checkpoints_get_clear_errors(small_cnn_model, cnn
     with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(garbage)
     wrong = tmp_path / "wrong.pt"
-    torch.save({"format": 1, "fingerprint": {}, "history": "x", "plans": torch.zeros(1, 2, dtype=torch.int64),
-                "scores": torch.zeros(1, dtype=torch.float64), "best": []}, wrong)
+    torch.save(resealed({"format": CHECKPOINT_FORMAT, "fingerprint": {}, "history": "x",
+                         "plans": torch.zeros(1, 2, dtype=torch.int64), "scores": torch.zeros(1, dtype=torch.float64),
+                         "best": []}), wrong)
     with pytest.raises(CheckpointError, match="'history'"):
         load_checkpoint(wrong)
     torch.save({"format": 99}, wrong)
@@ -251,3 +264,104 @@ def test_hostile_and_malformed_checkpoints_get_clear_errors(small_cnn_model, cnn
 def test_bad_checkpoint_arguments(kwargs, needle, small_cnn_model, cnn_batch):
     with pytest.raises((ValueError, TypeError), match=needle):
         rl_prune(small_cnn_model, target=0.5, data=cnn_batch, verbose=False, **kwargs)
+
+
+def test_unreadable_checkpoints_say_why_and_never_advise_loading_them_unsafely(tmp_path):
+    hostile, empty, noise = tmp_path / "hostile.pt", tmp_path / "empty.pt", tmp_path / "noise.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "payload": _Exploit()}, hostile)
+    empty.write_bytes(b"")
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    for path, reason in ((hostile, "objects other than tensors and plain data"), (empty, "the file is empty"),
+                         (noise, "not a file torch.save wrote")):
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+        message = str(err.value)
+        assert reason in message and str(path) in message
+        assert "weights_only" not in message and "likely succeed" not in message
+
+
+def _checkpointed(model, calibration, path, episodes=6):
+    _search(copy.deepcopy(model), calibration, "random", "unstructured", 0.8, episodes, None, checkpoint=path)
+    return torch.load(path, weights_only=True)
+
+
+def test_a_changed_byte_of_content_is_refused(_trained_fmnist_cnn, calibration, tmp_path):
+    path = tmp_path / "c.pt"
+    saved = _checkpointed(_trained_fmnist_cnn, calibration, path)
+    saved["scores"][0] += 1e-3   # edited without the digest
+    torch.save(saved, path)
+    with pytest.raises(CheckpointError, match="does not match its digest"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("edit", ["nan", "inf reward"])
+def test_non_finite_records_are_refused_at_load(edit, _trained_fmnist_cnn, calibration, tmp_path):
+    path = tmp_path / "c.pt"
+    saved = _checkpointed(_trained_fmnist_cnn, calibration, path)
+    if edit == "nan":
+        saved["scores"][1] = float("nan")
+    else:
+        saved["history"][0]["reward"] = float("inf")
+    torch.save(resealed(saved), path)
+    with pytest.raises(CheckpointError, match="not finite|history entries"):
+        load_checkpoint(path)
+
+
+@pytest.mark.filterwarnings("ignore:resume. replaying:RuntimeWarning")   # the replay notices too
+def test_recorded_scores_the_model_does_not_reproduce_are_refused(_trained_fmnist_cnn, calibration, tmp_path):
+    """The audit's case: every recorded score set to 1.0 (digest recomputed). Resume re-measures what it
+    would report, refuses the file, and leaves the model as it was."""
+    path = tmp_path / "c.pt"
+    saved = _checkpointed(_trained_fmnist_cnn, calibration, path, episodes=8)
+    saved["scores"].fill_(1.0)
+    for h in saved["history"]:
+        h["reward"] = h["score"] = 1.0
+    for b in saved["best"]:
+        b["reward"] = b["score"] = 1.0
+    torch.save(resealed(saved), path)
+    model = copy.deepcopy(_trained_fmnist_cnn)
+    before = _state(model)
+    with pytest.raises(CheckpointError, match="records the score 1 for a plan that scores"):
+        _search(model, calibration, "random", "unstructured", 0.8, 8, None, resume=path)
+    after = _state(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not weight_masks(model)
+
+
+def test_plans_of_another_width_are_a_checkpoint_error(_trained_fmnist_cnn, calibration, tmp_path):
+    path = tmp_path / "c.pt"
+    saved = _checkpointed(_trained_fmnist_cnn, calibration, path)
+    saved["plans"] = torch.cat([saved["plans"], saved["plans"][:, :1]], dim=1)
+    torch.save(resealed(saved), path)
+    with pytest.raises(CheckpointError, match="records plans of"):
+        _search(copy.deepcopy(_trained_fmnist_cnn), calibration, "random", "unstructured", 0.8, 6, None,
+                resume=path)
+
+
+def test_checkpoint_never_overwrites_a_file_that_is_not_this_search(small_cnn_model, cnn_batch, tmp_path):
+    kwargs = dict(target=0.5, data=cnn_batch, agent="random", episodes=3, seed=5, verbose=False)
+    important = tmp_path / "important.txt"
+    important.write_text("my thesis")
+    before = _state(small_cnn_model)
+    with pytest.raises(CheckpointError, match="checkpoint: .*important.txt exists and is not a torch_rlprune"):
+        rl_prune(small_cnn_model, checkpoint=important, **kwargs)
+    assert important.read_text() == "my thesis"
+    assert all(torch.equal(_state(small_cnn_model)[k], before[k]) for k in before)
+    # a checkpoint of another search is not overwritten either; the same search may write it again
+    path = tmp_path / "search.pt"
+    rl_prune(copy.deepcopy(small_cnn_model), checkpoint=path, **kwargs)
+    with pytest.raises(CheckpointError, match="checkpoint: .*different search.*seed.*refusing to overwrite"):
+        rl_prune(copy.deepcopy(small_cnn_model), checkpoint=path, **{**kwargs, "seed": 6})
+    rl_prune(copy.deepcopy(small_cnn_model), checkpoint=path, **kwargs)
+
+
+def test_an_unwritable_checkpoint_path_is_refused_before_any_episode(small_cnn_model, cnn_batch, tmp_path,
+                                                                      monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    episodes = []
+    monkeypatch.setattr(FidelityReward, "__call__", lambda self, model: episodes.append(1) or 0.5)
+    with pytest.raises(CheckpointError, match="a_file is not a directory"):
+        rl_prune(small_cnn_model, 0.5, data=cnn_batch, agent="random", episodes=3, verbose=False,
+                 checkpoint=blocker / "sub" / "c.pt")
+    assert episodes == []   # refused before the unpruned model was even scored

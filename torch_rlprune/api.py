@@ -17,12 +17,12 @@ from tqdm.auto import tqdm
 
 from .agents import Agent, get_agent_class, list_agents
 from .calibration import build_calibration, primary_output
-from .checkpoint import SearchRecorder, load_checkpoint
+from .checkpoint import SearchRecorder, check_checkpoint_path, load_checkpoint
 from .distributed import (DistributedSearch, SplittableReward, all_ranks_succeed, check_same_calibration,
                           distributed_context, shard)
 from .env import LayerwisePruningEnv, check_budget
 from .importance import IMPORTANCES, activation_scores
-from .threads import agent_threads
+from .threads import agent_threads, one_search_at_a_time
 from .masking import InPlaceMask
 from .plan import PruningPlan, apply_plan
 from .priors import PRIORS, sorted_lamp_scores, threshold_allocation, uniform_allocation
@@ -571,6 +571,8 @@ def _run_search(agent_obj: Agent, agent_cls, agent_config, seed, prepared: _Prep
                         recorder.agent = searcher
                     searcher.search(env, episodes)
             env.finalize()
+            if recorder is not None:  # a resumed search reports nothing it did not measure
+                recorder.verify_replayed()
     except BaseException:
         if recorder is not None:  # first: releasing the other ranks may not return (they may be gone)
             recorder.save_after_failure()
@@ -583,6 +585,7 @@ def _run_search(agent_obj: Agent, agent_cls, agent_config, seed, prepared: _Prep
         coordinator.finish()
 
 
+@one_search_at_a_time
 def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8, data=None, reward="fidelity",
              agent="amc",
              episodes: Optional[int] = None, budget: Optional[str] = None, structure: str = "unstructured",
@@ -778,6 +781,8 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         resumed = load_checkpoint(resume) if resume is not None else None
     if resumed is not None and checkpoint is None:
         checkpoint = resumed["path"]
+    with all_ranks_succeed(coordinator, "checking the checkpoint path"):
+        existing = check_checkpoint_path(checkpoint, resumed) if checkpoint is not None else None
     if not isinstance(agent, Agent):
         agent_obj = agent_cls(agent_config, seed=int(seed))
     episodes = int(episodes if episodes is not None else agent_obj.config.episodes)
@@ -807,7 +812,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
                     fingerprint = _search_fingerprint(agent_obj, targets, max_drop, structure, budget, scorer,
                                                       seed, episodes, max_amount, calibration, bn_recalibration,
                                                       round_to, importance, space, baseline, model, quality)
-                    recorder = SearchRecorder(checkpoint, checkpoint_every, fingerprint, resumed)
+                    recorder = SearchRecorder(checkpoint, checkpoint_every, fingerprint, resumed, existing)
                     recorder.attach(env, agent_obj)
             bar = tqdm(total=total_episodes, desc=f"rl_prune[{agent_obj.name}]", disable=not verbose,
                        leave=False, dynamic_ncols=True)
@@ -843,6 +848,8 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
                         "score_floor": floor} if key is None else {}
                 if key in prepared.priors:
                     mode["prior"] = prepared.priors[key].as_dict()
+                if resumed is not None:
+                    mode["resume"] = {"replayed_plans": len(env.replayed_keys), "remeasured": recorder.remeasured}
                 if key in prepared.selections:
                     mode["selection"] = {**prepared.selections[key].as_dict(),
                                          "samples": sum(len(x) for x in prepared.selector.calibration.inputs)}

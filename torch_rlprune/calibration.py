@@ -50,6 +50,9 @@ def _split_batch(batch):
         return x, y
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         y = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        if y is not None and (y.dim() == 0 or len(y) != len(batch[0])):
+            raise ValueError(f"data: inputs and labels differ in length ({len(batch[0])} inputs, "
+                             f"{len(y) if y.dim() else 'a scalar as'} labels)")
         return batch[0], y
     raise ValueError(f"data: a batch must be a tensor, an (inputs, labels) pair or a dict; "
                      f"got {type(batch).__name__}")
@@ -60,8 +63,8 @@ def _iter_batches(data):
         yield data
         return
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, torch.Tensor) for d in data) \
-            and len(data[0]) == len(data[1]) and data[0].dim() > data[1].dim():
-        yield tuple(data)  # (X, Y) tensors
+            and data[0].dim() > data[1].dim() >= 1:
+        yield tuple(data)  # (X, Y) tensors; their lengths are checked with every batch's
         return
     if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset) \
             and hasattr(data, "__len__"):
@@ -125,6 +128,10 @@ def build_calibration(model: nn.Module, data=None, example_inputs=None, num_samp
         if not has_labels:
             ys = None
         x = torch.cat(xs)[:num_samples]
+        if len(x) == 0:
+            raise ValueError("data: no samples (the calibration data is empty)")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError("data: the calibration inputs contain NaN or inf")
         xs = [x]
         if ys is not None:
             ys = [torch.cat(ys)[:num_samples]]

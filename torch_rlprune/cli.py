@@ -779,6 +779,11 @@ def _resume_settings(args) -> tuple:
                      f"got MODEL {args.model!r}: leave MODEL out")
     if (run_dir / "run.json").is_file():
         raise _usage(f"--resume {run_dir}: that run finished (run.json exists); nothing to resume")
+    if args.model is None and Path(settings["model"]).exists():
+        # a run directory is data from outside; a model file is a pickle, which runs code when loaded
+        raise _usage(f"--resume {run_dir} prunes the model file {settings['model']!r} (from {COMMAND_FILE}); "
+                     f"model files are pickles and run code when loaded, so rlprune loads one only when you name "
+                     f"it yourself: {PROG} prune {settings['model']} --resume {run_dir}")
     return settings, run_dir
 
 
@@ -919,7 +924,7 @@ def _run_prune(args, s: dict, model_spec: str, out: Path, console: _Console, lea
             kwargs["resume"] = state
             console.note(f"resuming the search from {state}")
         else:
-            console.note(f"no {SEARCH_CHECKPOINT} in {out}: the search starts from the beginning")
+            console.warn(f"no {SEARCH_CHECKPOINT} in {out}: nothing to resume from, the search starts over")
     if s["distributed"]:
         kwargs["distributed"] = True
     console.note(f"searching: agent {s['agent']}, {s['structure']}, target {' '.join(f'{t:g}' for t in s['target'])}")

@@ -242,6 +242,7 @@ class DepthWidthEnv(BestPlanResults):
         self.targets = None
         self._cache: Dict[Tuple[int, ...], float] = {}
         self.replay: Dict[Tuple[int, ...], float] = {}
+        self.replayed_keys: set = set()   # plans whose score came from the record (checked on resume)
         self.scoring_key: Optional[Tuple[int, ...]] = None
         self._masked = np.zeros(len(self.blocks), dtype=bool)
         self._started = time.perf_counter()
@@ -259,6 +260,8 @@ class DepthWidthEnv(BestPlanResults):
     @property
     def num_steps(self) -> int:
         return self.num_blocks + self.num_groups
+
+    plan_width = num_steps   # entries of a plan: keep/remove per block, then a count per group
 
     def block_features(self) -> np.ndarray:
         """Per block: position, share of MACs, share of params, channels, positions, branches."""

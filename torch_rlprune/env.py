@@ -179,15 +179,20 @@ class BestPlanResults:
         if key not in self._cache:
             if key in self.replay:
                 self._cache[key] = self.replay.pop(key)
+                self.replayed_keys.add(key)
             else:
-                self.apply(np.asarray(key, dtype=np.int64))
-                self.scoring_key = key
-                # RNG-neutral: a resumed search skips the scoring of plans it has on record, so
-                # anything random in a forward must not shift what the agent draws afterwards
-                with intra_op_threads(self.scoring_threads), torch.random.fork_rng(devices=[]):
-                    self._cache[key] = float(self.score_fn())
+                self._cache[key] = self.remeasure(key)
             self.evaluations += 1
         return self._cache[key]
+
+    def remeasure(self, key: Tuple[int, ...]) -> float:
+        """Measure plan ``key`` now, whatever the cache or a record says."""
+        self.apply(np.asarray(key, dtype=np.int64))
+        self.scoring_key = key
+        # RNG-neutral: a resumed search skips the scoring of plans it has on record, so
+        # anything random in a forward must not shift what the agent draws afterwards
+        with intra_op_threads(self.scoring_threads), torch.random.fork_rng(devices=[]):
+            return float(self.score_fn())
 
 
 class LayerwisePruningEnv(BestPlanResults):
@@ -257,6 +262,7 @@ class LayerwisePruningEnv(BestPlanResults):
         self.callbacks: List[Callable[[EpisodeRecord], None]] = []
         self._cache: Dict[Tuple[int, ...], float] = {}
         self.replay: Dict[Tuple[int, ...], float] = {}
+        self.replayed_keys: set = set()   # plans whose score came from the record (checked on resume)
         self.scoring_key: Optional[Tuple[int, ...]] = None  # the plan being scored (distributed scoring reads it)
         self.evaluations = 0
         self.reset()
@@ -405,6 +411,11 @@ class LayerwisePruningEnv(BestPlanResults):
         """Fraction of the budget's cost removed by ``k`` (default: the current episode)."""
         k = self.k if k is None else k
         return self.cost.removed(k) / self.total_cost
+
+    @property
+    def plan_width(self) -> int:
+        """Entries of a plan: one count per layer."""
+        return len(self.layers)
 
     def evaluate(self, k: np.ndarray) -> float:
         """Score a plan (per-layer counts); identical plans are scored once."""

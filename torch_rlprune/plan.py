@@ -126,6 +126,10 @@ class PruningPlan:
             raise PlanError(f"{path}: not a valid JSON plan ({err})") from None
         except RecursionError:
             raise PlanError(f"{path}: not a valid JSON plan (nested too deeply)") from None
+        except FileNotFoundError:
+            raise PlanError(f"{path}: no such plan file") from None
+        except IsADirectoryError:
+            raise PlanError(f"{path}: a directory, not a plan file") from None
         return cls.from_dict(data)
 
 

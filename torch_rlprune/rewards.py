@@ -33,6 +33,20 @@ def _forward_all(model: nn.Module, inputs: List[torch.Tensor]):
             yield primary_output(model(x))
 
 
+def check_outputs(outs: List[Optional[torch.Tensor]], inputs: List[torch.Tensor]) -> None:
+    """The unpruned model's outputs must be per-sample and finite, or every plan would score the
+    same (an all-NaN output agrees with itself: a 50% plan applied "at score 1.0")."""
+    for out, x in zip(outs, inputs):
+        if out is None:
+            raise ValueError("data: the model returned no tensor for the calibration inputs")
+        if out.dim() == 0 or out.shape[0] != len(x):
+            raise ValueError(f"data: for a batch of {len(x)} calibration inputs of shape {tuple(x.shape)} the model "
+                             f"returned shape {tuple(out.shape)}; rewards need one output per input (batch first)")
+        if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            raise ValueError("data: the unpruned model's outputs on the calibration inputs are not finite "
+                             "(NaN or inf); check the inputs and the model before pruning")
+
+
 class FidelityReward(Reward):
     """Label-free agreement of the pruned model with the original.
 
@@ -55,6 +69,7 @@ class FidelityReward(Reward):
 
     def prepare(self, model: nn.Module) -> None:
         outs = list(_forward_all(model, self.calibration.inputs))
+        check_outputs(outs, self.calibration.inputs)
         self._classifier = all(o.dim() == 2 and o.shape[1] > 1 for o in outs)
         if self._classifier:
             self._teacher = [o.argmax(1) for o in outs]
@@ -96,9 +111,9 @@ class AccuracyReward(Reward):
         self.calibration = calibration
 
     def prepare(self, model: nn.Module) -> None:
-        with torch.inference_mode():
-            out = primary_output(model(self.calibration.inputs[0]))
-        labels = self.calibration.labels[0]
+        outs = list(_forward_all(model, self.calibration.inputs))
+        check_outputs(outs, self.calibration.inputs)
+        out, labels = outs[0], self.calibration.labels[0]
         if out is None or out.dim() != 2:
             raise ValueError("reward='accuracy' needs a classifier whose output is (batch, classes)")
         if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or labels.dim() != 1:

@@ -166,7 +166,7 @@ def find_prunable(model: nn.Module, exclude=None,
 
     if parameters is not None:
         names = {id(m): n for n, m in model.named_modules()}
-        found = []
+        found, seen = [], set()
         for pair in parameters:
             if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], nn.Module)
                     and isinstance(pair[1], str)):
@@ -176,6 +176,10 @@ def find_prunable(model: nn.Module, exclude=None,
                 raise ValueError(f"parameters: a {type(module).__name__} is not part of the model")
             if not isinstance(getattr(module, pname + "_orig", getattr(module, pname, None)), torch.Tensor):
                 raise ValueError(f"parameters: {names[id(module)]!r} has no tensor named {pname!r}")
+            if (id(module), pname) in seen:
+                raise ValueError(f"parameters: ({names[id(module)]!r}, {pname!r}) is given twice; each tensor "
+                                 "once (one search decides one amount per tensor)")
+            seen.add((id(module), pname))
             if not isinstance(module, PRUNABLE_TYPES + RECURRENT_TYPES):
                 raise ValueError(f"parameters: {names[id(module)]!r} is a {type(module).__name__}; "
                                  f"supported layer types are "

@@ -11,11 +11,13 @@ runs its agent on one thread and switches back to the caller's count for every s
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import functools
+import threading
+from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["intra_op_threads", "agent_threads"]
+__all__ = ["intra_op_threads", "agent_threads", "one_search_at_a_time"]
 
 
 @contextlib.contextmanager
@@ -35,3 +37,29 @@ def intra_op_threads(count: int) -> Iterator[None]:
 def agent_threads() -> contextlib.AbstractContextManager:
     """The agent's side of a search: one intra-op thread."""
     return intra_op_threads(1)
+
+
+_SEARCH = threading.Lock()
+
+
+def one_search_at_a_time(fn: Callable) -> Callable:
+    """Refuse a second search while one runs in this process (another Python thread).
+
+    A search sets process-wide state: torch's intra-op thread count (above), torch's global RNG
+    while it scores (forked and put back), and torch-pruning's index mapping, which channel
+    pruning patches for the duration (``channel/groups.py``). Two searches in two threads see
+    each other's state (an audit found 5 of 18 paired runs returning plans other than their
+    sequential twins, and one leaving the caller's RNG changed), so the second call gets a clear
+    error at once.
+    """
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        if not _SEARCH.acquire(blocking=False):
+            raise RuntimeError(f"{fn.__name__}: another search is running in this process; searches change "
+                               "process-wide torch state (threads, RNG, torch-pruning patches), so run them one "
+                               "after the other, or in separate processes")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _SEARCH.release()
+    return guarded
