@@ -1,5 +1,6 @@
 """Trust boundaries: degenerate data, clear errors before any change, one search at a time (issue 15)."""
 import threading
+import warnings
 
 import pytest
 import torch
@@ -106,3 +107,39 @@ def test_a_second_search_in_another_thread_is_refused_and_the_first_is_unharmed(
     assert abs(outcome["result"].sparsity - 0.5) <= 0.005
     assert torch.equal(torch.get_rng_state(), rng)
     search(other, X)   # and once the first is done, the next one runs
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.src, self.tgt, self.head = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, src, tgt):
+        return self.head(torch.relu(self.src(src) + self.tgt(tgt)))
+
+
+def test_a_model_taking_several_inputs_gets_an_error_naming_data_and_the_way_out():
+    src, tgt = inputs((64, 8)), inputs((64, 8), seed=1)
+    refused(seeded(TwoInputs), (src, tgt), "data: the model cannot run .*wrap a model taking several inputs")
+
+
+class AttentionAndEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, tokens):
+        x = self.emb(tokens)
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_weights_that_are_not_candidates_are_reported_every_time():
+    tokens = torch.randint(0, 50, (64, 7), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="not candidates stay dense: Embedding \\(a lookup.*emb\\.weight.*"
+                                         "MultiheadAttention.in_proj_weight .*attn\\.in_proj_weight"):
+        search(seeded(AttentionAndEmbedding), tokens, protect_first_last=False)
+    with warnings.catch_warnings():   # what the user excluded is their choice: not reported
+        warnings.simplefilter("error", UserWarning)
+        search(seeded(AttentionAndEmbedding), tokens, exclude=["attn", "emb"], protect_first_last=False)

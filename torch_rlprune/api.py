@@ -30,7 +30,7 @@ from .recalibration import BatchNormRecalibration
 from .rewards import REWARDS, make_reward
 from .safety import ModelSnapshot
 from .selection import seed_priors, select_plans, split_calibration
-from .structure import PrunableTensor, find_prunable, trace_execution
+from .structure import PrunableTensor, find_prunable, left_out_weights, trace_execution
 
 __all__ = ["rl_prune", "global_rl_unstructured", "compact", "PruneResult", "MultiTargetResult", "STRUCTURES",
            "pruned_fraction"]
@@ -481,8 +481,13 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
     except Exception as err:
         if first_output:  # the data fitted: the failure is the model's structure
             raise
+        several = isinstance(err, TypeError) and "positional argument" in str(err)
         raise ValueError(f"data: the model cannot run on a batch of shape "
-                         f"{tuple(calibration.inputs[0].shape)}: {err}") from err
+                         f"{tuple(calibration.inputs[0].shape)}: {err}"
+                         + ("; rl_prune gives the model one input tensor per batch (a tuple batch is read as "
+                            "(inputs, labels), a tuple of equal-rank tensors as several batches): wrap a model "
+                            "taking several inputs so that its forward takes one tensor" if several else "")
+                         ) from err
     if first_output[0] is None:
         raise ValueError("data: the model's output holds no tensor to score")
     if distributed is None:
@@ -791,6 +796,11 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
     layers = find_prunable(model, exclude, parameters)
     if not layers:
         raise ValueError("the model has no prunable layers (Conv/Linear weights) left after 'exclude'")
+    left_out = left_out_weights(model, layers, exclude) if parameters is None else {}
+    if left_out:
+        warnings.warn("rl_prune: weight tensors that are not candidates stay dense: " + "; ".join(
+            f"{reason}: {len(names)} ({', '.join(names[:2])}{', ...' if len(names) > 2 else ''})"
+            for reason, names in left_out.items()), UserWarning, stacklevel=3)
 
     snapshot = ModelSnapshot(model)
     env = recalibrate = recorder = None

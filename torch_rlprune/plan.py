@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
+from torch.nn.utils import prune
 from torch import nn
 
 from .methods import PolicyUnstructured
@@ -173,9 +174,13 @@ def apply_plan(model: nn.Module, plan: PruningPlan, importance_scores: Optional[
         _apply_channel(model, plan, example_inputs)
         return model
     importance_scores = importance_scores or {}
-    resolved = []
+    resolved, names_of = [], {}
     for name, amount in plan.amounts.items():
         module, param_name, tensor = _resolve(model, name)
+        if id(tensor) in names_of:
+            raise PlanError(f"the plan names {names_of[id(tensor)]!r} and {name!r}, which are one tied tensor in "
+                            "this model; a shared weight takes one amount")
+        names_of[id(tensor)] = name
         if tensor.numel() != plan.numels[name]:
             raise PlanError(f"{name!r} has {tensor.numel()} entries but the plan was made for "
                             f"{plan.numels[name]}")
@@ -188,10 +193,38 @@ def apply_plan(model: nn.Module, plan: PruningPlan, importance_scores: Optional[
                 k_existing = 0 if mask is None else int((mask == 0).sum())
                 PolicyUnstructured.apply(module, param_name, amount=max(k_total - k_existing, 0),
                                          importance_scores=importance_scores.get(name))
+            tie_shared_masks(model)
     except BaseException:
         snapshot.restore()
         raise
     return model
+
+
+def tie_shared_masks(model: nn.Module) -> int:
+    """Give every other holder of a pruned tensor the same mask, so a tied weight stays one tensor.
+
+    ``torch.nn.utils.prune`` renames the pruned module's Parameter to ``<name>_orig``; a module
+    that shares it (an LM head tied to its embedding) would keep computing with the unmasked
+    values. Each such holder gets a prune hook whose ``<name>_mask`` buffer IS the owner's mask
+    tensor, so the two compute the same weight now, after any later mask change and after
+    ``prune.remove`` on both (the first writes the masked values into the shared Parameter, the
+    second finds them already masked). Returns the number of holders tied.
+    """
+    masks = {}
+    for module in model.modules():
+        for pname, p in list(module._parameters.items()):
+            if pname.endswith("_orig") and p is not None and pname[:-5] + "_mask" in module._buffers:
+                masks.setdefault(id(p), module._buffers[pname[:-5] + "_mask"])
+    tied = 0
+    for module in model.modules():
+        for pname, p in list(module._parameters.items()):
+            if p is None or pname.endswith("_orig") or id(p) not in masks:
+                continue
+            mask = masks[id(p)]
+            prune.custom_from_mask(module, pname, mask)
+            module._buffers[pname + "_mask"] = mask   # the same tensor object: one mask for one weight
+            tied += 1
+    return tied
 
 
 def _apply_channel(model: nn.Module, plan: PruningPlan, example_inputs) -> None:

@@ -39,7 +39,8 @@ def check_outputs(outs: List[Optional[torch.Tensor]], inputs: List[torch.Tensor]
     for out, x in zip(outs, inputs):
         if out is None:
             raise ValueError("data: the model returned no tensor for the calibration inputs")
-        if out.dim() == 0 or out.shape[0] != len(x):
+        batch_sizes = (x.shape[0], x.shape[1]) if x.dim() > 1 else (x.shape[0],)  # time-major RNNs: dim 1
+        if out.dim() == 0 or out.shape[0] not in batch_sizes:
             raise ValueError(f"data: for a batch of {len(x)} calibration inputs of shape {tuple(x.shape)} the model "
                              f"returned shape {tuple(out.shape)}; rewards need one output per input (batch first)")
         if out.is_floating_point() and not bool(torch.isfinite(out).all()):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -62,6 +62,7 @@ class PrunableTensor:
     out_positions: int = 1      # spatial positions (or tokens) of the output, per sample
     calls: int = 0              # forward calls per model forward (weight sharing counts twice)
     positions_per_forward: int = 0  # output positions summed over every call of one model forward
+    aliases: Tuple[str, ...] = ()   # other qualified names of this very tensor (tied weights): one unit
 
     @property
     def name(self) -> str:
@@ -189,7 +190,7 @@ def find_prunable(model: nn.Module, exclude=None,
                                  f"matrices {recurrent_weight_names(module)}")
             if not is_excluded(names[id(module)]):
                 found.append(_describe(names[id(module)], module, pname))
-        return found
+        return _one_per_tensor(found, model)
     found = []
     for name, m in model.named_modules():
         if is_excluded(name):
@@ -198,7 +199,42 @@ def find_prunable(model: nn.Module, exclude=None,
             found.append(_describe(name, m, "weight"))
         elif isinstance(m, RECURRENT_TYPES):
             found.extend(_describe(name, m, p) for p in recurrent_weight_names(m))
-    return found
+    return _one_per_tensor(found, model)
+
+
+def tensor_of(module: nn.Module, param_name: str) -> torch.Tensor:
+    """The stored tensor behind ``module.<param_name>`` (``<param_name>_orig`` once pruned)."""
+    return getattr(module, param_name + "_orig", None) if hasattr(module, param_name + "_orig") \
+        else getattr(module, param_name)
+
+
+def shared_parameters(model: nn.Module) -> List[List[str]]:
+    """Groups of qualified names that hold the very same Parameter (tied weights), found by identity."""
+    holders: Dict[int, List[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module._parameters.items():
+            if p is not None:
+                name = f"{module_name}.{pname}" if module_name else pname
+                owners = holders.setdefault(id(p), [])
+                if name.removesuffix("_orig") not in owners:
+                    owners.append(name.removesuffix("_orig"))
+    return [names for names in holders.values() if len(names) > 1]
+
+
+def _one_per_tensor(found: List[PrunableTensor], model: nn.Module) -> List[PrunableTensor]:
+    """Tied weights (one Parameter held by several modules) are one prunable unit: pruned once,
+    counted once, masked alike wherever they are used (:func:`torch_rlprune.plan.tie_shared_masks`);
+    ``aliases`` names every other holder, prunable or not (an LM's embedding tied to its head)."""
+    tied = {name: group for group in shared_parameters(model) for name in group}
+    seen, kept = set(), []
+    for layer in found:
+        key = id(tensor_of(layer.module, layer.param_name))
+        if key in seen:
+            continue
+        seen.add(key)
+        layer.aliases = tuple(n for n in tied.get(layer.name, ()) if n != layer.name)
+        kept.append(layer)
+    return kept
 
 
 def _positions(shape: torch.Size, kind: str, batch_first: bool = False) -> int:
@@ -293,3 +329,26 @@ def trace_execution(model: nn.Module, layers: Iterable[PrunableTensor],
     used = [layer for key in order for layer in by_module[key]]
     unused = [layer for layer in layers if layer.calls == 0]
     return used, unused
+
+
+def left_out_weights(model: nn.Module, layers: Sequence[PrunableTensor], exclude=None) -> Dict[str, List[str]]:
+    """Weight matrices that run in the model but are not candidates, by reason (``{reason: names}``):
+    what a search leaves dense without the user asking, so it can be said every time. Tensors
+    under ``exclude`` are the user's choice and are not listed; neither are 1-D tensors (biases,
+    norms) nor parameters that are not weights of a layer (position embeddings, tokens)."""
+    excluded = _resolve_exclude(model, exclude)
+    candidates = {id(tensor_of(lay.module, lay.param_name)) for lay in layers}
+    out: Dict[str, List[str]] = {}
+    for module_name, module in model.named_modules():
+        if any(module_name == e or module_name.startswith(e + ".") for e in excluded):
+            continue
+        for pname, p in module._parameters.items():
+            base = pname.removesuffix("_orig")
+            if p is None or p.dim() < 2 or id(p) in candidates or "weight" not in base:
+                continue
+            name = f"{module_name}.{base}" if module_name else base
+            kind = type(module).__name__
+            reason = f"{kind} (a lookup, not a matmul)" if isinstance(module, nn.Embedding) else \
+                f"{kind}.{base} (not supported yet)"
+            out.setdefault(reason, []).append(name)
+    return out

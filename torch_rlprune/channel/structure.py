@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..structure import _resolve_exclude as resolve_exclude
+from ..structure import shared_parameters
 from ._util import (ModelState, clear_attention_caches, primary_tensor, remove_prune_hooks, restore_training,
                     run_model, training_flags)
 from .groups import ChannelGroup, ExcludedGroup, build_graph, classifier_names, discover_groups
@@ -81,6 +82,18 @@ def _resolve_exclude(model: nn.Module, exclude) -> List[str]:
     return sorted(resolve_exclude(model, exclude))
 
 
+def refuse_tied_weights(model: nn.Module) -> None:
+    """Channel removal cannot keep a tie: the two holders of one weight sit in different dependency
+    groups (an LM's embedding columns and its head's rows), so removing channels of one rewrites the
+    other, and ``compact`` would give each its own tensor. Refused before anything is traced or touched."""
+    tied = shared_parameters(model)
+    if tied:
+        pairs = "; ".join(" = ".join(group) for group in tied[:3])
+        raise ValueError(f"structure='channel': the model ties weights ({pairs}); removing channels would "
+                         "untie them. Use structure='unstructured' (a tied weight is one unit there) or untie "
+                         "them first")
+
+
 class ChannelStructure:
     """The prunable channel groups of ``model`` and in-place, undoable masks over them.
 
@@ -138,6 +151,7 @@ class ChannelStructure:
                  _rank: bool = True):
         if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
             raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+        refuse_tied_weights(model)
         started = time.perf_counter()
         self.model = model
         self.example_inputs = example_inputs

@@ -1,0 +1,106 @@
+"""Tied weights (one Parameter held by several modules) are one prunable unit, or clearly refused (issue 16)."""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from helpers import ModelState, seeded
+from torch_rlprune import PlanError, PruningPlan, apply_plan, rl_prune
+from torch_rlprune.calibration import build_calibration
+from torch_rlprune.channel import ChannelStructure
+from torch_rlprune.rewards import FidelityReward
+from torch_rlprune.structure import find_prunable
+
+
+class TiedLM(nn.Module):
+    """Embedding and output head share one weight, as in most language models."""
+
+    def __init__(self, vocab: int = 200, width: int = 32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.emb(tokens).mean(1))))
+
+
+class TiedConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.b.weight = self.a.weight
+        self.stem, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.b(torch.relu(self.a(torch.relu(self.stem(x))))).mean((2, 3)))
+
+
+TOKENS = torch.randint(0, 200, (96, 6), generator=torch.Generator().manual_seed(0))
+IMAGES = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def fidelity(model, reference, data) -> float:
+    reward = FidelityReward(build_calibration(model, data, None, len(data)))
+    reward.prepare(reference)
+    return reward(model)
+
+
+def test_a_tied_weight_is_one_step_with_its_other_holders_named():
+    layers = {lay.name: lay for lay in find_prunable(seeded(TiedLM))}
+    assert set(layers) == {"mix.weight", "head.weight"}
+    assert layers["head.weight"].aliases == ("emb.weight",)
+    convs = {lay.name: lay for lay in find_prunable(seeded(TiedConvs))}
+    assert "b.weight" not in convs and convs["a.weight"].aliases == ("b.weight",)
+
+
+def test_unstructured_search_prunes_a_tied_weight_once_and_reports_the_returned_model():
+    model, reference = seeded(TiedLM), seeded(TiedLM)
+    result = rl_prune(model, 0.5, data=TOKENS, agent="random", episodes=6, seed=0, verbose=False,
+                      protect_first_last=False, selection=0.0)
+    assert set(result.plan.amounts) == {"mix.weight", "head.weight"}          # one amount for the shared tensor
+    assert torch.equal(model.emb.weight, model.head.weight)                   # both use the same masked weight
+    assert model.emb.weight_mask is model.head.weight_mask
+    assert model.emb.weight_orig is model.head.weight_orig                    # still one Parameter
+    assert result.plan.score == pytest.approx(fidelity(model, reference, TOKENS), abs=1e-9)
+    with torch.no_grad():
+        before = model(TOKENS)
+    for module, name in ((model.head, "weight"), (model.emb, "weight"), (model.mix, "weight")):
+        prune.remove(module, name)
+    with torch.no_grad():
+        assert torch.equal(model(TOKENS), before)                             # prune.remove changes nothing
+    assert model.emb.weight is model.head.weight                              # and the tie survives it
+
+
+def test_tied_convolutions_count_once_toward_the_target():
+    model = seeded(TiedConvs)
+    result = rl_prune(model, 0.6, data=IMAGES, agent="random", episodes=4, seed=1, verbose=False,
+                      protect_first_last=False, selection=0.0)
+    unique = [model.stem.weight, model.a.weight, model.fc.weight]
+    removed = sum(int((w == 0).sum()) for w in unique) / sum(w.numel() for w in unique)
+    assert abs(removed - 0.6) <= 0.005 and abs(result.sparsity - removed) < 1e-6
+    assert torch.equal(model.a.weight, model.b.weight)
+
+
+@pytest.mark.parametrize("builder,data", [(TiedLM, TOKENS), (TiedConvs, IMAGES)])
+def test_channel_pruning_refuses_tied_weights_before_touching_them(builder, data):
+    model = seeded(builder)
+    state = ModelState.of(model)
+    digest = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="structure='channel': the model ties weights"):
+        rl_prune(model, 0.2, data=data, structure="channel", agent="random", episodes=2, verbose=False)
+    with pytest.raises(ValueError, match="ties weights"):
+        ChannelStructure(model, data[:2])
+    state.assert_unchanged(model)
+    assert all(torch.equal(v, digest[k]) for k, v in model.state_dict().items())
+
+
+def test_a_plan_giving_a_tied_weight_two_amounts_is_refused():
+    model = seeded(TiedConvs)
+    plan = PruningPlan(amounts={"a.weight": 0.5, "b.weight": 0.2}, numels={"a.weight": 576, "b.weight": 576},
+                       target=0.3, sparsity=0.3)
+    with pytest.raises(PlanError, match="one tied tensor"):
+        apply_plan(model, plan)
+    assert not hasattr(model.a, "weight_mask") and not hasattr(model.b, "weight_mask")
