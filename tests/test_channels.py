@@ -7,6 +7,7 @@ compacted model, restores bit for bit against the untouched model.
 import io
 import math
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -348,7 +349,8 @@ def test_compact_rolls_back_a_group_torch_pruning_breaks(monkeypatch):
         return done
 
     monkeypatch.setattr(apply_module, "hard_prune", sabotage)
-    result = compact(model, x)
+    with pytest.warns(UserWarning, match="compact: 1 group.s. could not be removed .*b1.0:out"):  # loud
+        result = compact(model, x)
     assert set(result["failed"]) == {"b1.0:out"} and "RuntimeError" in result["failed"]["b1.0:out"]
     assert result["removed"] == {"stem.0:out": 8}
     assert max_diff(out(model, x), y_masked) < EXACT
@@ -372,7 +374,8 @@ def test_a_layernorm_group_compact_cannot_remove_stays_exact(monkeypatch):
         return real(DG, todo, **kw)
 
     monkeypatch.setattr(apply_module, "hard_prune", refuse)
-    result = compact(model, x)
+    with pytest.warns(UserWarning, match=f"could not be removed and stay masked at full size .*{victim}"):
+        result = compact(model, x)
     assert set(result["failed"]) == {victim}
     assert len(result["removed"]) == len(s.groups) - 1
     # its LayerNorm channels stay zeroed, so their statistics must still leave them out
@@ -649,3 +652,53 @@ def test_a_group_past_the_index_budget_is_excluded_with_the_reason_and_the_rest_
     kept = {g.root for g in s.groups}
     assert {f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)} <= kept
     assert not any(r.endswith("conv2") for r in kept), "residual streams must have been excluded"
+
+
+def test_torch_pruning_recursion_warning_does_not_reach_the_user(monkeypatch):
+    import warnings
+
+    import torch_rlprune.channel.structure as structure_module
+    from helpers import seeded, small_cnn
+
+    real = structure_module.discover_groups
+
+    def noisy(*args, **kwargs):
+        warnings.warn("Maximum recursive depth reached!")   # what torch-pruning says on Swin
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(structure_module, "discover_groups", noisy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        structure_module.ChannelStructure(seeded(small_cnn), torch.randn(2, 1, 16, 16))
+
+
+class TorchvisionLayerNorm2dNet(nn.Module):
+    """The ConvNeXt pattern with torchvision's LayerNorm2d (permute, layer_norm, permute back)."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.convnext import LayerNorm2d
+        self.stem, self.norm = nn.Conv2d(3, 16, 3, padding=1), LayerNorm2d(16)
+        self.body, self.fc = nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.body(self.norm(self.stem(x))).mean((2, 3)))
+
+
+def test_torchvision_layernorm2d_groups_are_exact_and_compact_agrees():
+    from helpers import seeded
+    from torch_rlprune.channel import ChannelStructure, apply_channel_plan, compact
+
+    model, x = seeded(TorchvisionLayerNorm2dNet), torch.randn(4, 3, 8, 8)
+    structure = ChannelStructure(model, x)
+    stem = next(g for g in structure.groups if g.key == "stem:out")
+    assert stem.exact
+    apply_channel_plan(model, {stem.key: 8}, structure=structure)
+    with torch.no_grad():
+        masked = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # exact: compact has nothing to warn about
+        info = compact(model, x)
+    with torch.no_grad():
+        assert torch.allclose(model(x), masked, atol=1e-5)
+    assert info["exact"] and not info["failed"] and model.norm.normalized_shape == (8,)

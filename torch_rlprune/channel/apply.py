@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -267,6 +268,12 @@ def compact(model: nn.Module, example_inputs, *, exclude=None, exclude_classifie
     leftover = prune_hooks(model)
     if leftover:
         raise ChannelPruningError(f"prune hooks left on {[n for n, _, _ in leftover][:5]}")
+    inexact = [g.key for g, _ in plan if not g.exact]
+    if failed or inexact:  # exact or loud: never a silent partial result
+        warnings.warn(f"compact: {len(failed)} group(s) could not be removed and stay masked at full size "
+                      f"{sorted(failed)[:4]}; {len(inexact)} removed group(s) are not exact (masked != compacted) "
+                      f"{inexact[:4]}; MACs {macs_before:,} -> {macs_after:,} (what was really removed)",
+                      UserWarning, stacklevel=2)
     return {"macs_before": macs_before, "params_before": params_before,
             "macs_after": macs_after, "params_after": params_after,
             "removed": {g.key: len(u) for g, u in plan}, "partial": partial, "failed": failed,

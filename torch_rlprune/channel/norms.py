@@ -6,7 +6,7 @@ difference at 50% channels). :class:`MaskedNormStatistics` is a forward hook tha
 recomputes the norm over the alive channels and writes zeros to the dead ones -- exactly
 what the compacted layer computes. It is a no-op while no channel is dead.
 
-Supported: ``nn.LayerNorm`` and timm's ``LayerNorm`` over the last dim, timm's
+Supported: ``nn.LayerNorm`` and timm's ``LayerNorm`` over the last dim, timm's and torchvision's
 ``LayerNorm2d`` (channels first), ``nn.GroupNorm``; each with its stock ``forward``
 (a subclass with its own forward is left alone, and its group stays ``exact=False``).
 """
@@ -22,11 +22,19 @@ __all__ = ["norm_kind", "MaskedNormStatistics", "remove_norm_hooks"]
 
 
 def _timm_forwards():
+    """Forwards of LayerNorm subclasses whose semantics the hook reproduces (timm's, torchvision's)."""
+    known = {}
     try:
         from timm.layers import LayerNorm as TimmLN, LayerNorm2d as TimmLN2d
-        return {TimmLN.forward: "last", TimmLN2d.forward: "channels_first"}
+        known.update({TimmLN.forward: "last", TimmLN2d.forward: "channels_first"})
     except Exception:
-        return {}
+        pass
+    try:  # torchvision's ConvNeXt: permute to channels-last, layer_norm, permute back
+        from torchvision.models.convnext import LayerNorm2d as TorchvisionLN2d
+        known[TorchvisionLN2d.forward] = "channels_first"
+    except Exception:
+        pass
+    return known
 
 
 def norm_kind(module: nn.Module) -> Optional[str]:

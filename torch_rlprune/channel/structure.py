@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -166,10 +167,14 @@ class ChannelStructure:
         flags = training_flags(model)
         try:
             model.eval()
-            found = discover_groups(model, example_inputs, importance=importance,
-                                    exclude_out=self.classifier + user_exclude, heads=heads,
-                                    timeout=timeout, group_timeout=group_timeout, rank=_rank, round_to=round_to,
-                                    exact_norms=exact_norms)
+            with warnings.catch_warnings():
+                # torch-pruning's concat shape inference warns this on deep graphs (Swin) and goes on
+                # without a channel count: nothing the user can act on, so it does not reach them
+                warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
+                found = discover_groups(model, example_inputs, importance=importance,
+                                        exclude_out=self.classifier + user_exclude, heads=heads,
+                                        timeout=timeout, group_timeout=group_timeout, rank=_rank,
+                                        round_to=round_to, exact_norms=exact_norms)
         finally:
             restore_training(flags)
             clear_attention_caches(model)
