@@ -92,8 +92,7 @@ class PrunableTensor:
     @property
     def original(self) -> torch.Tensor:
         """The unmasked values (``weight_orig`` when already pruned)."""
-        orig = getattr(self.module, self.param_name + "_orig", None)
-        return orig if orig is not None else getattr(self.module, self.param_name)
+        return tensor_of(self.module, self.param_name)
 
 
 def _describe(module_name: str, module: nn.Module, param_name: str) -> PrunableTensor:
@@ -204,8 +203,8 @@ def find_prunable(model: nn.Module, exclude=None,
 
 def tensor_of(module: nn.Module, param_name: str) -> torch.Tensor:
     """The stored tensor behind ``module.<param_name>`` (``<param_name>_orig`` once pruned)."""
-    return getattr(module, param_name + "_orig", None) if hasattr(module, param_name + "_orig") \
-        else getattr(module, param_name)
+    orig = getattr(module, param_name + "_orig", None)
+    return orig if orig is not None else getattr(module, param_name)
 
 
 def shared_parameters(model: nn.Module) -> List[List[str]]:
@@ -228,7 +227,7 @@ def _one_per_tensor(found: List[PrunableTensor], model: nn.Module) -> List[Pruna
     tied = {name: group for group in shared_parameters(model) for name in group}
     seen, kept = set(), []
     for layer in found:
-        key = id(tensor_of(layer.module, layer.param_name))
+        key = id(layer.original)
         if key in seen:
             continue
         seen.add(key)
@@ -337,7 +336,7 @@ def left_out_weights(model: nn.Module, layers: Sequence[PrunableTensor], exclude
     under ``exclude`` are the user's choice and are not listed; neither are 1-D tensors (biases,
     norms) nor parameters that are not weights of a layer (position embeddings, tokens)."""
     excluded = _resolve_exclude(model, exclude)
-    candidates = {id(tensor_of(lay.module, lay.param_name)) for lay in layers}
+    candidates = {id(lay.original) for lay in layers}
     out: Dict[str, List[str]] = {}
     for module_name, module in model.named_modules():
         if any(module_name == e or module_name.startswith(e + ".") for e in excluded):
