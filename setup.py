@@ -24,5 +24,10 @@ setup(
         "matplotlib>=3.5",
     ],
     entry_points={"console_scripts": ["rlprune=torch_rlprune.cli:main"]},
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "gymnasium>=0.29"], "gym": ["gymnasium>=0.29"]},
+    extras_require={
+        # transformers in the tests: BERT, GPT-2, T5, ViT and Whisper built from small configs (no download)
+        "test": ["pytest>=7", "hypothesis>=6", "gymnasium>=0.29", "transformers>=4.40"],
+        "gym": ["gymnasium>=0.29"],
+        "transformers": ["transformers>=4.40"],
+    },
 )

@@ -72,7 +72,22 @@ class PruneResult:
         if self.plan.structure != "channel":
             raise ValueError("compact() removes channels; this result pruned unstructured weights "
                              "(use prune.remove to make them permanent)")
-        return compact(self.model, self.example_inputs)
+        info = compact(self.model, self.example_inputs)
+        self._honest_after_compact(info)
+        return info
+
+    def _honest_after_compact(self, info: dict) -> None:
+        """When ``compact`` could not remove every planned group, ``sparsity`` becomes what it
+        really removed (of the dense model's MACs or params, per the budget)."""
+        dense = self.plan.metadata.get("dense") or {}
+        which = "params" if self.plan.budget == "params" else "macs"
+        if not (info.get("failed") or info.get("partial")) or not dense.get(which):
+            return
+        planned, self.sparsity = self.sparsity, 1.0 - info[f"{which}_after"] / dense[which]
+        info["sparsity"] = self.sparsity
+        warnings.warn(f"compact: result.sparsity is now {self.sparsity:.4f} of the dense model's {which} "
+                      f"(planned {planned:.4f}); the groups in info['failed'] stay masked at full size",
+                      UserWarning, stacklevel=3)
 
     @property
     def score(self) -> float:
@@ -337,6 +352,18 @@ class _UnstructuredSpace:
         return pruned_fraction(self.steps, self.budget)
 
 
+def _warn_groups_kept_whole(excluded) -> None:
+    """Say which channel groups stay whole for a reason the user did not choose (the classifier's
+    output and ``exclude=`` are expected; a failed validation or an unsupported op is not)."""
+    unexpected = [e for e in excluded if not e.reason.startswith(("changes the model's output",
+                                                                  "contains excluded layer"))]
+    if unexpected:
+        shown = "; ".join(f"{e.key} ({e.reason[:300]})" for e in unexpected[:3])
+        more = f"; and {len(unexpected) - 3} more (plan.metadata['excluded'])" if len(unexpected) > 3 else ""
+        warnings.warn(f"rl_prune: {len(unexpected)} channel group(s) stay whole: {shown}{more}",
+                      UserWarning, stacklevel=4)
+
+
 class _ChannelSpace:
     """Steps are torch-pruning dependency groups of a :class:`ChannelStructure`; with
     ``budget="latency"`` their cost is a :class:`~torch_rlprune.channel.latency.LatencyTable`
@@ -353,6 +380,7 @@ class _ChannelSpace:
         if not self.structure.groups:
             reasons = "; ".join(str(e) for e in self.structure.excluded[:5])
             raise ValueError(f"the model has no channel group that can be pruned safely ({reasons})")
+        _warn_groups_kept_whole(self.structure.excluded)
         self.steps = group_descriptors(model, self.structure)
         trace_descriptors(model, self.steps, run_first_batch)
         self.masks = [GroupMask(self.structure, i) for i in range(len(self.structure.groups))]
@@ -368,7 +396,8 @@ class _ChannelSpace:
     def plan_entries(self, k):
         groups = self.structure.groups
         metadata = {"input_shape": list(self.example.shape[1:]), "round_to": self.structure.groups[0].round_to,
-                    "excluded": {e.key: e.reason for e in self.structure.excluded}}
+                    "excluded": {e.key: e.reason for e in self.structure.excluded},
+                    "dense": {"macs": int(self.dense[0]), "params": int(self.dense[1])}}
         if self.latency is not None:
             metadata["latency"] = {**self.latency.summary(), "planned_ms": self.latency.latency(k) * 1e3}
         return ({g.key: int(kk) / g.num_units for g, kk in zip(groups, k)},
@@ -872,6 +901,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
                                              "calibration_samples": prepared.calibration_samples,
                                              "synthetic_calibration": calibration.synthetic,
                                              "max_amount": max_amount, "bn_recalibration": int(bn_recalibration),
+                                             **({"left_out": left_out} if left_out else {}),
                                              **mode, **extra})
 
             example = calibration.inputs[0][:2]

@@ -8,7 +8,8 @@ The search decides *how many* weights each layer loses; an importance decides *w
   loses the same share of its weights. Convolutions use one norm per input channel (over batch
   and positions), grouped convolutions the channels of their own group. Tensors whose input the
   model's forward does not expose (an LSTM's recurrent matrices, its deeper layers' input
-  matrices) keep magnitude, and the search reports them.
+  matrices, an attention's ``out_proj`` and its projections in cross-attention) keep magnitude,
+  and the search reports them.
 
 Both become per-entry scores for :class:`~torch_rlprune.masking.InPlaceMask` (search) and
 :class:`~torch_rlprune.methods.PolicyUnstructured` (the final masks): entries with the smallest
@@ -51,6 +52,8 @@ def input_feature_norms(model: nn.Module, layers: Sequence[PrunableTensor],
         x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
         if x is None:
             return
+        if isinstance(module, nn.MultiheadAttention) and not (len(inputs) > 2 and inputs[0] is inputs[1] is inputs[2]):
+            return  # cross-attention: keys and values are other inputs than the one norm we would take
         for layer in by_module[id(module)]:
             if isinstance(module, RECURRENT_TYPES) and layer.param_name != "weight_ih_l0":
                 continue  # recurrent and deeper-layer inputs live inside the module
@@ -110,9 +113,12 @@ def activation_scores(model: nn.Module, layers: Sequence[PrunableTensor],
         if layer.name not in norms:
             fallback.append(layer.name)
             continue
-        if isinstance(layer.module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            fallback.append(layer.name)  # its weight is (in, out, ...): the input is not dim 1
+        if layer.kind.startswith("convtranspose"):
+            fallback.append(layer.name)  # its weight is (in, out / groups, ...): grouped rows do not line up
             continue
-        groups = getattr(layer.module, "groups", 1) if not isinstance(layer.module, RECURRENT_TYPES) else 1
+        if layer.input_dim == 0:  # a Linear stored (in, out): rank within its rows once transposed
+            scores[layer.name] = row_rank_scores(wanda_scores(layer.original.t(), norms[layer.name])).t()
+            continue
+        groups = layer.groups if layer.kind.startswith("conv") else 1
         scores[layer.name] = row_rank_scores(wanda_scores(layer.original, norms[layer.name], groups))
     return scores, fallback

@@ -194,6 +194,7 @@ def apply_plan(model: nn.Module, plan: PruningPlan, importance_scores: Optional[
                 PolicyUnstructured.apply(module, param_name, amount=max(k_total - k_existing, 0),
                                          importance_scores=importance_scores.get(name))
             tie_shared_masks(model)
+            keep_inner_masks_live(model)
     except BaseException:
         snapshot.restore()
         raise
@@ -225,6 +226,28 @@ def tie_shared_masks(model: nn.Module) -> int:
             module._buffers[pname + "_mask"] = mask   # the same tensor object: one mask for one weight
             tied += 1
     return tied
+
+
+def _refresh_out_proj(attention: nn.MultiheadAttention, inputs) -> None:
+    """Recompute a pruned ``out_proj``'s weight before the attention reads it: its prune hook
+    would do so only when ``out_proj`` itself ran, which it never does, so without this a
+    fine-tune would read the weight computed when the mask was applied."""
+    out_proj = attention.out_proj
+    for hook in out_proj._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod):
+            setattr(out_proj, hook._tensor_name, hook.apply_mask(out_proj))
+
+
+def keep_inner_masks_live(model: nn.Module) -> int:
+    """Give every ``nn.MultiheadAttention`` whose ``out_proj`` is pruned a forward pre-hook that
+    keeps the masked weight current (once per attention). Returns the number of hooks added."""
+    added = 0
+    for attention in model.modules():
+        if isinstance(attention, nn.MultiheadAttention) and prune.is_pruned(attention.out_proj) and \
+                not any(h is _refresh_out_proj for h in attention._forward_pre_hooks.values()):
+            attention.register_forward_pre_hook(_refresh_out_proj)
+            added += 1
+    return added
 
 
 def _apply_channel(model: nn.Module, plan: PruningPlan, example_inputs) -> None:

@@ -344,6 +344,21 @@ def _cost_lines(record: dict) -> List[str]:
     return out
 
 
+def _left_out_lines(meta: dict) -> List[str]:
+    """What stayed dense without being chosen by the search: weights that are not candidates
+    (by reason) and channel groups kept whole (by reason), one line each."""
+    lines = []
+    left_out = meta.get("left_out")
+    if isinstance(left_out, dict) and left_out:
+        lines.append("left dense: " + "; ".join(f"{reason} {len(names)}" for reason, names in left_out.items()))
+    excluded = meta.get("excluded")
+    if isinstance(excluded, dict) and excluded:
+        shown = "; ".join(f"{key}: {str(reason)[:60]}" for key, reason in list(excluded.items())[:3])
+        more = f"; +{len(excluded) - 3} more" if len(excluded) > 3 else ""
+        lines.append(f"channel groups kept whole: {len(excluded)} ({shown}{more})")
+    return lines
+
+
 def _quality_lines(record: dict) -> List[str]:
     """Where the plan came from: the prior it started at and the held-out choice."""
     meta = (record.get("plan") or {}).get("metadata", {}) or {}
@@ -353,6 +368,7 @@ def _quality_lines(record: dict) -> List[str]:
         candidates = ", ".join(f"{m} {_num(v)}" for m, v in (prior.get("candidates") or {}).items())
         lines.append(f"prior {prior.get('method')} (scored {candidates}); protected: "
                      f"{', '.join(meta.get('protected') or []) or 'none'}")
+    lines += _left_out_lines(meta)
     selection = meta.get("selection")
     if isinstance(selection, dict):
         lines.append(f"held-out selection: score {_num(selection.get('selection_score'))} on "

@@ -1,7 +1,7 @@
 """Which tensors can be pruned, in which order the model uses them, and what they cost.
 
 This module knows the model's structure and nothing about policies: it finds the
-Conv/Linear weights, traces one forward pass to learn execution order, feature-map
+Conv/Linear/recurrent/attention weights, traces one forward pass to learn execution order, feature-map
 sizes and how often each layer runs, and describes every layer with the numbers
 AMC's state embedding needs.
 """
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 __all__ = ["PRUNABLE_TYPES", "RECURRENT_TYPES", "PrunableTensor", "find_prunable", "trace_execution",
-           "recurrent_weight_names"]
+           "recurrent_weight_names", "candidate_weights", "is_transposed_linear"]
 
 PRUNABLE_TYPES: Tuple[type, ...] = (
     nn.Linear,
@@ -25,14 +25,46 @@ PRUNABLE_TYPES: Tuple[type, ...] = (
 )
 # Recurrent layers: every weight_ih_l*/weight_hh_l* (and LSTM's weight_hr_l*) tensor is a step.
 RECURRENT_TYPES: Tuple[type, ...] = (nn.LSTM, nn.GRU, nn.RNN)
+SUPPORTED_NAMES = [t.__name__ for t in PRUNABLE_TYPES + RECURRENT_TYPES] + ["MultiheadAttention",
+                                                                           "transformers Conv1D"]
 
 # A stable numeric code per layer kind for the state embedding.
 _KIND_CODES = {"linear": 0, "conv1d": 1, "conv2d": 2, "conv3d": 3,
                "convtranspose1d": 4, "convtranspose2d": 5, "convtranspose3d": 6,
-               "lstm": 7, "gru": 8, "rnn": 9}
+               "lstm": 7, "gru": 8, "rnn": 9, "mha": 10}
+# Linear-like kinds: their positions are rows of the whole batch until divided by the batch size.
+_ROW_KINDS = ("linear", "mha")
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's attention and MLP): a Linear whose weight is stored
+    ``(in, out)``. Recognised by name and shape so that transformers stays optional."""
+    weight = getattr(module, "weight_orig", getattr(module, "weight", None))
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, torch.Tensor) \
+        and weight.dim() == 2
+
+
+def candidate_weights(module: nn.Module) -> List[str]:
+    """The names of ``module``'s own weight matrices that a search may prune (none if it has none).
+
+    ``nn.MultiheadAttention`` contributes its input projection (``in_proj_weight``, or the
+    separate q/k/v matrices when key and value have their own sizes); its ``out_proj`` is a
+    Linear of its own, run by the attention's forward rather than by its own."""
+    if isinstance(module, PRUNABLE_TYPES) or is_transposed_linear(module):
+        return ["weight"]
+    if isinstance(module, RECURRENT_TYPES):
+        return recurrent_weight_names(module)
+    if isinstance(module, nn.MultiheadAttention):
+        return ["in_proj_weight"] if module._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight",
+                                                                       "v_proj_weight"]
+    return []
 
 
 def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.MultiheadAttention):
+        return "mha"
+    if is_transposed_linear(module):
+        return "linear"
     for cls in PRUNABLE_TYPES + RECURRENT_TYPES:
         if isinstance(module, cls):
             return cls.__name__.lower()
@@ -63,6 +95,12 @@ class PrunableTensor:
     calls: int = 0              # forward calls per model forward (weight sharing counts twice)
     positions_per_forward: int = 0  # output positions summed over every call of one model forward
     aliases: Tuple[str, ...] = ()   # other qualified names of this very tensor (tied weights): one unit
+    input_dim: int = 1              # the weight dimension that indexes input features (0: stored (in, out))
+    # The module whose forward uses this tensor when it is not ``module`` itself: an attention's
+    # out_proj runs inside nn.MultiheadAttention.forward, never through its own.
+    runner: Optional[nn.Module] = field(default=None, repr=False, compare=False)
+    # The modules of the other prunable holders of a tied weight: their calls cost MACs too.
+    alias_runners: Tuple[nn.Module, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -108,6 +146,12 @@ def _describe(module_name: str, module: nn.Module, param_name: str) -> PrunableT
         direction = 2 if param_name.endswith("_reverse") else 1
         return PrunableTensor(module_name, param_name, module, kind, weight.shape[1], weight.shape[0],
                               layer_index + 1, direction, 1, weight.numel())
+    if kind == "mha" or is_transposed_linear(module):
+        # q/k/v stacked (3E, E) or one of them; Conv1D stores (in, out)
+        transposed = is_transposed_linear(module)
+        in_ch, out_ch = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+        return PrunableTensor(module_name, param_name, module, kind, in_ch, out_ch, 1, 1, 1, weight.numel(),
+                              input_dim=0 if transposed else 1)
     if kind == "linear":
         in_ch, out_ch, kernel, stride, groups = module.in_features, module.out_features, 1, 1, 1
     else:
@@ -115,8 +159,9 @@ def _describe(module_name: str, module: nn.Module, param_name: str) -> PrunableT
         kernel = math.prod(module.kernel_size)
         stride = module.stride[0]
         groups = module.groups
+    transposed_conv = kind.startswith("convtranspose")   # (in, out / groups, *kernel)
     return PrunableTensor(module_name, param_name, module, kind, in_ch, out_ch, kernel, stride,
-                          groups, weight.numel())
+                          groups, weight.numel(), input_dim=0 if transposed_conv else 1)
 
 
 def _resolve_exclude(model: nn.Module, exclude) -> set:
@@ -180,25 +225,28 @@ def find_prunable(model: nn.Module, exclude=None,
                 raise ValueError(f"parameters: ({names[id(module)]!r}, {pname!r}) is given twice; each tensor "
                                  "once (one search decides one amount per tensor)")
             seen.add((id(module), pname))
-            if not isinstance(module, PRUNABLE_TYPES + RECURRENT_TYPES):
+            if not candidate_weights(module):
                 raise ValueError(f"parameters: {names[id(module)]!r} is a {type(module).__name__}; "
-                                 f"supported layer types are "
-                                 f"{[t.__name__ for t in PRUNABLE_TYPES + RECURRENT_TYPES]}")
-            if isinstance(module, RECURRENT_TYPES) and pname not in recurrent_weight_names(module):
+                                 f"supported layer types are {SUPPORTED_NAMES}")
+            if isinstance(module, RECURRENT_TYPES) and pname not in candidate_weights(module):
                 raise ValueError(f"parameters: {pname!r} of {names[id(module)]!r} is not one of its weight "
-                                 f"matrices {recurrent_weight_names(module)}")
+                                 f"matrices {candidate_weights(module)}")
             if not is_excluded(names[id(module)]):
                 found.append(_describe(names[id(module)], module, pname))
-        return _one_per_tensor(found, model)
+        return _one_per_tensor(_with_runners(found, model), model)
     found = []
     for name, m in model.named_modules():
-        if is_excluded(name):
-            continue
-        if isinstance(m, PRUNABLE_TYPES):
-            found.append(_describe(name, m, "weight"))
-        elif isinstance(m, RECURRENT_TYPES):
-            found.extend(_describe(name, m, p) for p in recurrent_weight_names(m))
-    return _one_per_tensor(found, model)
+        if not is_excluded(name):
+            found.extend(_describe(name, m, p) for p in candidate_weights(m))
+    return _one_per_tensor(_with_runners(found, model), model)
+
+
+def _with_runners(found: List[PrunableTensor], model: nn.Module) -> List[PrunableTensor]:
+    """Name the attention whose forward runs each ``out_proj`` (its own forward never runs)."""
+    attention_of = {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    for layer in found:
+        layer.runner = attention_of.get(id(layer.module))
+    return found
 
 
 def tensor_of(module: nn.Module, param_name: str) -> torch.Tensor:
@@ -225,15 +273,15 @@ def _one_per_tensor(found: List[PrunableTensor], model: nn.Module) -> List[Pruna
     counted once, masked alike wherever they are used (:func:`torch_rlprune.plan.tie_shared_masks`);
     ``aliases`` names every other holder, prunable or not (an LM's embedding tied to its head)."""
     tied = {name: group for group in shared_parameters(model) for name in group}
-    seen, kept = set(), []
+    kept: Dict[int, PrunableTensor] = {}
     for layer in found:
-        key = id(layer.original)
-        if key in seen:
+        first = kept.get(id(layer.original))
+        if first is not None:   # another holder: its forward multiplies the same weights again
+            first.alias_runners += (_runner(layer),)
             continue
-        seen.add(key)
+        kept[id(layer.original)] = layer
         layer.aliases = tuple(n for n in tied.get(layer.name, ()) if n != layer.name)
-        kept.append(layer)
-    return kept
+    return list(kept.values())
 
 
 def _positions(shape: torch.Size, kind: str, batch_first: bool = False) -> int:
@@ -244,14 +292,31 @@ def _positions(shape: torch.Size, kind: str, batch_first: bool = False) -> int:
         if len(shape) == 3:
             return shape[1] if batch_first else shape[0]
         return shape[0] if len(shape) == 2 else 1  # unbatched (T, F)
-    if kind == "linear":
+    if kind in _ROW_KINDS:
         return math.prod(shape[:-1]) if len(shape) > 1 else 1
     return math.prod(shape[2:]) if len(shape) > 2 else 1
 
 
+def _key_value_rows(layer: PrunableTensor, inputs, query_rows: int) -> int:
+    """Rows an attention's input projection multiplies: the key and value thirds of
+    ``in_proj_weight`` (and ``k``/``v_proj_weight``) run over the key's tokens, which differ
+    from the query's in cross-attention."""
+    key = inputs[1] if layer.kind == "mha" and len(inputs) > 1 and isinstance(inputs[1], torch.Tensor) else None
+    if key is None:
+        return query_rows
+    key_rows = _positions(key.shape, "mha")
+    if layer.param_name == "in_proj_weight":
+        return (query_rows + 2 * key_rows) // 3
+    return query_rows if layer.param_name == "q_proj_weight" else key_rows
+
+
+def _runner(layer: PrunableTensor) -> nn.Module:
+    return layer.runner if layer.runner is not None else layer.module
+
+
 def _batch_size_hooks(model: nn.Module, seen: List[int]) -> list:
-    """Hooks that record the batch size a forward runs with: a recurrent layer's batch (dim 1 of
-    a time-major input), else dim 0 of the model's first input."""
+    """Hooks that record the batch size a forward runs with: a recurrent layer's or an attention's
+    batch (dim 1 of a time-major input), else dim 0 of the model's first input."""
     def recurrent(module, inputs):
         x = inputs[0] if inputs else None
         if isinstance(x, torch.Tensor) and x.dim() == 3:
@@ -263,7 +328,8 @@ def _batch_size_hooks(model: nn.Module, seen: List[int]) -> list:
             seen.append(int(x.shape[0]))
 
     handles = [model.register_forward_pre_hook(first)]
-    handles += [m.register_forward_pre_hook(recurrent) for m in model.modules() if isinstance(m, nn.RNNBase)]
+    handles += [m.register_forward_pre_hook(recurrent) for m in model.modules()
+                if isinstance(m, (nn.RNNBase, nn.MultiheadAttention))]
     return handles
 
 
@@ -277,41 +343,39 @@ def trace_execution(model: nn.Module, layers: Iterable[PrunableTensor],
     Feature-map sizes and call counts are filled in from the trace.
     """
     layers = list(layers)
-    by_module = {}
+    by_module, runners = {}, {}
     for layer in layers:
-        by_module.setdefault(id(layer.module), []).append(layer)
-    order: List[int] = []
-    handles = []
+        for runner in (_runner(layer),) + layer.alias_runners:
+            by_module.setdefault(id(runner), []).append(layer)
+            runners[id(runner)] = runner
+    order: List[PrunableTensor] = []
 
     def hook(module, inputs, output):
-        key = id(module)
-        group = by_module[key]
+        group = by_module[id(module)]
         batch_first = bool(getattr(module, "batch_first", False))
-        if isinstance(module, RECURRENT_TYPES):  # (output, state); a PackedSequence has no fixed length
+        if isinstance(module, RECURRENT_TYPES + (nn.MultiheadAttention,)):  # (output, state or weights)
             output = output[0] if isinstance(output, tuple) else output
-            if not isinstance(output, torch.Tensor):
+            if not isinstance(output, torch.Tensor):  # a PackedSequence has no fixed length
                 output = getattr(output, "data", None)
                 batch_first = None  # packed data: (sum of lengths, features)
-        if group[0].calls == 0:
-            order.append(key)
-            x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-            for layer in group:
-                if x is not None:
-                    layer.in_positions = _positions(x.shape, layer.kind, bool(batch_first))
-                if isinstance(output, torch.Tensor) and batch_first is not None:
-                    layer.out_positions = _positions(output.shape, layer.kind, batch_first)
+        x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        for layer in group:
+            if layer.calls:
+                continue
+            order.append(layer)
+            if x is not None:
+                layer.in_positions = _positions(x.shape, layer.kind, bool(batch_first))
+            if isinstance(output, torch.Tensor) and batch_first is not None:
+                layer.out_positions = _positions(output.shape, layer.kind, batch_first)
         for layer in group:
             layer.calls += 1
             if isinstance(output, torch.Tensor) and batch_first is not None:
-                layer.positions_per_forward += _positions(output.shape, layer.kind, batch_first)
+                rows = _positions(output.shape, layer.kind, batch_first)
+                layer.positions_per_forward += _key_value_rows(layer, inputs, rows)
 
     for layer in layers:
         layer.calls = layer.positions_per_forward = 0
-    seen = set()
-    for layer in layers:
-        if id(layer.module) not in seen:
-            seen.add(id(layer.module))
-            handles.append(layer.module.register_forward_hook(hook))
+    handles = [runner.register_forward_hook(hook) for runner in runners.values()]
     batches: List[int] = []
     handles += _batch_size_hooks(model, batches)
     try:
@@ -321,11 +385,11 @@ def trace_execution(model: nn.Module, layers: Iterable[PrunableTensor],
             h.remove()
     n = max(1, batches[0]) if batches else 1
     for layer in layers:
-        if layer.kind == "linear" and layer.calls:
+        if layer.kind in _ROW_KINDS and layer.calls:
             layer.in_positions = max(1, layer.in_positions // n)
             layer.out_positions = max(1, layer.out_positions // n)
             layer.positions_per_forward = max(layer.calls, layer.positions_per_forward // n)
-    used = [layer for key in order for layer in by_module[key]]
+    used = order
     unused = [layer for layer in layers if layer.calls == 0]
     return used, unused
 

@@ -5,9 +5,11 @@ None of it knows about groups or pruning policies.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
+import traceback
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -75,6 +77,23 @@ class Deadline:
             return cap
         left = self.end - time.monotonic()
         return left if cap is None else min(cap, left)
+
+
+# --------------------------------------------------------------------------- failures
+_LIBRARY_PARTS = (f"{os.sep}torch{os.sep}", f"{os.sep}torch_pruning{os.sep}", f"{os.sep}torch_rlprune{os.sep}")
+
+
+def describe_failure(error: BaseException, limit: int = 200) -> str:
+    """``Type: message`` plus the model's own line that raised it (the innermost frame outside
+    torch, torch-pruning and this package): the op that blocks removing the channels, e.g.
+    BERT's ``.view(bsz, -1, heads, head_dim)``."""
+    text = f"{type(error).__name__}: {str(error)[:limit]}"
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not any(part in f.filename for part in _LIBRARY_PARTS)]
+    if frames:
+        frame = frames[-1]
+        text += f" at {os.path.basename(frame.filename)}:{frame.lineno} `{(frame.line or '').strip()[:120]}`"
+    return text
 
 
 # --------------------------------------------------------------------------- inputs and outputs

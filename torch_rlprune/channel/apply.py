@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._util import (ChannelPruningError, ModelState, clear_attention_caches, primary_tensor, prune_hooks,
-                    remove_prune_hooks, restore_training, run_model, training_flags)
+from ._util import (ChannelPruningError, ModelState, clear_attention_caches, describe_failure, primary_tensor,
+                    prune_hooks, remove_prune_hooks, restore_training, run_model, training_flags)
 from .counting import count_macs_params
 from .groups import ChannelGroup
 from .hard import classifier_in_features, hard_prune, sync_timm_metadata
@@ -187,6 +187,7 @@ def compact(model: nn.Module, example_inputs, *, exclude=None, exclude_classifie
     """
     started = time.perf_counter()
     flags = training_flags(model)
+    undo = ModelState(model)   # a compact that raises leaves the model as it found it, hooks and all
     model.eval()
     try:
         macs_before, params_before = count_macs_params(model, example_inputs)
@@ -226,7 +227,7 @@ def compact(model: nn.Module, example_inputs, *, exclude=None, exclude_classifie
                 out = _forward(model, example_inputs)
             except Exception as e:
                 state.restore()
-                return False, math.inf, f"{type(e).__name__}: {str(e)[:200]}"
+                return False, math.inf, describe_failure(e)
             if check and reference is not None:
                 bad = None
                 if out is None or out.shape != reference.shape:
@@ -263,16 +264,19 @@ def compact(model: nn.Module, example_inputs, *, exclude=None, exclude_classifie
         sync_timm_metadata(model, classifier_features)
         clear_attention_caches(model)
         macs_after, params_after = count_macs_params(model, example_inputs)
+        leftover = prune_hooks(model)
+        if leftover:
+            raise ChannelPruningError(f"prune hooks left on {[n for n, _, _ in leftover][:5]}")
+    except BaseException:
+        undo.restore()
+        raise
     finally:
         restore_training(flags)
-    leftover = prune_hooks(model)
-    if leftover:
-        raise ChannelPruningError(f"prune hooks left on {[n for n, _, _ in leftover][:5]}")
     inexact = [g.key for g, _ in plan if not g.exact]
     if failed or inexact:  # exact or loud: never a silent partial result
         warnings.warn(f"compact: {len(failed)} group(s) could not be removed and stay masked at full size "
                       f"{sorted(failed)[:4]}; {len(inexact)} removed group(s) are not exact (masked != compacted) "
-                      f"{inexact[:4]}; MACs {macs_before:,} -> {macs_after:,} (what was really removed)",
+                      f"{inexact[:4]}; MACs after compaction {macs_after:,}, where the masks counted {macs_before:,}",
                       UserWarning, stacklevel=2)
     return {"macs_before": macs_before, "params_before": params_before,
             "macs_after": macs_after, "params_after": params_after,

@@ -8,9 +8,10 @@ a row or column of a weight counts as removed when its mask slice is entirely ze
 models masked in place by :class:`ChannelStructure`). Dead output channels and dead
 input channels both reduce a layer's MACs: ``positions * kernel * alive_out * alive_in``.
 
-Counted: Conv/Linear multiply-accumulates (every call), LSTM/GRU/RNN weight matrices
-(once per time step) and the score/value matmuls of timm ``Attention`` blocks
-(``2 * N^2 * head_dim * heads``). Not counted: norms, activations, pooling, element-wise ops -- so totals are a few percent below
+Counted: Conv/Linear multiply-accumulates (every call; transformers' ``Conv1D`` too), LSTM/GRU/RNN
+weight matrices (once per time step), the score/value matmuls of timm ``Attention`` blocks
+(``2 * N^2 * head_dim * heads``) and everything ``nn.MultiheadAttention`` multiplies (its
+projections, ``2 * L * S * E`` for scores and values, and ``out_proj``, which runs inside it). Not counted: norms, activations, pooling, element-wise ops -- so totals are a few percent below
 torch-pruning's op counter, which counts those too.
 """
 from __future__ import annotations
@@ -23,33 +24,11 @@ from torch import nn
 
 from ._util import batch_size, clear_attention_caches, restore_training, run_model, training_flags
 from .groups import countable_attention
+from ..structure import is_transposed_linear
+from .alive import alive_sizes, attention_tokens, multihead_attention_macs
 from .recurrent import recurrent_weight_names, samples, time_steps
 
 __all__ = ["count_macs_params", "alive_sizes"]
-
-
-def _effective(module: nn.Module, name: str) -> torch.Tensor:
-    orig = module._parameters.get(name + "_orig")
-    if orig is not None:
-        return orig.detach() * module._buffers[name + "_mask"]
-    return getattr(module, name).detach()
-
-
-def alive_sizes(module: nn.Module, name: str, count_zeros: bool = False) -> Tuple[int, ...]:
-    """Per dimension, how many slices of ``module.<name>`` are not entirely masked."""
-    mask = module._buffers.get(name + "_mask")
-    t = _effective(module, name) if count_zeros else None
-    shape = (mask if mask is not None else getattr(module, name)).shape
-    out = []
-    for d in range(len(shape)):
-        other = [k for k in range(len(shape)) if k != d]
-        dead = torch.zeros(shape[d], dtype=torch.bool)
-        if mask is not None:
-            dead |= ((mask.abs().sum(dim=other) == 0) if other else (mask == 0)).cpu()
-        if t is not None:
-            dead |= ((t.abs().sum(dim=other) == 0) if other else (t == 0)).cpu()
-        out.append(int(shape[d] - int(dead.sum())))
-    return tuple(out)
 
 
 @torch.no_grad()
@@ -85,7 +64,7 @@ def count_macs_params(model: nn.Module, example_inputs, count_zeros: bool = Fals
         out = output if isinstance(output, torch.Tensor) else None
         alive = alive_sizes(module, "weight", count_zeros)
         kernel = int(math.prod(alive[2:])) if len(alive) > 2 else 1
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or is_transposed_linear(module):
             ref = out if out is not None else x
             positions = int(math.prod(ref.shape[:-1])) if ref is not None else 1
         elif getattr(module, "transposed", False):
@@ -94,8 +73,17 @@ def count_macs_params(model: nn.Module, example_inputs, count_zeros: bool = Fals
             positions = out.shape[0] * int(math.prod(out.shape[2:]))
         macs[0] += positions * kernel * alive[0] * alive[1]
 
+    def attention_hook(module, args, kwargs, output):
+        query = args[0] if args else kwargs.get("query")
+        key = args[1] if len(args) > 1 else kwargs.get("key", query)
+        if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor):
+            recurrent_batches.append(attention_tokens(module, query)[0])   # time-major: the batch is dim 1
+            macs[0] += multihead_attention_macs(module, query, key, count_zeros)
+
     for m in model.modules():
-        if isinstance(m, conv_linear + (nn.RNNBase,)) or id(m) in attention:
+        if isinstance(m, nn.MultiheadAttention):
+            handles.append(m.register_forward_hook(attention_hook, with_kwargs=True))
+        elif isinstance(m, conv_linear + (nn.RNNBase,)) or id(m) in attention or is_transposed_linear(m):
             handles.append(m.register_forward_hook(hook))
     flags = training_flags(model)
     model.eval()

@@ -37,6 +37,8 @@ import torch_pruning as tp
 from torch_pruning import ops as tp_ops
 
 from ._util import ChannelPruningError, ChannelTimeoutError, Deadline, batch_size, run_model, time_limit
+from ..structure import is_transposed_linear
+from .alive import attention_tokens, multihead_attention_macs
 from .norms import norm_kind
 from .recurrent import (RecurrentPruner, hidden_unit_tensors, input_column_tensors, samples, time_steps,
                         unsupported_reason)
@@ -422,6 +424,8 @@ class LayerTrace:
     attention: bool = False  # a timm attention block (tokens_sq counts its score/value matmuls)
     tokens_sq: int = 0       # attention blocks: sum over calls of N^2
     first_call: int = -1
+    fixed_macs: int = 0      # nn.MultiheadAttention: all its MACs (its channels are never grouped)
+    packed: bool = False     # a recurrent layer fed a PackedSequence
 
 
 @dataclass
@@ -458,10 +462,11 @@ def _trace_layers(model, example_inputs, attention: Dict[str, nn.Module]) -> Dic
             if isinstance(module, nn.Embedding):  # a lookup: order only, no MACs
                 return
             if isinstance(module, _RNN_TYPES):  # every matrix runs once per time step
+                tr.packed |= isinstance(inputs[0] if inputs else None, nn.utils.rnn.PackedSequence)
                 tr.positions += time_steps(module, inputs[0] if inputs else None)
                 recurrent_batches.append(samples(module, inputs[0] if inputs else None))
                 return
-            if isinstance(module, nn.Linear):  # per-sample tokens: rows / batch, whatever the layout
+            if _is_row_layer(module):  # per-sample tokens: rows / batch, whatever the layout
                 ref = out if out is not None else x
                 tr.rows += int(math.prod(ref.shape[:-1])) if ref is not None and ref.dim() > 1 else 1
             elif getattr(module, "transposed", False):
@@ -470,8 +475,25 @@ def _trace_layers(model, example_inputs, attention: Dict[str, nn.Module]) -> Dic
                 tr.positions += int(math.prod(out.shape[2:])) if out is not None and out.dim() > 2 else 1
         return hook
 
+    def multihead_hook(tr: LayerTrace):
+        def hook(module, args, kwargs, output):
+            query = args[0] if args else kwargs.get("query")
+            key = args[1] if len(args) > 1 else kwargs.get("key", query)
+            if tr.first_call < 0:
+                tr.first_call = counter[0]
+                counter[0] += 1
+            tr.calls += 1
+            if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor):
+                recurrent_batches.append(attention_tokens(module, query)[0])
+                tr.fixed_macs += multihead_attention_macs(module, query, key)
+        return hook
+
     for name, m in model.named_modules():
-        if isinstance(m, conv_linear + _RNN_TYPES + (nn.Embedding,)) or name in attention:
+        if isinstance(m, nn.MultiheadAttention):
+            traces[name] = tr = LayerTrace(name, m)
+            handles.append(m.register_forward_hook(multihead_hook(tr), with_kwargs=True))
+        elif isinstance(m, conv_linear + _RNN_TYPES + (nn.Embedding,)) or name in attention or \
+                is_transposed_linear(m):
             tr = LayerTrace(name, m, attention=name in attention)
             traces[name] = tr
             handles.append(m.register_forward_hook(make_hook(tr, name in attention)))
@@ -483,9 +505,15 @@ def _trace_layers(model, example_inputs, attention: Dict[str, nn.Module]) -> Dic
             h.remove()
     n = batch_size(example_inputs, recurrent_batches)
     for tr in traces.values():
-        if isinstance(tr.module, nn.Linear) and tr.calls:
+        if _is_row_layer(tr.module) and tr.calls:
             tr.positions = max(tr.calls, tr.rows // n)
+        tr.fixed_macs //= max(n, 1)
     return traces
+
+
+def _is_row_layer(module: nn.Module) -> bool:
+    """Linear-like: its positions are the rows of its input, whatever the layout."""
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
 
 
 def _tensor_size(module: nn.Module, tensor_name: str) -> Optional[torch.Size]:
@@ -1197,7 +1225,30 @@ def discover_groups(model: nn.Module, example_inputs, *, importance=None, exclud
             s.rank(rank_of_unit, U)
         groups.append(grp)
     seconds["importance"] = time.perf_counter() - t0
+    excluded += _never_grouped(DG, traces, visited | head_qkv, set(attention))
     return GroupDiscovery(DG, groups, excluded, traces, attention, seconds)
+
+
+def _never_grouped(DG, traces: Dict[str, LayerTrace], visited: Set[int], attention: Set[str]) -> List[ExcludedGroup]:
+    """Layers that ran but that no group starts from or reaches, each with why: otherwise a
+    refusal would name only the groups that exist (a packed LSTM's model says just 'fc:out')."""
+    out = []
+    for name, tr in traces.items():
+        m = tr.module
+        if tr.calls == 0 or id(m) in visited or name in attention or isinstance(m, (nn.Embedding, nn.MultiheadAttention)):
+            continue
+        if is_transposed_linear(m):
+            why = "is a transformers Conv1D (a Linear stored (in, out)), which torch-pruning cannot prune"
+        elif m not in DG.module2node:
+            why = ("is fed a PackedSequence (pack_padded_sequence), which torch-pruning's graph cannot follow; "
+                   "feed it padded tensors, or use structure='unstructured'") if tr.packed else \
+                "is not in torch-pruning's dependency graph (no traced op links its output to the model's)"
+        elif DG.get_pruner_of_module(m) is None:
+            why = f"torch-pruning has no pruner for {type(m).__name__}"
+        else:
+            continue
+        out.append(ExcludedGroup(f"{name}:out", f"'{name}' {why}", [name]))
+    return out
 
 
 def _first_executed(layer_names: Sequence[str], traces: Dict[str, LayerTrace]) -> str:

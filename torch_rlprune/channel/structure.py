@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..structure import _resolve_exclude as resolve_exclude
-from ..structure import shared_parameters
-from ._util import (ModelState, clear_attention_caches, primary_tensor, remove_prune_hooks, restore_training,
-                    run_model, training_flags)
+from ..structure import is_transposed_linear, shared_parameters
+from ._util import (ModelState, clear_attention_caches, describe_failure, primary_tensor, remove_prune_hooks,
+                    restore_training, run_model, training_flags)
 from .groups import ChannelGroup, ExcludedGroup, build_graph, classifier_names, discover_groups
 from .hard import hard_prune
 from .norms import MaskedNormStatistics, remove_norm_hooks
@@ -34,7 +34,7 @@ class _TensorState:
     """In-place zeroing of one tensor along one or more dims, with reference counts per dim so that
     reviving a column does not revive an entry whose row another group still removes."""
 
-    __slots__ = ("target", "saved", "dead")
+    __slots__ = ("target", "saved", "dead", "module", "name", "computed")
 
     def __init__(self, module: nn.Module, name: str):
         mask = module._buffers.get(name + "_mask") if hasattr(module, "_buffers") else None
@@ -45,6 +45,10 @@ class _TensorState:
         self.target = target
         self.saved = target.detach().clone()
         self.dead: Dict[int, torch.Tensor] = {}
+        # the weight a prune hook last computed: a forward under our zeros replaces it, and it
+        # must read as before once the mask is put back (no forward may follow to recompute it)
+        self.module, self.name = module, name
+        self.computed = module.__dict__.get(name) if isinstance(mask, torch.Tensor) else None
 
     def kill(self, dim: int, pos: torch.Tensor) -> None:
         if pos.numel() == 0:
@@ -76,6 +80,8 @@ class _TensorState:
     def restore(self) -> None:
         self.target.data.copy_(self.saved)
         self.dead.clear()
+        if self.computed is not None:
+            self.module.__dict__[self.name] = self.computed
 
 
 def _resolve_exclude(model: nn.Module, exclude) -> List[str]:
@@ -352,8 +358,10 @@ class ChannelStructure:
         A Conv/Linear weight costs ``positions * kernel * alive(dim0) * alive(dim1)`` MACs per
         sample (summed over calls) and ``kernel * alive(dim0) * alive(dim1)`` parameters; any
         other tensor costs the product of its alive sizes. A timm attention block adds its
-        score and value matmuls, ``2 * N^2 * head_dim * alive heads``. ``alive`` is the size
-        minus the positions owned by the first ``n`` ranked units of each slice's group.
+        score and value matmuls, ``2 * N^2 * head_dim * alive heads``; an ``nn.MultiheadAttention``
+        adds its MACs as :func:`~.alive.multihead_attention_macs` counts them (a constant: no group
+        reaches it). ``alive`` is the size minus the positions owned by the first ``n`` ranked
+        units of each slice's group.
         """
         entries: Dict[Tuple[int, str, int], int] = {}
         sizes: List[int] = []
@@ -383,7 +391,7 @@ class ChannelStructure:
             m = tr.module
             if tr.calls == 0:
                 continue
-            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or is_transposed_linear(m):
                 shape = _shape_of(m, "weight")
                 kernel = int(math.prod(shape[2:])) if len(shape) > 2 else 1
                 terms = [("weight", tr.positions * kernel, shape)]
@@ -409,6 +417,8 @@ class ChannelStructure:
                 att_modules.append(name)
             else:
                 att_const_terms.append((name, coef * H))
+        # nn.MultiheadAttention: groups never reach its channels, so its MACs are a constant
+        att_const_terms += [(name, tr.fixed_macs) for name, tr in self.traces.items() if tr.calls and tr.fixed_macs]
         att_const = sum(v for _, v in att_const_terms)
         # parameter terms
         par_const, par_e, par_fixed = [], [], 0
@@ -530,7 +540,7 @@ class ChannelStructure:
         try:
             hard = self._hard_output(counts)
         except Exception as e:
-            return False, math.inf, f"{type(e).__name__}: {str(e)[:200]}"
+            return False, math.inf, describe_failure(e)
         if hard is None or soft is None or hard.shape != soft.shape:
             return False, math.inf, (f"compacted output shape {None if hard is None else tuple(hard.shape)} "
                                      f"!= {None if soft is None else tuple(soft.shape)}")
@@ -543,7 +553,8 @@ class ChannelStructure:
         return True, diff, ""
 
     def verify(self, fraction: float = 0.5, tolerance: float = 1e-4, exclude_failing: bool = False) -> dict:
-        """Compare the masked model with the physically pruned one at ``fraction`` of every group.
+        """Compare the masked model with the physically pruned one at about ``fraction`` of every
+        group (rounded so that a prime number of units remains, see :func:`_awkward_removal`).
 
         The removal happens on the model itself and is undone exactly (no copy). When the
         comparison fails, groups are bisected to find the ones responsible. Exact groups must
@@ -558,7 +569,7 @@ class ChannelStructure:
         flags = training_flags(self.model)
         self.model.eval()
         try:
-            full = np.array([g.effective(g.units_for_fraction(fraction)) for g in self.groups], dtype=np.int64)
+            full = np.array([_awkward_removal(g, fraction) for g in self.groups], dtype=np.int64)
             ok, diff, why = self._check(full, tolerance)
             failed: Dict[str, str] = {}
             if not ok:
@@ -574,7 +585,7 @@ class ChannelStructure:
                                                        [n for n, _ in g.layers]))
             self._drop_groups(keys)
             if self.groups:
-                sub = np.array([g.effective(g.units_for_fraction(fraction)) for g in self.groups], dtype=np.int64)
+                sub = np.array([_awkward_removal(g, fraction) for g in self.groups], dtype=np.int64)
                 ok2, diff2, why2 = self._check(sub, tolerance)
                 result["after_exclusion"] = {"ok": ok2, "max_abs_diff": diff2, "reason": why2}
         return result
@@ -608,6 +619,22 @@ class ChannelStructure:
                 "inexact_groups": [g.key for g in self.groups if not g.exact],
                 "importance_fallbacks": {g.key: g.importance_note for g in self.groups if g.importance_note},
                 "seconds": dict(self.seconds)}
+
+
+def _largest_prime_at_most(n: int) -> int:
+    for candidate in range(n, 1, -1):
+        if all(candidate % d for d in range(2, math.isqrt(candidate) + 1)):
+            return candidate
+    return n
+
+
+def _awkward_removal(group: ChannelGroup, fraction: float) -> int:
+    """Units to remove when validating near ``fraction``: as many as leave a prime number of
+    units. A search may leave any count, and a reshape that splits channels into fixed-size
+    heads (``view(B, T, heads, head_dim)`` in BERT's attention) accepts only multiples of
+    ``head_dim``: removing exactly half of 64 channels would pass it by luck."""
+    remaining = group.num_units - group.units_for_fraction(fraction)
+    return group.effective(group.num_units - _largest_prime_at_most(remaining))
 
 
 def _shape_of(module: nn.Module, name: str) -> torch.Size:
