@@ -56,9 +56,9 @@ def test_lamp_unstructured_removes_the_globally_smallest_lamp_scores():
 
 def test_lamp_keeps_layers_global_magnitude_empties():
     """A layer of tiny weights: global magnitude removes all of it, LAMP keeps its largest entries."""
-    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    model = seeded(lambda: nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)))   # unseeded, it failed 1 run in 4
     with torch.no_grad():
-        model[1].weight.mul_(1e-3)
+        model[1].weight.mul_(1e-6)   # below every weight of the first layer
     lamp, global_ = copy.deepcopy(model), copy.deepcopy(model)
     lamp_unstructured(pairs(lamp), amount=0.2)
     global_magnitude_unstructured(pairs(global_), amount=0.2)

@@ -104,3 +104,25 @@ def test_a_plan_giving_a_tied_weight_two_amounts_is_refused():
     with pytest.raises(PlanError, match="one tied tensor"):
         apply_plan(model, plan)
     assert not hasattr(model.a, "weight_mask") and not hasattr(model.b, "weight_mask")
+
+
+def test_a_module_reused_under_several_names_is_not_a_tie_for_channel_pruning():
+    class Reused(nn.Module):     # CoaT's pattern: one position-encoding conv called by several blocks
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 8, 3, padding=1)
+            self.shared = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.blocks = nn.ModuleList([nn.Sequential(self.shared, nn.ReLU()) for _ in range(2)])
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.stem(x)
+            for block in self.blocks:
+                x = x + block(x)
+            return self.fc(x.mean((2, 3)))
+
+    model = seeded(Reused)
+    structure = ChannelStructure(model, IMAGES[:2])                     # no refusal: one module, one weight
+    assert structure.groups
+    with pytest.raises(ValueError, match="ties weights"):
+        ChannelStructure(seeded(TiedConvs), IMAGES[:2])                 # two modules, one weight: refused

@@ -8,7 +8,7 @@ import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -16,12 +16,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .agents import Agent, get_agent_class, list_agents
-from .calibration import build_calibration, primary_output
+from .calibration import build_calibration, check_label, primary_output
 from .checkpoint import SearchRecorder, check_checkpoint_path, load_checkpoint
 from .distributed import (DistributedSearch, SplittableReward, all_ranks_succeed, check_same_calibration,
                           distributed_context, shard)
 from .env import LayerwisePruningEnv, check_budget
 from .importance import IMPORTANCES, activation_scores
+from .inputs import as_example, batch_tensors, describe_shape, run_model
 from .threads import agent_threads, one_search_at_a_time
 from .masking import InPlaceMask
 from .plan import PruningPlan, apply_plan
@@ -64,7 +65,7 @@ class PruneResult:
     wall_time: float
     forward_seconds: float
     layers: List[PrunableTensor] = field(repr=False, default_factory=list)
-    example_inputs: Optional[torch.Tensor] = field(repr=False, default=None)
+    example_inputs: Any = field(repr=False, default=None)  # a tensor; a tuple or dict for several inputs
     search_seconds: float = math.nan
 
     def compact(self) -> dict:
@@ -165,7 +166,7 @@ class MultiTargetResult(Mapping):
             from .channel import apply_channel_plan, count_macs_params
 
             dense = count_macs_params(model, result.example_inputs)
-            apply_plan(model, result.plan)
+            apply_plan(model, result.plan, example_inputs=result.example_inputs)
             which = 0 if result.plan.budget == "macs" else 1
             return 1.0 - count_macs_params(model, result.example_inputs)[which] / dense[which]
         apply_plan(model, result.plan)
@@ -174,7 +175,7 @@ class MultiTargetResult(Mapping):
         if result.plan.budget == "macs":  # a weight's MACs come from a traced forward (feature-map sizes)
             def run():
                 with torch.inference_mode():
-                    model(result.example_inputs)
+                    run_model(model, result.example_inputs)
             layers, _ = trace_execution(model, layers, run)
         return pruned_fraction(layers, result.plan.budget)
 
@@ -395,7 +396,8 @@ class _ChannelSpace:
 
     def plan_entries(self, k):
         groups = self.structure.groups
-        metadata = {"input_shape": list(self.example.shape[1:]), "round_to": self.structure.groups[0].round_to,
+        metadata = {"input_shape": list(self.example.shape[1:]) if isinstance(self.example, torch.Tensor) else None,
+                    "round_to": self.structure.groups[0].round_to,
                     "excluded": {e.key: e.reason for e in self.structure.excluded},
                     "dense": {"macs": int(self.dense[0]), "params": int(self.dense[1])}}
         if self.latency is not None:
@@ -466,6 +468,12 @@ class _PreparedSearch:
         held = 0 if self.selector is None else sum(len(x) for x in self.selector.calibration.inputs)
         return self.calibration.num_samples + held
 
+    @property
+    def example(self):
+        """Two calibration samples as example inputs: a tensor, or a tuple/dict for a model
+        taking several (what torch-pruning and :func:`compact` take)."""
+        return as_example(self.calibration.inputs[0][:2])
+
     def score_selection_part(self) -> float:
         """The current masks scored on the selection part, BatchNorm re-estimated on the search part."""
         if self.recalibrate:
@@ -476,7 +484,7 @@ class _PreparedSearch:
 def _prepare_search(model, layers, targets, data, reward, budget, structure, exclude, example_inputs, seed,
                     calibration_samples, max_amount, importance_scores, importance, round_to, bn_recalibration,
                     max_drop, depth: bool = False, distributed=None,
-                    quality: Optional[SearchQuality] = None) -> _PreparedSearch:
+                    quality: Optional[SearchQuality] = None, label=None) -> _PreparedSearch:
     """Calibration data, the search space (weights or channel groups), the reward and the MDP,
     every target checked for feasibility. Masks are touched only from here on: the caller holds
     a :class:`ModelSnapshot`."""
@@ -484,7 +492,8 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
     tolerance = TOLERANCE[structure]
     quality = SearchQuality(prior="none", selection=0.0) if quality is None else quality
     model.eval()
-    calibration = build_calibration(model, data, example_inputs, int(calibration_samples), seed=int(seed))
+    calibration = build_calibration(model, data, example_inputs, int(calibration_samples), seed=int(seed),
+                                    label=label)
     # a callable reward scores on its own data, and the guarantee's criterion is not the score
     selecting = quality.selection > 0 and not callable(reward) and targets is not None
     calibration, selection_part = split_calibration(calibration, quality.selection if selecting else 0.0, int(seed))
@@ -492,7 +501,7 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
 
     def run_first_batch():
         with torch.inference_mode():
-            first_output.append(primary_output(model(calibration.inputs[0])))
+            first_output.append(primary_output(run_model(model, calibration.inputs[0])))
 
     # The first forward both checks that the data fits and records execution order and shapes.
     try:
@@ -502,20 +511,20 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
                                        importance=importance or "magnitude", batches=calibration.inputs)
         else:
             run_first_batch()
-            space = _ChannelSpace(model, calibration.inputs[0][:2], run_first_batch, exclude, importance,
-                                  round_to, budget, max_amount)
+            example = as_example(calibration.inputs[0][:2])  # a tuple/dict for a model taking several inputs
+            space = _ChannelSpace(model, example, run_first_batch, exclude, importance, round_to, budget, max_amount)
             if depth:  # agents that also remove residual blocks (N2N)
                 from .depth_search import DepthChannelSpace
                 space = DepthChannelSpace(space, exclude)
     except Exception as err:
         if first_output:  # the data fitted: the failure is the model's structure
             raise
-        several = isinstance(err, TypeError) and "positional argument" in str(err)
+        several = isinstance(err, TypeError) and "argument" in str(err)
         raise ValueError(f"data: the model cannot run on a batch of shape "
-                         f"{tuple(calibration.inputs[0].shape)}: {err}"
-                         + ("; rl_prune gives the model one input tensor per batch (a tuple batch is read as "
-                            "(inputs, labels), a tuple of equal-rank tensors as several batches): wrap a model "
-                            "taking several inputs so that its forward takes one tensor" if several else "")
+                         f"{describe_shape(calibration.inputs[0])}: {err}"
+                         + ("; a model taking several inputs gets batches as tuples (model(*batch)) or dicts "
+                            "(model(**batch)), and label= says which part is the label (a position, a key, "
+                            "or False for none)" if several else "")
                          ) from err
     if first_output[0] is None:
         raise ValueError("data: the model's output holds no tensor to score")
@@ -628,7 +637,8 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
              importance_scores=None, parameters=None, importance=None, round_to: Optional[int] = None,
              bn_recalibration: Optional[int] = None, max_drop: Optional[float] = None,
              checkpoint=None, checkpoint_every: int = 10, resume=None, distributed: bool = False,
-             prior: str = "best", selection: float = 0.25, select_top: int = 5, protect_first_last: bool = True):
+             prior: str = "best", selection: float = 0.25, select_top: int = 5, protect_first_last: bool = True,
+             label=None):
     """Search per-layer pruning amounts with an RL agent and prune ``model`` in place.
 
     Args:
@@ -644,9 +654,10 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             (``episodes`` each). ``None`` with ``max_drop=``: AMC's accuracy-guaranteed
             compression, the smallest plan found whose score stays within ``max_drop`` of the
             unpruned model's (reward ``-(1 - score) * log(remaining MACs or params)``).
-        data: calibration data: a DataLoader, an iterable of batches (tensors or
-            ``(inputs, labels)``), a Dataset, or a tensor. ``None`` synthesises Gaussian
-            inputs from ``example_inputs`` or timm's ``pretrained_cfg`` (with a warning).
+        data: calibration data: a DataLoader, an iterable of batches (tensors,
+            ``(inputs, labels)``, tuples of several inputs -- ``model(*batch)`` -- or dicts --
+            ``model(**batch)``, transformers style), a Dataset, or a tensor. ``None`` synthesises
+            Gaussian inputs from ``example_inputs`` or timm's ``pretrained_cfg`` (with a warning).
         reward: ``"fidelity"`` (label-free agreement with the unpruned model),
             ``"accuracy"`` (needs labels) or ``callable(model) -> float``.
         agent: a registered name (``list_agents()``) or an :class:`Agent` instance.
@@ -708,6 +719,14 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             with the same plan applied (:mod:`torch_rlprune.distributed`). Needs
             ``reward="fidelity"`` or ``"accuracy"`` and the same ``data`` on every rank; only rank 0
             shows progress and writes ``checkpoint``.
+        label: which part of a ``data`` batch is the label. ``None`` (automatic): a tuple batch's
+            inputs are as many elements as ``forward`` requires and the next one is the label
+            (``(x, y)``, ``(src, tgt, y)``); for ``forward(*args)`` or all-optional arguments
+            (transformers) the last element is the label when it is 1-D with one value per sample.
+            A dict batch's label is its ``"labels"``/``"label"``/``"target"``/``"targets"``/``"y"``
+            key and the rest are keyword inputs (a one-input model's ``"input"``/``"x"``/``"image"``
+            is passed positionally, as before). Or a position in a tuple batch (``int``), a key of
+            a dict batch (``str``), or ``False`` (no label: the whole batch is the input).
 
     Returns:
         :class:`PruneResult` (one target or ``target=None``) or :class:`MultiTargetResult`.
@@ -756,6 +775,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         raise ValueError("a list of targets with an Agent instance needs a multi-target agent (e.g. 'cacp'); "
                          "pass the agent's name to run one search per target")
     quality = _check_quality(prior, selection, select_top, structure, protect_first_last, parameters is not None)
+    check_label(label)
     if not (callable(reward) or reward in REWARDS):
         raise ValueError(f"reward must be one of {REWARDS} or a callable(model) -> float, got {reward!r}")
     if episodes is not None and (isinstance(episodes, bool) or not isinstance(episodes, numbers.Integral)
@@ -839,7 +859,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             prepared = _prepare_search(model, layers, targets, data, reward, budget, structure, exclude,
                                        example_inputs, seed, calibration_samples, max_amount, importance_scores,
                                        importance, round_to, bn_recalibration, max_drop, depth=needs_depth,
-                                       distributed=coordinator, quality=quality)
+                                       distributed=coordinator, quality=quality, label=label)
             space, env, scorer, calibration, recalibrate = (prepared.space, prepared.env, prepared.scorer,
                                                             prepared.calibration, prepared.recalibrate)
             baseline, forward_seconds, floor = prepared.baseline, prepared.forward_seconds, prepared.floor
@@ -904,7 +924,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
                                              **({"left_out": left_out} if left_out else {}),
                                              **mode, **extra})
 
-            example = calibration.inputs[0][:2]
+            example = prepared.example
             if targets is not None and len(targets) > 1:
                 results = {}
                 for t in targets:
@@ -979,7 +999,7 @@ def _search_fingerprint(agent, targets, max_drop, structure, budget, scorer, see
                   "importance_scores": dict(sorted(getattr(space, "scores", {}).items())) or None,
                   "baseline_score": float(baseline),
                   "weights": _digest(p for p in model.parameters()),
-                  "calibration": _digest(calibration.inputs),
+                  "calibration": _digest(t for batch in calibration.inputs for t in batch_tensors(batch)),
                   "steps": [f"{layer.name}:{getattr(layer, 'numel', '')}" for layer in space.steps]})
 
 
@@ -1020,7 +1040,7 @@ def global_rl_unstructured(parameters, target: float, importance_scores=None, *,
         target: fraction of these tensors' entries to remove overall, in (0, 1).
         importance_scores: optional ``{(module, name): tensor}``, as for ``global_unstructured``.
         model: the model the tensors belong to (needed to score plans).
-        agent, reward, data, **kwargs: as for :func:`rl_prune`.
+        agent, reward, data, **kwargs: as for :func:`rl_prune` (``label=`` included).
     """
     if not isinstance(model, nn.Module):
         raise TypeError("global_rl_unstructured needs model= (the nn.Module the parameters belong to)")

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .calibration import CalibrationSet
+from .inputs import batch_tensors, concat
 from .env import BestPlan
 from .rewards import AccuracyReward, FidelityReward, Reward
 
@@ -118,7 +119,7 @@ def shard(calibration: CalibrationSet, rank: int, world: int) -> CalibrationSet:
         bounds = np.linspace(0, len(inputs), world + 1).round().astype(int)
         lo, hi = bounds[rank], bounds[rank + 1]
         return CalibrationSet(inputs[lo:hi], labels[lo:hi] if labels is not None else None, calibration.synthetic)
-    x = torch.cat(inputs)
+    x = concat(inputs)
     bounds = np.linspace(0, len(x), world + 1).round().astype(int)
     part = [x[bounds[rank]:bounds[rank + 1]]]  # total >= world: no share is empty
     y = [torch.cat(labels)[bounds[rank]:bounds[rank + 1]]] if labels is not None else None
@@ -127,7 +128,8 @@ def shard(calibration: CalibrationSet, rank: int, world: int) -> CalibrationSet:
 
 def check_same_calibration(calibration: CalibrationSet, device: torch.device) -> None:
     """Every rank must have built the same calibration set (same data, same order)."""
-    x = torch.cat([t.reshape(len(t), -1).double() for t in calibration.inputs])
+    x = torch.cat([torch.cat([t.reshape(len(t), -1).double() for t in batch_tensors(batch)], 1)
+                   for batch in calibration.inputs])
     digest = torch.stack([x.sum(), (x * torch.arange(1, len(x) + 1, dtype=torch.float64)[:, None]).sum(),
                           torch.tensor(float(len(x)), dtype=torch.float64)]).to(device)
     low, high = digest.clone(), digest.clone()

@@ -31,6 +31,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from .api import (DEFAULT_BN_RECALIBRATION, DEFAULT_BUDGET, DEFAULT_MAX_AMOUNT, STRUCTURES, PruneResult,
                   _check_quality, _check_targets, _prepare_search, _seed_priors)
+from .calibration import check_label
 from .env import BUDGETS, CONSTRAINTS
 from .plan import PruningPlan
 from .safety import ModelSnapshot
@@ -44,7 +45,7 @@ class PruningGymEnv(gymnasium.Env):
 
     Args:
         model, target, data, reward, budget, structure, exclude, example_inputs, seed,
-        calibration_samples, max_amount, bn_recalibration: as for :func:`torch_rlprune.rl_prune`
+        calibration_samples, max_amount, bn_recalibration, label: as for :func:`torch_rlprune.rl_prune`
             (one target).
         constraint: ``"clip"`` (every episode meets the budget) or ``"free"`` (no clipping: the
             agent must learn the budget; ``info["violation"]`` reports it at the end of an episode).
@@ -66,7 +67,7 @@ class PruningGymEnv(gymnasium.Env):
                  budget: Optional[str] = None, structure: str = "unstructured", exclude=None, example_inputs=None,
                  seed: int = 0, calibration_samples: int = 512, max_amount: Optional[float] = None,
                  bn_recalibration: Optional[int] = None, constraint: str = "clip", dense: bool = False,
-                 prior: str = "best"):
+                 prior: str = "best", label=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         targets = _check_targets(target, None)
@@ -78,6 +79,7 @@ class PruningGymEnv(gymnasium.Env):
         if constraint not in CONSTRAINTS:
             raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
         quality = _check_quality(prior, 0.0, 1, structure, protect_first_last=False)
+        check_label(label)
         max_amount = DEFAULT_MAX_AMOUNT[structure] if max_amount is None else max_amount
         bn_recalibration = DEFAULT_BN_RECALIBRATION[structure] if bn_recalibration is None else bn_recalibration
         layers = find_prunable(model, exclude, None)
@@ -93,7 +95,7 @@ class PruningGymEnv(gymnasium.Env):
                 model.eval()
                 self._search = _prepare_search(model, layers, targets, data, reward, budget, structure, exclude,
                                                example_inputs, seed, calibration_samples, max_amount, None, None,
-                                               None, bn_recalibration, None, quality=quality)
+                                               None, bn_recalibration, None, quality=quality, label=label)
                 _seed_priors(self._search, structure, targets)  # scored first, as in rl_prune
         except BaseException:
             self._snapshot.restore()
@@ -160,7 +162,7 @@ class PruningGymEnv(gymnasium.Env):
             m.training = modes.get(id(m), m.training)
         return PruneResult(self.model, plan, achieved, [h.as_dict() for h in env.history], search.baseline,
                            time.perf_counter() - self._started, search.forward_seconds, search.space.steps,
-                           example_inputs=search.calibration.inputs[0][:2])
+                           example_inputs=search.example)
 
     def close(self):
         """Without :meth:`apply_best`: put the model back exactly as it was."""

@@ -24,6 +24,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
+from .inputs import run_model
 from .structure import RECURRENT_TYPES, PrunableTensor
 
 __all__ = ["IMPORTANCES", "input_feature_norms", "wanda_scores", "row_rank_scores", "activation_scores"]
@@ -69,7 +70,7 @@ def input_feature_norms(model: nn.Module, layers: Sequence[PrunableTensor],
     try:
         with torch.inference_mode():
             for x in batches:
-                model(x)
+                run_model(model, x)
     finally:
         for h in handles:
             h.remove()

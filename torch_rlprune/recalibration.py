@@ -12,6 +12,8 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from .inputs import run_model
+
 __all__ = ["BatchNormRecalibration"]
 
 
@@ -42,7 +44,7 @@ class BatchNormRecalibration:
             m.train()
         try:
             for x in self.batches:
-                self.model(x)
+                run_model(self.model, x)
         finally:
             for m, (_, _, _, momentum) in zip(self.norms, self.saved):
                 m.momentum = momentum

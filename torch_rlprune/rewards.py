@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .calibration import CalibrationSet, primary_output
+from .inputs import batch_tensors, describe_shape, run_model
 
 __all__ = ["Reward", "FidelityReward", "AccuracyReward", "CallableReward", "make_reward", "REWARDS"]
 
@@ -30,7 +31,7 @@ class Reward:
 def _forward_all(model: nn.Module, inputs: List[torch.Tensor]):
     with torch.inference_mode():
         for x in inputs:
-            yield primary_output(model(x))
+            yield primary_output(run_model(model, x))
 
 
 def check_outputs(outs: List[Optional[torch.Tensor]], inputs: List[torch.Tensor]) -> None:
@@ -39,9 +40,10 @@ def check_outputs(outs: List[Optional[torch.Tensor]], inputs: List[torch.Tensor]
     for out, x in zip(outs, inputs):
         if out is None:
             raise ValueError("data: the model returned no tensor for the calibration inputs")
-        batch_sizes = (x.shape[0], x.shape[1]) if x.dim() > 1 else (x.shape[0],)  # time-major RNNs: dim 1
+        first = batch_tensors(x)[0]
+        batch_sizes = (first.shape[0], first.shape[1]) if first.dim() > 1 else (first.shape[0],)  # time-major: dim 1
         if out.dim() == 0 or out.shape[0] not in batch_sizes:
-            raise ValueError(f"data: for a batch of {len(x)} calibration inputs of shape {tuple(x.shape)} the model "
+            raise ValueError(f"data: for a batch of {len(x)} calibration inputs of shape {describe_shape(x)} the model "
                              f"returned shape {tuple(out.shape)}; rewards need one output per input (batch first)")
         if out.is_floating_point() and not bool(torch.isfinite(out).all()):
             raise ValueError("data: the unpruned model's outputs on the calibration inputs are not finite "

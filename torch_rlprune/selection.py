@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .calibration import CalibrationSet
+from .inputs import concat
 from .priors import BEST_OF
 
 __all__ = ["split_calibration", "PriorChoice", "seed_priors", "Selection", "select_plans"]
@@ -35,7 +36,7 @@ def split_calibration(calibration: CalibrationSet, fraction: float, seed: int,
     held = int(round(fraction * total))
     if fraction <= 0 or held < 2 or total - held < 2:
         return calibration, None
-    x = torch.cat(calibration.inputs)
+    x = concat(calibration.inputs)
     y = torch.cat(calibration.labels) if calibration.labels is not None else None
     order = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))
     search_idx, held_idx = torch.sort(order[held:]).values, torch.sort(order[:held]).values

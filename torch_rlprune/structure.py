@@ -268,6 +268,19 @@ def shared_parameters(model: nn.Module) -> List[List[str]]:
     return [names for names in holders.values() if len(names) > 1]
 
 
+def tied_across_modules(model: nn.Module) -> List[List[str]]:
+    """Parameters held by different module objects (an LM head tied to its embedding). A module
+    reused under several names (CoaT's shared convolutional position encoding) holds its weight
+    alone: one module, one set of channels, no tie to keep."""
+    holders: Dict[int, Dict[int, str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module._parameters.items():
+            if p is not None:
+                name = (f"{module_name}.{pname}" if module_name else pname).removesuffix("_orig")
+                holders.setdefault(id(p), {}).setdefault(id(module), name)
+    return [list(names.values()) for names in holders.values() if len(names) > 1]
+
+
 def _one_per_tensor(found: List[PrunableTensor], model: nn.Module) -> List[PrunableTensor]:
     """Tied weights (one Parameter held by several modules) are one prunable unit: pruned once,
     counted once, masked alike wherever they are used (:func:`torch_rlprune.plan.tie_shared_masks`);

@@ -10,11 +10,13 @@ import signal
 import threading
 import time
 import traceback
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
+
+from ..inputs import Inputs, run_model  # noqa: F401 - run_model is re-exported to the channel modules
 
 __all__ = ["ChannelPruningError", "ChannelTimeoutError", "time_limit", "Deadline", "ModelState",
            "run_model", "primary_tensor", "training_flags", "restore_training", "prune_hooks",
@@ -97,26 +99,15 @@ def describe_failure(error: BaseException, limit: int = 200) -> str:
 
 
 # --------------------------------------------------------------------------- inputs and outputs
-def run_model(model: nn.Module, example_inputs) -> Any:
-    """``model(x)`` for a tensor, ``model(*x)`` for a tuple/list, ``model(**x)`` for a dict.
-
-    torch-pruning's own default tries ``model(*x)`` first, which for a plain tensor
-    silently feeds ``x[0]`` (an unbatched sample) to the model; we always pass this instead.
-    """
-    if isinstance(example_inputs, dict):
-        return model(**example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return model(*example_inputs)
-    return model(example_inputs)
-
-
 def batch_size(example_inputs, recurrent_batches: Sequence[int] = ()) -> int:
     """Samples in ``example_inputs``: what a recurrent layer saw as its batch (time-major
     inputs put it in dim 1), else dim 0 of the first input tensor, else 1."""
     if recurrent_batches:
         return max(1, int(recurrent_batches[0]))
     first = example_inputs
-    if isinstance(first, dict):
+    if isinstance(first, Inputs):
+        first = next(first.tensors())
+    elif isinstance(first, dict):
         first = next(iter(first.values()), None)
     elif isinstance(first, (tuple, list)):
         first = first[0] if first else None

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..structure import _resolve_exclude as resolve_exclude
-from ..structure import is_transposed_linear, shared_parameters
+from ..structure import is_transposed_linear, tied_across_modules
 from ._util import (ModelState, clear_attention_caches, describe_failure, primary_tensor, remove_prune_hooks,
                     restore_training, run_model, training_flags)
 from .groups import ChannelGroup, ExcludedGroup, build_graph, classifier_names, discover_groups
@@ -93,7 +93,7 @@ def refuse_tied_weights(model: nn.Module) -> None:
     """Channel removal cannot keep a tie: the two holders of one weight sit in different dependency
     groups (an LM's embedding columns and its head's rows), so removing channels of one rewrites the
     other, and ``compact`` would give each its own tensor. Refused before anything is traced or touched."""
-    tied = shared_parameters(model)
+    tied = tied_across_modules(model)
     if tied:
         pairs = "; ".join(" = ".join(group) for group in tied[:3])
         raise ValueError(f"structure='channel': the model ties weights ({pairs}); removing channels would "
