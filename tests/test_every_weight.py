@@ -289,3 +289,27 @@ def test_a_channel_refusal_says_why_each_layer_never_became_a_group():
         channel_prune(seeded(Packed), SEQUENCES)
     with pytest.raises(ValueError, match="c_fc:out: 'c_fc' is a transformers Conv1D"):
         channel_prune(seeded(GPTLike), SEQUENCES)
+
+
+class FunctionalLinears(nn.Module):
+    """torchvision Swin's pattern: the parent reads its children's weights with F.linear."""
+
+    def __init__(self, depth: int = 7):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.projections = nn.ModuleList(nn.Linear(16, 16) for _ in range(depth))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for p in self.projections:
+            h = h + torch.relu(nn.functional.linear(h, p.weight, p.bias))
+        return self.head(h.mean(1))
+
+
+def test_every_layer_that_never_ran_as_a_module_is_named_in_the_plan_and_the_summary():
+    with pytest.warns(UserWarning, match="7 layer\\(s\\) never ran as modules .* and 2 more \\(plan.metadata"):
+        result = rl_prune(seeded(FunctionalLinears), 0.5, data=SEQUENCES, agent="prior", verbose=False,
+                          protect_first_last=False)
+    assert result.plan.metadata["never_ran"] == [f"projections.{i}.weight" for i in range(7)]
+    assert "never ran as modules, dense: 7 (projections.0.weight" in result.summary()

@@ -299,9 +299,12 @@ class _UnstructuredSpace:
                  importance: str = "magnitude", batches=()):
         self.model, self.budget, self.max_amount = model, budget, max_amount
         layers, unused = trace_execution(model, layers, run_first_batch)
+        self.never_ran = [u.name for u in unused]
         if unused:
-            warnings.warn(f"rl_prune: {len(unused)} layer(s) never ran in a forward pass and are not "
-                          f"pruned: {[u.name for u in unused][:5]}", UserWarning, stacklevel=3)
+            more = f" and {len(unused) - 5} more (plan.metadata['never_ran'])" if len(unused) > 5 else ""
+            warnings.warn(f"rl_prune: {len(unused)} layer(s) never ran as modules in a forward pass and stay dense "
+                          f"(a parent that reads their weight itself, e.g. F.linear(x, self.qkv.weight), or "
+                          f"unused): {self.never_ran[:5]}{more}", UserWarning, stacklevel=3)
         if not layers:
             raise ValueError("none of the prunable layers ran in a forward pass of the model")
         self.protected = protected_steps(model, layers) if protect else []
@@ -320,6 +323,7 @@ class _UnstructuredSpace:
         return ({lay.name: int(kk) / lay.numel for lay, kk in zip(self.steps, k)},
                 {lay.name: lay.numel for lay in self.steps},
                 {**({"protected": list(self.protected)} if self.protected else {}),
+                 **({"never_ran": list(self.never_ran)} if self.never_ran else {}),
                  "importance": self.importance,
                  **({"magnitude_fallback": list(self.magnitude_fallback)} if self.magnitude_fallback else {})})
 

@@ -351,6 +351,10 @@ def _left_out_lines(meta: dict) -> List[str]:
     left_out = meta.get("left_out")
     if isinstance(left_out, dict) and left_out:
         lines.append("left dense: " + "; ".join(f"{reason} {len(names)}" for reason, names in left_out.items()))
+    never_ran = meta.get("never_ran")
+    if isinstance(never_ran, list) and never_ran:
+        lines.append(f"never ran as modules, dense: {len(never_ran)} ({', '.join(map(str, never_ran[:3]))}"
+                     f"{', ...' if len(never_ran) > 3 else ''})")
     excluded = meta.get("excluded")
     if isinstance(excluded, dict) and excluded:
         shown = "; ".join(f"{key}: {str(reason)[:60]}" for key, reason in list(excluded.items())[:3])
