@@ -246,3 +246,16 @@ AS_PUBLISHED = dict(prior="none", bn_recalibration=0, selection=0.0)
 """An agent's own algorithm as its paper has it: absolute amounts (no prior to act around), no
 BatchNorm re-estimation, the plan chosen on the data it searched. The learning tests measure the
 algorithms there; the defaults (prior, repair, held-out choice) have tests of their own."""
+
+
+# --------------------------------------------------------------------------- transformers from configs
+def tiny_bert(hidden: int = 32, positions: int = 16) -> nn.Module:
+    """A seeded BertForSequenceClassification (2 layers, 2 heads, 3 labels, vocabulary 100) built from
+    a config: nothing is downloaded. Skips the calling test without transformers."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=2 * hidden, vocab_size=100,
+                                     max_position_embeddings=positions, num_labels=3)
+    return seeded(transformers.BertForSequenceClassification, 0, config).eval()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import seeded
+from helpers import seeded, tiny_bert
 from torch_rlprune import rl_prune
 from torch_rlprune.calibration import build_calibration
 from torch_rlprune.channel import count_macs_params
@@ -247,11 +247,7 @@ def test_a_head_reshape_excludes_its_group_up_front_naming_the_line():
 
 
 def test_bert_from_a_config_compacts_exactly_what_the_search_planned():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                                     vocab_size=100, max_position_embeddings=32, num_labels=3)
-    torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(config).eval()
+    model = tiny_bert(hidden=64, positions=32)
     tokens = torch.randint(0, 100, (32, 8), generator=torch.Generator().manual_seed(0))
     with pytest.warns(UserWarning, match="attention.self.query:out \\(failed validation.*modeling_bert.py"):
         result = channel_prune(model, tokens)

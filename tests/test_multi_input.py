@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import ModelState, assert_budget_met, seeded
+from helpers import ModelState, assert_budget_met, seeded, tiny_bert
 from torch_rlprune import rl_prune
 from torch_rlprune.calibration import build_calibration
 from torch_rlprune.checkpoint import CheckpointError
@@ -240,11 +240,7 @@ def test_a_two_input_model_given_one_tensor_is_told_about_tuples_and_label():
 
 # --------------------------------------------------------------------------- transformers
 def test_bert_from_a_config_is_pruned_on_its_dict_batches():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                     vocab_size=100, max_position_embeddings=16, num_labels=3)
-    torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(config).eval()
+    model = tiny_bert(hidden=32, positions=16)
     reference = copy.deepcopy(model)
     data = [{"input_ids": IDS[i:i + 16] * 2, "attention_mask": MASK[i:i + 16].long(), "labels": Y[i:i + 16] % 3}
             for i in range(0, 64, 16)]

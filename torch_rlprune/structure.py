@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 __all__ = ["PRUNABLE_TYPES", "RECURRENT_TYPES", "PrunableTensor", "find_prunable", "trace_execution",
-           "recurrent_weight_names", "candidate_weights", "is_transposed_linear"]
+           "recurrent_weight_names", "candidate_weights", "is_transposed_linear", "is_row_layer"]
 
 PRUNABLE_TYPES: Tuple[type, ...] = (
     nn.Linear,
@@ -42,6 +42,12 @@ def is_transposed_linear(module: nn.Module) -> bool:
     weight = getattr(module, "weight_orig", getattr(module, "weight", None))
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, torch.Tensor) \
         and weight.dim() == 2
+
+
+def is_row_layer(module: nn.Module) -> bool:
+    """Linear-like (nn.Linear or transformers' Conv1D): its positions are the rows of its input,
+    whatever the layout."""
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
 
 
 def candidate_weights(module: nn.Module) -> List[str]:

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["alive_sizes", "attention_tokens", "multihead_attention_macs"]
+__all__ = ["alive_sizes", "attention_tokens", "attention_call_macs", "multihead_attention_macs"]
 
 
 def _effective(module: nn.Module, name: str) -> torch.Tensor:
@@ -50,6 +50,17 @@ def _projection_macs(attention: nn.MultiheadAttention, name: str, rows: Optional
                      count_zeros: bool) -> int:
     alive = alive_sizes(attention, name, count_zeros, rows)
     return tokens * alive[0] * alive[1]
+
+
+def attention_call_macs(attention: nn.MultiheadAttention, args, kwargs,
+                        count_zeros: bool = False) -> Optional[Tuple[int, int]]:
+    """``(samples, MACs)`` of one call seen by a ``with_kwargs`` forward hook (query and key may be
+    positional or keywords), or None when they are not tensors."""
+    query = args[0] if args else kwargs.get("query")
+    key = args[1] if len(args) > 1 else kwargs.get("key", query)
+    if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor)):
+        return None
+    return attention_tokens(attention, query)[0], multihead_attention_macs(attention, query, key, count_zeros)
 
 
 def multihead_attention_macs(attention: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor,

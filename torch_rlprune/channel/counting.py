@@ -11,7 +11,8 @@ input channels both reduce a layer's MACs: ``positions * kernel * alive_out * al
 Counted: Conv/Linear multiply-accumulates (every call; transformers' ``Conv1D`` too), LSTM/GRU/RNN
 weight matrices (once per time step), the score/value matmuls of timm ``Attention`` blocks
 (``2 * N^2 * head_dim * heads``) and everything ``nn.MultiheadAttention`` multiplies (its
-projections, ``2 * L * S * E`` for scores and values, and ``out_proj``, which runs inside it). Not counted: norms, activations, pooling, element-wise ops -- so totals are a few percent below
+projections, ``2 * L * S * E`` for scores and values, and ``out_proj``, which runs inside it).
+Not counted: norms, activations, pooling, element-wise ops -- so totals are a few percent below
 torch-pruning's op counter, which counts those too.
 """
 from __future__ import annotations
@@ -22,10 +23,10 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from ..structure import is_row_layer, is_transposed_linear
 from ._util import batch_size, clear_attention_caches, restore_training, run_model, training_flags
+from .alive import alive_sizes, attention_call_macs
 from .groups import countable_attention
-from ..structure import is_transposed_linear
-from .alive import alive_sizes, attention_tokens, multihead_attention_macs
 from .recurrent import recurrent_weight_names, samples, time_steps
 
 __all__ = ["count_macs_params", "alive_sizes"]
@@ -64,7 +65,7 @@ def count_macs_params(model: nn.Module, example_inputs, count_zeros: bool = Fals
         out = output if isinstance(output, torch.Tensor) else None
         alive = alive_sizes(module, "weight", count_zeros)
         kernel = int(math.prod(alive[2:])) if len(alive) > 2 else 1
-        if isinstance(module, nn.Linear) or is_transposed_linear(module):
+        if is_row_layer(module):
             ref = out if out is not None else x
             positions = int(math.prod(ref.shape[:-1])) if ref is not None else 1
         elif getattr(module, "transposed", False):
@@ -74,11 +75,10 @@ def count_macs_params(model: nn.Module, example_inputs, count_zeros: bool = Fals
         macs[0] += positions * kernel * alive[0] * alive[1]
 
     def attention_hook(module, args, kwargs, output):
-        query = args[0] if args else kwargs.get("query")
-        key = args[1] if len(args) > 1 else kwargs.get("key", query)
-        if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor):
-            recurrent_batches.append(attention_tokens(module, query)[0])   # time-major: the batch is dim 1
-            macs[0] += multihead_attention_macs(module, query, key, count_zeros)
+        call = attention_call_macs(module, args, kwargs, count_zeros)
+        if call is not None:
+            recurrent_batches.append(call[0])   # time-major: the batch is dim 1
+            macs[0] += call[1]
 
     for m in model.modules():
         if isinstance(m, nn.MultiheadAttention):

@@ -36,9 +36,9 @@ from torch import nn
 import torch_pruning as tp
 from torch_pruning import ops as tp_ops
 
+from ..structure import is_row_layer, is_transposed_linear
 from ._util import ChannelPruningError, ChannelTimeoutError, Deadline, batch_size, run_model, time_limit
-from ..structure import is_transposed_linear
-from .alive import attention_tokens, multihead_attention_macs
+from .alive import attention_call_macs
 from .norms import norm_kind
 from .recurrent import (RecurrentPruner, hidden_unit_tensors, input_column_tensors, samples, time_steps,
                         unsupported_reason)
@@ -466,7 +466,7 @@ def _trace_layers(model, example_inputs, attention: Dict[str, nn.Module]) -> Dic
                 tr.positions += time_steps(module, inputs[0] if inputs else None)
                 recurrent_batches.append(samples(module, inputs[0] if inputs else None))
                 return
-            if _is_row_layer(module):  # per-sample tokens: rows / batch, whatever the layout
+            if is_row_layer(module):  # per-sample tokens: rows / batch, whatever the layout
                 ref = out if out is not None else x
                 tr.rows += int(math.prod(ref.shape[:-1])) if ref is not None and ref.dim() > 1 else 1
             elif getattr(module, "transposed", False):
@@ -477,15 +477,14 @@ def _trace_layers(model, example_inputs, attention: Dict[str, nn.Module]) -> Dic
 
     def multihead_hook(tr: LayerTrace):
         def hook(module, args, kwargs, output):
-            query = args[0] if args else kwargs.get("query")
-            key = args[1] if len(args) > 1 else kwargs.get("key", query)
             if tr.first_call < 0:
                 tr.first_call = counter[0]
                 counter[0] += 1
             tr.calls += 1
-            if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor):
-                recurrent_batches.append(attention_tokens(module, query)[0])
-                tr.fixed_macs += multihead_attention_macs(module, query, key)
+            call = attention_call_macs(module, args, kwargs)
+            if call is not None:
+                recurrent_batches.append(call[0])
+                tr.fixed_macs += call[1]
         return hook
 
     for name, m in model.named_modules():
@@ -505,15 +504,10 @@ def _trace_layers(model, example_inputs, attention: Dict[str, nn.Module]) -> Dic
             h.remove()
     n = batch_size(example_inputs, recurrent_batches)
     for tr in traces.values():
-        if _is_row_layer(tr.module) and tr.calls:
+        if is_row_layer(tr.module) and tr.calls:
             tr.positions = max(tr.calls, tr.rows // n)
         tr.fixed_macs //= max(n, 1)
     return traces
-
-
-def _is_row_layer(module: nn.Module) -> bool:
-    """Linear-like: its positions are the rows of its input, whatever the layout."""
-    return isinstance(module, nn.Linear) or is_transposed_linear(module)
 
 
 def _tensor_size(module: nn.Module, tensor_name: str) -> Optional[torch.Size]:
