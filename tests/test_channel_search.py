@@ -79,10 +79,13 @@ def test_plan_round_trip_reproduces_the_masks(resnet, tmp_path):
     apply_plan(twin, PruningPlan.load(tmp_path / "plan.json"))  # input shape from the plan
     ours, theirs = resnet.state_dict(), twin.state_dict()
     assert ours.keys() == theirs.keys()
-    # the plan carries masks; BatchNorm statistics re-estimated for it (bn_recalibration) stay with the model
+    # the plan carries masks; BatchNorm statistics re-estimated for it (bn_recalibration) and the kept
+    # weights of the layers refitted after masking (repair="lstsq") stay with the model
+    refitted = {f"{name}.weight_orig" for name in result.plan.metadata["repair"]["refitted"]}
     weights = [k for k in ours if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-    assert any(k.endswith("weight_mask") for k in weights)
-    assert all(torch.equal(ours[k], theirs[k]) for k in weights)
+    assert any(k.endswith("weight_mask") for k in weights) and refitted and refitted < set(weights)
+    assert all(torch.equal(ours[k], theirs[k]) for k in weights if k not in refitted)
+    assert not any(torch.equal(ours[k], theirs[k]) for k in refitted)
 
 
 def test_masked_state_dict_loaded_into_a_fresh_model_compacts_the_same(resnet):
@@ -143,7 +146,9 @@ def test_channel_search_across_timm_architectures(name):
         compacted = model(x)
     assert compacted.shape == (4, 10)
     # relative: statistics re-estimated for the plan (bn_recalibration) can be small and amplify rounding
-    assert (masked - compacted).abs().max() <= 1e-4 * max(1.0, float(masked.abs().max()))
+    # (mobilenetv2_100 here: 0.7e-4 of the output's scale, 1.1e-4 with its refitted layers; a wrong
+    # channel would be of the order of the output itself)
+    assert (masked - compacted).abs().max() <= 3e-4 * max(1.0, float(masked.abs().max()))
     assert count_macs_params(model, x[:1])[0] == pytest.approx(masked_macs, rel=0.01)
     model.train()
     model(x).sum().backward()

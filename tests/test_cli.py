@@ -162,6 +162,8 @@ def test_apply_plan_to_a_fresh_model_gives_the_same_masks(channel_run, unstructu
         assert code == 0, stderr
         assert "applied" in stdout and str(target) in stdout
         assert "re-estimate them" in stderr   # the plan was scored with re-estimated BatchNorm statistics
+        # a channel search refits layers after masking (repair="lstsq"); a plan file carries no weights
+        assert ("LeastSquaresRefit" in stderr) == (out.name == "channel")
         applied, searched = masks_of(load_module(target)), masks_of(load_module(out / "model.pt"))
         assert applied.keys() == searched.keys()
         assert all(torch.equal(applied[k], searched[k]) for k in applied), out.name
@@ -291,6 +293,8 @@ def test_module_and_console_script_run_as_processes(tmp_path):
     (["--reward", "loss"], EXIT_USAGE, ["--reward", "fidelity, accuracy"]),
     (["--budget", "latency"], EXIT_USAGE, ["--budget", "params, macs", "unstructured"]),
     (["--compact"], EXIT_USAGE, ["--compact", "--structure channel"]),
+    (["--repair", "ls"], EXIT_USAGE, ["--repair", "lstsq, none", "'ls'"]),
+    (["--repair", "lstsq"], EXIT_USAGE, ["--repair lstsq", "--structure channel"]),
     (["--agent", "n2n"], EXIT_USAGE, ["--agent n2n", "--structure channel"]),
     (["--data", "no-such-dir"], EXIT_USAGE, ["--data", "fashion-mnist, mnist", "no-such-dir"]),
     (["--episodes", "0"], EXIT_USAGE, ["--episodes", "positive"]),

@@ -136,10 +136,10 @@ PRUNE_DEFAULTS: Dict[str, Any] = {
     "episodes": None, "seed": 0, "max_amount": None, "exclude": [], "data": "fashion-mnist", "data_root": "data",
     "in_chans": None, "image_size": None, "calibration": 512, "test_samples": 2000, "checkpoint": None,
     "train_steps": 0, "finetune_steps": 0, "compact": False, "checkpoint_every": 10, "distributed": False,
-    "prior": "best", "selection": 0.25, "importance": None, "protect_first_last": True,
+    "prior": "best", "selection": 0.25, "importance": None, "protect_first_last": True, "repair": None,
 }
 # Options added after run directories were first written: an older command.json takes their defaults.
-_LATER_OPTIONS = ("prior", "selection", "importance", "protect_first_last")
+_LATER_OPTIONS = ("prior", "selection", "importance", "protect_first_last", "repair")
 # What command.json must hold for each option: (types allowed, element type for lists).
 _PRUNE_TYPES: Dict[str, tuple] = {
     "target": (list, float), "structure": (str,), "agent": (str,), "budget": (str, type(None)), "reward": (str,),
@@ -148,6 +148,7 @@ _PRUNE_TYPES: Dict[str, tuple] = {
     "calibration": (int,), "test_samples": (int,), "checkpoint": (str, type(None)), "train_steps": (int,),
     "finetune_steps": (int,), "compact": (bool,), "checkpoint_every": (int,), "distributed": (bool,),
     "prior": (str,), "selection": (float,), "importance": (str, type(None)), "protect_first_last": (bool,),
+    "repair": (str, type(None)),
 }
 RESUME_ALLOWED = ("--quiet", "--debug")
 
@@ -259,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the calibration images held out to choose the result (default 0.25; 0: off)")
     g.add_argument("--importance", metavar="magnitude|activation", default=None,
                    help="which weights go inside a layer (unstructured; default magnitude)")
+    g.add_argument("--repair", metavar="lstsq|none", default=None,
+                   help="after a channel search, refit the layers that lost input channels by least squares "
+                        "(default lstsq for --structure channel; unstructured: none)")
     g.add_argument("--no-protect", dest="protect_first_last", action="store_const", const=False, default=None,
                    help="also prune the first layer and the classifier (unstructured; kept dense by default)")
     g.add_argument("--compact", action="store_true", default=None,
@@ -693,6 +697,13 @@ def _validate_prune(s: dict) -> None:
             raise _usage("--importance applies to --structure unstructured")
         if s["importance"] not in IMPORTANCES:
             raise _one_of("--importance", IMPORTANCES, s["importance"])
+    if s["repair"] is not None:
+        from .repair import REPAIRS
+
+        if s["repair"] not in REPAIRS:
+            raise _one_of("--repair", REPAIRS, s["repair"])
+        if s["repair"] == "lstsq" and s["structure"] != "channel":
+            raise _usage("--repair lstsq refits layers that lost whole input channels: it needs --structure channel")
     agent_cls = get_agent_class(s["agent"])
     if getattr(agent_cls, "needs_prior", False) and s["prior"] == "none":
         raise _usage(f"--agent {s['agent']} returns the prior's plan: it needs a --prior other than none")
@@ -916,7 +927,7 @@ def _run_prune(args, s: dict, model_spec: str, out: Path, console: _Console, lea
                   budget=s["budget"], structure=s["structure"], exclude=list(s["exclude"]) or None, seed=seed,
                   verbose=not console.quiet, calibration_samples=calibration, max_amount=s["max_amount"],
                   prior=s["prior"], selection=float(s["selection"]), importance=s["importance"],
-                  protect_first_last=s["protect_first_last"])
+                  protect_first_last=s["protect_first_last"], repair=s["repair"])
     state = out / SEARCH_CHECKPOINT
     kwargs.update(checkpoint=state, checkpoint_every=s["checkpoint_every"])
     if args.resume is not None:
@@ -1128,6 +1139,11 @@ def _cmd_apply(args) -> int:
         console.warn(f"the plan was scored with BatchNorm statistics re-estimated on {batches} calibration "
                      "batch(es); this model keeps its old ones: re-estimate them (torch_rlprune.recalibration."
                      "BatchNormRecalibration(model, batches)()) or fine-tune before measuring it")
+    repair = plan.metadata.get("repair") if isinstance(plan.metadata, dict) else None
+    if isinstance(repair, dict) and repair.get("refitted"):
+        console.warn(f"the search refitted {len(repair['refitted'])} layer(s) by least squares after masking; a plan "
+                     "holds no weights, so this model has its old ones: refit them (torch_rlprune.repair."
+                     "LeastSquaresRefit(model, batches), created before apply_plan, called after) or fine-tune")
     return EXIT_OK
 
 

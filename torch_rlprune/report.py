@@ -379,6 +379,14 @@ def _quality_lines(record: dict) -> List[str]:
                      f"{selection.get('samples')} samples the search never saw (search score "
                      f"{_num(selection.get('search_score'))}; best of {len(selection.get('candidates') or [])} "
                      f"plans, #{int(selection.get('chosen', 0)) + 1} by search score)")
+    repair = meta.get("repair")
+    if isinstance(repair, dict):
+        after = [f"{label} {_num(repair[key])}" for key, label in (("selection_score", "held-out"),
+                                                                   ("search_score", "search part"))
+                 if _is_number(repair.get(key))]
+        lines.append(f"least-squares refit of {len(repair.get('refitted') or [])} layers that lost input channels"
+                     + (f"; score after it: {', '.join(after)}" if after else "")
+                     + (f"; {len(repair['skipped'])} left as they were" if repair.get("skipped") else ""))
     return lines
 
 
