@@ -24,6 +24,9 @@ import torch
 from torch_rlprune import PruningPlan, list_agents, rl_prune
 from torch_rlprune.cli import EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_USAGE, main
 from torch_rlprune.report import format_summary, load_run
+from torch_rlprune.sparse_format import load_sparse
+
+from helpers import bits_equal
 
 MODEL = "test_resnet"
 QUICK = ["--episodes", "4", "--calibration", "64", "--test-samples", "200"]
@@ -100,6 +103,14 @@ def test_prune_writes_every_output_and_prints_the_summary(unstructured_run):
     assert (out / "summary.txt").read_text().strip() == table
     assert "untrained" in stderr  # no --checkpoint, --train-steps 0
     assert record["test_accuracy"]["before"] is not None and record["test_accuracy"]["after"] is not None
+    # the size gain of unstructured pruning: the weights the masked model computes with, bit for bit
+    assert "sparse format: " in stdout and "smaller" in stdout
+    masked = load_module(out / "model.pt")
+    computed = load_sparse(out / "model_sparse.pt")
+    assert not any(k.endswith(("_orig", "_mask")) for k in computed)
+    for name, module in masked.named_modules():
+        if hasattr(module, "weight_mask"):
+            assert bits_equal(computed[f"{name}.weight"], module.weight_orig * module.weight_mask), name
 
 
 def test_prune_prints_what_result_summary_prints(tmp_path, data_root, monkeypatch):

@@ -9,7 +9,9 @@ from .env import LayerwisePruningEnv
 from .methods import PolicyUnstructured, policy_unstructured
 from .plan import PlanError, PruningPlan, apply_plan
 from .priors import global_magnitude_unstructured, lamp_unstructured, uniform_unstructured
+from .repair import LeastSquaresRefit
 from .rewards import AccuracyReward, CallableReward, FidelityReward, Reward
+from .sparse_format import load_sparse, save_sparse
 
 __version__ = "0.1.0"
 
@@ -17,4 +19,4 @@ __all__ = ["rl_prune", "global_rl_unstructured", "compact", "PruneResult", "Prun
            "PolicyUnstructured", "policy_unstructured",
            "lamp_unstructured", "global_magnitude_unstructured", "uniform_unstructured", "LayerwisePruningEnv", "Agent", "register_agent",
            "create_agent", "list_agents", "Reward", "FidelityReward", "AccuracyReward", "CallableReward",
-           "__version__"]
+           "LeastSquaresRefit", "save_sparse", "load_sparse", "__version__"]

@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "  model.pt             the pruned model with its prune masks (torch.save(model))\n"
                     "  state_dict.pt        its state_dict (weight_orig/weight_mask; weights_only=True)\n"
                     "  model_compact.pt     with --compact: the channels physically removed\n"
+                    "  model_sparse.pt      unstructured: the weights as bitmask + values (load_sparse)\n"
                     "  summary.txt          the table printed on stdout\n"
                     "  run.json, report.md  the run record and its report, with PNG plots\n"
                     "  command.json         the options, for --resume\n"
@@ -945,7 +946,7 @@ def _run_prune(args, s: dict, model_spec: str, out: Path, console: _Console, lea
 
     # ---- outputs
     many = not isinstance(result, PruneResult)
-    records, texts, compacted = [], [], {}
+    records, texts, compacted, sparse = [], [], {}, {}
     for t in (list(result) if many else [None]):
         suffix = "" if t is None else f"_{t:g}"
         if t is None:
@@ -966,6 +967,10 @@ def _run_prune(args, s: dict, model_spec: str, out: Path, console: _Console, lea
                 acc["after_finetune"] = evaluate_accuracy(pruned, *test)
         torch.save(pruned, out / f"model{suffix}.pt")
         torch.save(pruned.state_dict(), out / f"state_dict{suffix}.pt")
+        if s["structure"] == "unstructured":  # the zeros' real gain: size (load_sparse gives them back)
+            from .sparse_format import save_sparse
+
+            sparse[out / f"model_sparse{suffix}.pt"] = save_sparse(pruned, out / f"model_sparse{suffix}.pt")
         record = _summarize(one, acc if test is not None else None)
         records.append(record)
         if s["compact"]:
@@ -997,6 +1002,10 @@ def _run_prune(args, s: dict, model_spec: str, out: Path, console: _Console, lea
               f"params {_count_text(info['params_dense'])} -> {_count_text(info['params_after'])}, "
               f"max |masked - compacted| output {_count_text(info['max_abs_diff'])} "
               f"-> {out / f'model_compact{_suffix(key)}.pt'}")
+    for path, sizes in sparse.items():
+        print(f"sparse format: {path} holds the weights in {sizes['file_bytes'] / 2 ** 20:.2f} MB against "
+              f"{sizes['dense_bytes'] / 2 ** 20:.2f} MB dense (x{sizes['dense_bytes'] / sizes['file_bytes']:.2f} "
+              "smaller; torch_rlprune.sparse_format.load_sparse gives them back bit for bit)")
     print(f"outputs in {out}")
     return EXIT_OK
 
