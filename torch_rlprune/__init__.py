@@ -5,6 +5,7 @@
 """
 from .agents import Agent, create_agent, list_agents, register_agent
 from .api import PruneResult, compact, global_rl_unstructured, rl_prune
+from .deploy import export
 from .env import LayerwisePruningEnv
 from .methods import PolicyUnstructured, policy_unstructured
 from .plan import PlanError, PruningPlan, apply_plan
@@ -19,4 +20,4 @@ __all__ = ["rl_prune", "global_rl_unstructured", "compact", "PruneResult", "Prun
            "PolicyUnstructured", "policy_unstructured",
            "lamp_unstructured", "global_magnitude_unstructured", "uniform_unstructured", "LayerwisePruningEnv", "Agent", "register_agent",
            "create_agent", "list_agents", "Reward", "FidelityReward", "AccuracyReward", "CallableReward",
-           "LeastSquaresRefit", "save_sparse", "load_sparse", "__version__"]
+           "LeastSquaresRefit", "save_sparse", "load_sparse", "export", "__version__"]
