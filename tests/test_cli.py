@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import hashlib
 import io
 import json
@@ -84,6 +85,7 @@ def unstructured_run(tmp_path_factory, data_root) -> tuple:
 def channel_run(tmp_path_factory, data_root, weights) -> tuple:
     out = tmp_path_factory.mktemp("runs") / "channel"
     code, stdout, stderr = run_cli("prune", MODEL, "--target", "0.5", "--structure", "channel", "--compact",
+                                   *(["--export", "onnx"] if importlib.util.find_spec("onnxruntime") else []),
                                    "--checkpoint", weights, "--data-root", data_root, "--out", out,
                                    "--finetune-steps", "2", "--quiet", *QUICK)
     assert code == 0, stderr
@@ -163,6 +165,10 @@ def test_prune_channel_compact_is_smaller_and_computes_the_same(channel_run, fmn
     assert abs(compacted["macs_after"] / compacted["macs_dense"] - 0.5) <= 0.02  # --target 0.5 of the MACs
     record = run["records"][0]
     assert set(record["test_accuracy"]) == {"before", "after", "after_finetune"}
+    if importlib.util.find_spec("onnxruntime"):  # --export onnx: written, checked, timed against the unpruned
+        _, stdout, _ = channel_run
+        assert (out / "model_compact.onnx").is_file()
+        assert f"exported {out / 'model_compact.onnx'} (onnxruntime" in stdout and "onnxruntime batch 1:" in stdout
 
 
 def test_apply_plan_to_a_fresh_model_gives_the_same_masks(channel_run, unstructured_run, weights, tmp_path):
@@ -305,6 +311,8 @@ def test_module_and_console_script_run_as_processes(tmp_path):
     (["--budget", "latency"], EXIT_USAGE, ["--budget", "params, macs", "unstructured"]),
     (["--compact"], EXIT_USAGE, ["--compact", "--structure channel"]),
     (["--repair", "ls"], EXIT_USAGE, ["--repair", "lstsq, none", "'ls'"]),
+    (["--structure", "channel", "--compact", "--export", "tflite"], EXIT_USAGE, ["--export", "onnx, pt2", "'tflite'"]),
+    (["--export", "onnx"], EXIT_USAGE, ["--export needs --compact"]),
     (["--repair", "lstsq"], EXIT_USAGE, ["--repair lstsq", "--structure channel"]),
     (["--agent", "n2n"], EXIT_USAGE, ["--agent n2n", "--structure channel"]),
     (["--data", "no-such-dir"], EXIT_USAGE, ["--data", "fashion-mnist, mnist", "no-such-dir"]),

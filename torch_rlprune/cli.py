@@ -137,9 +137,10 @@ PRUNE_DEFAULTS: Dict[str, Any] = {
     "in_chans": None, "image_size": None, "calibration": 512, "test_samples": 2000, "checkpoint": None,
     "train_steps": 0, "finetune_steps": 0, "compact": False, "checkpoint_every": 10, "distributed": False,
     "prior": "best", "selection": 0.25, "importance": None, "protect_first_last": True, "repair": None,
+    "export": None,
 }
 # Options added after run directories were first written: an older command.json takes their defaults.
-_LATER_OPTIONS = ("prior", "selection", "importance", "protect_first_last", "repair")
+_LATER_OPTIONS = ("prior", "selection", "importance", "protect_first_last", "repair", "export")
 # What command.json must hold for each option: (types allowed, element type for lists).
 _PRUNE_TYPES: Dict[str, tuple] = {
     "target": (list, float), "structure": (str,), "agent": (str,), "budget": (str, type(None)), "reward": (str,),
@@ -148,7 +149,7 @@ _PRUNE_TYPES: Dict[str, tuple] = {
     "calibration": (int,), "test_samples": (int,), "checkpoint": (str, type(None)), "train_steps": (int,),
     "finetune_steps": (int,), "compact": (bool,), "checkpoint_every": (int,), "distributed": (bool,),
     "prior": (str,), "selection": (float,), "importance": (str, type(None)), "protect_first_last": (bool,),
-    "repair": (str, type(None)),
+    "repair": (str, type(None)), "export": (str, type(None)),
 }
 RESUME_ALLOWED = ("--quiet", "--debug")
 
@@ -268,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also prune the first layer and the classifier (unstructured; kept dense by default)")
     g.add_argument("--compact", action="store_true", default=None,
                    help="also save model_compact.pt with the masked channels removed (--structure channel)")
+    g.add_argument("--export", metavar="onnx|pt2", default=None,
+                   help="with --compact: also write model_compact.onnx (or .pt2) for batch 1, checked against "
+                        "torch in its runtime; for onnx, print the onnxruntime speed-up over the unpruned model")
     g.add_argument("--distributed", action="store_true", default=None,
                    help="run under torchrun, the calibration set split over the processes (needs --out)")
     g = p.add_argument_group("model and data")
@@ -698,6 +702,14 @@ def _validate_prune(s: dict) -> None:
             raise _usage("--importance applies to --structure unstructured")
         if s["importance"] not in IMPORTANCES:
             raise _one_of("--importance", IMPORTANCES, s["importance"])
+    if s["export"] is not None:
+        from .deploy import EXPORT_FORMATS
+
+        if s["export"] not in EXPORT_FORMATS:
+            raise _one_of("--export", EXPORT_FORMATS, s["export"])
+        if not s["compact"]:
+            raise _usage("--export needs --compact (--structure channel): a masked model runs at dense speed; an "
+                         "unstructured model's gain is its size (model_sparse.pt)")
     if s["repair"] is not None:
         from .repair import REPAIRS
 
@@ -946,7 +958,7 @@ def _run_prune(args, s: dict, model_spec: str, out: Path, console: _Console, lea
 
     # ---- outputs
     many = not isinstance(result, PruneResult)
-    records, texts, compacted, sparse = [], [], {}, {}
+    records, texts, compacted, sparse, exported = [], [], {}, {}, {}
     for t in (list(result) if many else [None]):
         suffix = "" if t is None else f"_{t:g}"
         if t is None:
@@ -978,6 +990,10 @@ def _run_prune(args, s: dict, model_spec: str, out: Path, console: _Console, lea
 
             info = compact(pruned, one.example_inputs)
             torch.save(pruned, out / f"model_compact{suffix}.pt")
+            if s["export"] is not None:
+                exported[out / f"model_compact{suffix}.{s['export']}"] = _export_compacted(
+                    pruned, build, unpruned, one.example_inputs, out / f"model_compact{suffix}.{s['export']}",
+                    (record.get("macs") or {}).get("before"), info["macs_after"], console)
             # compact()'s "before" counts are mask-aware (equal to "after" when all went well): the
             # record's "before" is the dense architecture, what the compacted model is compared with.
             compacted[f"{t:g}" if t is not None else "plan"] = {
@@ -1002,6 +1018,13 @@ def _run_prune(args, s: dict, model_spec: str, out: Path, console: _Console, lea
               f"params {_count_text(info['params_dense'])} -> {_count_text(info['params_after'])}, "
               f"max |masked - compacted| output {_count_text(info['max_abs_diff'])} "
               f"-> {out / f'model_compact{_suffix(key)}.pt'}")
+    for path, report in exported.items():
+        line = f"exported {path} ({report['runtime']}, max |exported - torch| {report['max_abs_diff']:.3g})"
+        if "latency_ms" in report:
+            dense_ms, pruned_ms = report["latency_ms"]
+            line += (f"; onnxruntime batch 1: {dense_ms:.2f} ms unpruned -> {pruned_ms:.2f} ms (x{dense_ms / pruned_ms:.2f}, "
+                     f"MACs x{report['macs_ratio']:.2f})")
+        print(line)
     for path, sizes in sparse.items():
         print(f"sparse format: {path} holds the weights in {sizes['file_bytes'] / 2 ** 20:.2f} MB against "
               f"{sizes['dense_bytes'] / 2 ** 20:.2f} MB dense (x{sizes['dense_bytes'] / sizes['file_bytes']:.2f} "
@@ -1154,6 +1177,26 @@ def _cmd_apply(args) -> int:
                      "holds no weights, so this model has its old ones: refit them (torch_rlprune.repair."
                      "LeastSquaresRefit(model, batches), created before apply_plan, called after) or fine-tune")
     return EXIT_OK
+
+
+def _export_compacted(pruned, build, unpruned, example, path: Path, dense_macs, macs_after, console) -> dict:
+    """Export the compacted model (checked in its runtime); for ONNX also time it against the
+    unpruned model exported alike, batch 1, runs interleaved."""
+    import tempfile
+
+    from .deploy import export, onnx_latency_ms
+
+    one = example[:1]  # the file takes batch 1, the small-device case (shapes are fixed at export)
+    report = export(pruned, one, path)
+    if report["format"] == "onnx":
+        dense = build()
+        dense.load_state_dict(unpruned)
+        with tempfile.TemporaryDirectory() as tmp:
+            export(dense, one, Path(tmp) / "unpruned.onnx")
+            console.note("timing both ONNX models in onnxruntime (batch 1)")
+            report["latency_ms"] = onnx_latency_ms([Path(tmp) / "unpruned.onnx", path], one)
+        report["macs_ratio"] = dense_macs / max(1, macs_after) if dense_macs else float("nan")
+    return report
 
 
 # ----------------------------------------------------------------------------- compact

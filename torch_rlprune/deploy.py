@@ -20,6 +20,8 @@ import contextlib
 import importlib.util
 import io
 import os
+import statistics
+import time
 import warnings
 from pathlib import Path
 from typing import Dict, List, Sequence, Union
@@ -30,7 +32,7 @@ from torch import nn
 
 from .inputs import Inputs, run_model
 
-__all__ = ["EXPORT_FORMATS", "export", "ExportMismatchError", "onnx_session", "run_onnx"]
+__all__ = ["EXPORT_FORMATS", "export", "ExportMismatchError", "onnx_session", "run_onnx", "onnx_latency_ms"]
 
 EXPORT_FORMATS = ("onnx", "pt2")
 _SUFFIXES = {".onnx": "onnx", ".pt2": "pt2"}
@@ -93,6 +95,24 @@ def run_onnx(session, args: Sequence[torch.Tensor], kwargs: Dict[str, torch.Tens
     names = [i.name for i in session.get_inputs()]
     feed = dict(zip(names, (t.detach().cpu().numpy() for t in tensors)))
     return session.run(None, feed)
+
+
+def onnx_latency_ms(paths: Sequence[Union[str, os.PathLike]], example, repeats: int = 30,
+                    threads: int = None) -> List[float]:
+    """Median wall time (ms) of one run of each ONNX file on ``example`` in onnxruntime, the runs
+    interleaved so that a change of load hits every file alike (compare them as ratios)."""
+    args, kwargs = _split(example)
+    sessions = [onnx_session(p, threads) for p in paths]
+    for session in sessions:  # warm-up: first runs allocate
+        for _ in range(3):
+            run_onnx(session, args, kwargs)
+    times = [[] for _ in sessions]
+    for _ in range(int(repeats)):
+        for session, out in zip(sessions, times):
+            tick = time.perf_counter()
+            run_onnx(session, args, kwargs)
+            out.append(time.perf_counter() - tick)
+    return [1e3 * statistics.median(t) for t in times]
 
 
 def _export_onnx(model, args, kwargs, path: Path, dynamo: bool) -> None:
