@@ -4,8 +4,8 @@
 
 The 13 models of ``benchmarks/channel_models.py`` at the same input sizes: the best channel prior at 50% of
 the MACs (``rl_prune(agent="prior", structure="channel")``: the structure compacted is what matters here, not
-the plan's quality), ``compact``, then ``torch_rlprune.export`` to ONNX at batch 1 for the unpruned and the
-compacted model. Measured: the largest |onnxruntime - torch| output difference (export raises above 1e-4),
+the plan's quality), with any width per group and with ``round_to=8``, ``compact``, then
+``torch_rlprune.export`` to ONNX at batch 1 for the unpruned and both compacted models. Measured: the largest |onnxruntime - torch| output difference (export raises above 1e-4),
 the MACs ratio, and onnxruntime batch-1 latency of both files, runs interleaved (medians of 50 runs after 5;
 ratios are what to trust on a shared machine, the load average is recorded).
 """
@@ -36,42 +36,57 @@ TARGET = 0.5
 RUNS = 50
 
 
+ROUNDINGS = (None, 8)  # round_to: any width, or what remains of a group a multiple of 8
+
+
+def _pruned(name: str, x, round_to, path: Path) -> dict:
+    model, _ = build_model(name)
+    one = x[:1]
+    dense_macs = count_macs_params(model, one)[0]
+    rl_prune(model, TARGET, data=x, structure="channel", agent="prior", verbose=False, round_to=round_to)
+    compact(model, x[:2])
+    report = export(model, one, path)
+    return {"macs_ratio": dense_macs / count_macs_params(model, one)[0], "max_abs_diff": report["max_abs_diff"],
+            "mb": report["bytes"] / 2 ** 20}
+
+
 def measure(name: str, folder: Path) -> dict:
     started = time.perf_counter()
     model, size = build_model(name)
     x = images(32, size, seed=1)
-    one = x[:1]
-    dense_macs = count_macs_params(model, one)[0]
-    dense_path, pruned_path = folder / f"{name}_dense.onnx", folder / f"{name}_pruned.onnx"
-    dense_report = export(model, one, dense_path)
-    rl_prune(model, TARGET, data=x, structure="channel", agent="prior", verbose=False)
-    compact(model, x[:2])
-    pruned_macs = count_macs_params(model, one)[0]
-    pruned_report = export(model, one, pruned_path)
-    dense_ms, pruned_ms = onnx_latency_ms([dense_path, pruned_path], one, repeats=RUNS)
-    return {"model": name, "size": size, "macs_ratio": dense_macs / pruned_macs,
-            "max_abs_diff": max(dense_report["max_abs_diff"], pruned_report["max_abs_diff"]),
-            "dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms,
-            "dense_mb": dense_report["bytes"] / 2 ** 20, "pruned_mb": pruned_report["bytes"] / 2 ** 20,
-            "load_avg": round(os.getloadavg()[0], 2), "seconds": time.perf_counter() - started}
+    dense_path = folder / f"{name}_dense.onnx"
+    dense = export(model, x[:1], dense_path)
+    paths = {rt: folder / f"{name}_pruned_{rt}.onnx" for rt in ROUNDINGS}
+    pruned = {rt: _pruned(name, x, rt, path) for rt, path in paths.items()}
+    times = onnx_latency_ms([dense_path, *paths.values()], x[:1], repeats=RUNS)
+    row = {"model": name, "size": size, "dense_ms": times[0], "dense_mb": dense["bytes"] / 2 ** 20,
+           "max_abs_diff": max([dense["max_abs_diff"]] + [p["max_abs_diff"] for p in pruned.values()]),
+           "load_avg": round(os.getloadavg()[0], 2), "seconds": None}
+    for (rt, p), ms in zip(pruned.items(), times[1:]):
+        key = f"round_to_{rt}" if rt else "any_width"
+        row[key] = {**p, "ms": ms, "speedup": times[0] / ms}
+    row["seconds"] = time.perf_counter() - started
+    return row
 
 
 def to_markdown(rows, meta) -> str:
     ok = [r for r in rows if "error" not in r]
     lines = [f"Reproduce: `python benchmarks/export_models.py` ({meta['minutes']:.0f} min, {meta['threads']} threads, "
              f"onnxruntime {meta['onnxruntime']}). The best channel prior at 50% of the MACs, `compact`, then `export` "
-             "to ONNX at batch 1; max diff: onnxruntime against torch on the example (the export refuses above 1e-4); "
-             f"latency: onnxruntime batch 1, medians of {RUNS} interleaved runs (load average at the end of each "
-             f"row, a shared machine: read the ratios). **{len(ok)} of {len(rows)} exported and within 1e-4.**", "",
-             "| model | input | MACs ratio | max diff | ONNX MB (unpruned → pruned) | batch-1 ms (unpruned → pruned) "
-             "| speed-up | load |", "|---|---|---|---|---|---|---|---|"]
+             "to ONNX at batch 1, once with any width per group and once with `round_to=8`; max diff: onnxruntime "
+             "against torch on the example, worst of the three files (the export refuses above 1e-4); latency: "
+             f"onnxruntime batch 1, medians of {RUNS} interleaved runs (load average at the end of each row: on a "
+             f"shared machine read the ratios). **{len(ok)} of {len(rows)} exported and within 1e-4.**", "",
+             "| model | input | MACs ratio | max diff | unpruned ms | pruned, any width: ms (speed-up) "
+             "| pruned, round_to=8: ms (speed-up, MACs ratio) | load |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | — | — | — | — | failed: {r['error']} | — | — |")
             continue
-        lines.append(f"| {r['model']} | {r['size']}px | x{r['macs_ratio']:.2f} | {r['max_abs_diff']:.1e} | "
-                     f"{r['dense_mb']:.1f} → {r['pruned_mb']:.1f} | {r['dense_ms']:.2f} → {r['pruned_ms']:.2f} | "
-                     f"x{r['speedup']:.2f} | {r['load_avg']} |")
+        anyw, r8 = r["any_width"], r["round_to_8"]
+        lines.append(f"| {r['model']} | {r['size']}px | x{anyw['macs_ratio']:.2f} | {r['max_abs_diff']:.1e} | "
+                     f"{r['dense_ms']:.2f} | {anyw['ms']:.2f} (x{anyw['speedup']:.2f}) | "
+                     f"{r8['ms']:.2f} (x{r8['speedup']:.2f}, x{r8['macs_ratio']:.2f}) | {r['load_avg']} |")
     return "\n".join(lines) + "\n"
 
 
