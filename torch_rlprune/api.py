@@ -169,7 +169,7 @@ class MultiTargetResult(Mapping):
             apply_plan(model, result.plan)
             return self.latency.fraction_removed(result.plan.counts())
         if result.plan.structure == "channel":
-            from .channel import apply_channel_plan, count_macs_params
+            from .channel import count_macs_params
 
             dense = count_macs_params(model, result.example_inputs)
             apply_plan(model, result.plan, example_inputs=result.example_inputs)
