@@ -1,6 +1,7 @@
 """Compacted channel-pruned models exported to ONNX and run in onnxruntime: equality and batch-1 speed.
 
-    python benchmarks/export_models.py      # ~10 min on 2 cores; writes benchmarks/results/export_models.{json,md}
+    python benchmarks/export_models.py          # ~10 min on 2 cores; writes benchmarks/results/export_models.{json,md}
+    python benchmarks/export_models.py --quick  # two models
 
 The 13 models of ``benchmarks/channel_models.py`` at the same input sizes: the best channel prior at 50% of
 the MACs (``rl_prune(agent="prior", structure="channel")``: the structure compacted is what matters here, not
@@ -27,10 +28,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 from channel_models import MODELS, build_model, images  # noqa: E402
+from study import study_main  # noqa: E402
 from torch_rlprune import compact, export, rl_prune  # noqa: E402
 from torch_rlprune.channel import count_macs_params  # noqa: E402
 from torch_rlprune.deploy import onnx_latency_ms  # noqa: E402
-from torch_rlprune.report import write_marked_section  # noqa: E402
 
 TARGET = 0.5
 RUNS = 50
@@ -69,9 +70,10 @@ def measure(name: str, folder: Path) -> dict:
     return row
 
 
-def to_markdown(rows, meta) -> str:
+def to_markdown(report: dict, command: str) -> str:
+    rows, meta = report["rows"], report["meta"]
     ok = [r for r in rows if "error" not in r]
-    lines = [f"Reproduce: `python benchmarks/export_models.py` ({meta['minutes']:.0f} min, {meta['threads']} threads, "
+    lines = [f"Reproduce: `{command}` ({meta['minutes']:.0f} min, {meta['threads']} threads, "
              f"onnxruntime {meta['onnxruntime']}). The best channel prior at 50% of the MACs, `compact`, then `export` "
              "to ONNX at batch 1, once with any width per group and once with `round_to=8`; max diff: onnxruntime "
              "against torch on the example, worst of the three files (the export refuses above 1e-4); latency: "
@@ -90,13 +92,13 @@ def to_markdown(rows, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> list:
+def run(quick: bool) -> dict:
     import onnxruntime
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     started, rows = time.perf_counter(), []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in MODELS:
+        for name in MODELS[:2] if quick else MODELS:
             try:
                 rows.append(measure(name, Path(tmp)))
             except Exception as error:  # noqa: BLE001 - a failure is a row of the table, not the end of the run
@@ -105,16 +107,8 @@ def main() -> list:
             print(json.dumps(rows[-1]), flush=True)
     meta = {"minutes": (time.perf_counter() - started) / 60, "threads": torch.get_num_threads(),
             "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "python": platform.python_version()}
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / "export_models.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    markdown = to_markdown(rows, meta)
-    (out / "export_models.md").write_text(markdown)
-    print(markdown)
-    if write_marked_section(ROOT / "README.md", "export_models", markdown):
-        print("README.md updated")
-    return rows
+    return {"meta": meta, "rows": rows}
 
 
 if __name__ == "__main__":
-    main()
+    study_main("export_models", __doc__.splitlines()[0], run, to_markdown)

@@ -1,6 +1,7 @@
 """Size on disk of unstructured-pruned models in the bitmask + values format (torch_rlprune.sparse_format).
 
     python benchmarks/sparse_size.py          # seconds; writes benchmarks/results/sparse_size.{json,md}
+    python benchmarks/sparse_size.py --quick  # one model
 
 For each model and sparsity: LAMP over every Conv/Linear weight (rl_prune's tensors; the layout
 of the zeros is what matters for size, and any plan at the same sparsity stores alike), then
@@ -24,8 +25,9 @@ from torch.nn.utils import prune
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+from study import study_main  # noqa: E402
 from torch_rlprune.priors import lamp_unstructured  # noqa: E402
-from torch_rlprune.report import write_marked_section  # noqa: E402
 from torch_rlprune.sparse_format import load_sparse, save_sparse  # noqa: E402
 from torch_rlprune.structure import find_prunable  # noqa: E402
 
@@ -72,36 +74,28 @@ def measure(name: str, sparsity: float, folder: Path) -> dict:
             "tensors": sizes["tensors"], "bit_identical": identical}
 
 
-def to_markdown(rows) -> str:
-    lines = ["Reproduce: `python benchmarks/sparse_size.py`. LAMP over every Conv/Linear weight, then "
+def to_markdown(report: dict, command: str) -> str:
+    lines = [f"Reproduce: `{command}`. LAMP over every Conv/Linear weight, then "
              "`save_sparse` (bitmask of the nonzero entries + their values + the signs of the zeros) against "
              "`torch.save` of the same weights dense; 'loads back': `load_sparse` equal to the dense state_dict bit "
              "for bit.", "",
              "| model | weights removed | dense file | sparse file | smaller | loads back |", "|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in report["rows"]:
         lines.append(f"| {r['model']} | {r['sparsity']:.0%} | {r['dense_file_bytes'] / 2 ** 20:.2f} MB | "
                      f"{r['sparse_file_bytes'] / 2 ** 20:.2f} MB | x{r['ratio']:.2f} | "
                      f"{'bit-identical' if r['bit_identical'] else 'DIFFERENT'} |")
     return "\n".join(lines) + "\n"
 
 
-def main() -> list:
+def run(quick: bool) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in MODELS:
+        for name in list(MODELS)[:1] if quick else MODELS:
             for sparsity in SPARSITIES:
                 rows.append(measure(name, sparsity, Path(tmp)))
                 print(json.dumps(rows[-1]), flush=True)
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / "sparse_size.json").write_text(json.dumps(rows, indent=1))
-    markdown = to_markdown(rows)
-    (out / "sparse_size.md").write_text(markdown)
-    print(markdown)
-    if write_marked_section(ROOT / "README.md", "sparse_size", markdown):
-        print("README.md updated")
-    return rows
+    return {"rows": rows}
 
 
 if __name__ == "__main__":
-    main()
+    study_main("sparse_size", __doc__.splitlines()[0], run, to_markdown)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .channel._util import restore_training, training_flags
 from .inputs import Inputs, run_model
 
 __all__ = ["EXPORT_FORMATS", "export", "ExportMismatchError", "onnx_session", "run_onnx", "onnx_latency_ms"]
@@ -165,7 +166,7 @@ def export(model: nn.Module, example_inputs, path: Union[str, os.PathLike], form
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
         raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
     args, kwargs = _split(example_inputs)
-    flags = {m: m.training for m in model.modules()}
+    flags = training_flags(model)
     model.eval()
     try:
         expected = _outputs(run_model(model, example_inputs))
@@ -180,8 +181,7 @@ def export(model: nn.Module, example_inputs, path: Union[str, os.PathLike], form
             got = [t.detach().cpu().numpy() for t in _outputs(torch.export.load(str(path)).module()(*args, **kwargs))]
             runtime = f"torch.export {torch.__version__}"
     finally:
-        for m, flag in flags.items():
-            m.training = flag
+        restore_training(flags)
     diff = _compare(expected, got)
     report = {"path": str(path), "format": fmt, "bytes": path.stat().st_size, "max_abs_diff": diff, "runtime": runtime}
     if not diff <= tolerance:

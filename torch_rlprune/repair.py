@@ -24,6 +24,7 @@ re-estimated statistics): 86.6 / 87.2 / 87.2 / 86.1%.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .channel._util import restore_training, training_flags
 from .inputs import run_model
 
 __all__ = ["REPAIRS", "LeastSquaresRefit", "RefitReport"]
@@ -128,36 +130,40 @@ class LeastSquaresRefit:
         self.ridge, self.positions, self.seed = float(ridge), int(positions), int(seed)
         self.reference_masks = {(m, name): buf.clone() for m in model.modules()
                                 for name, buf in m._buffers.items() if name.endswith("_mask") and buf is not None}
-        self.saved: Dict[nn.Module, torch.Tensor] = {}
+        self.saved: Dict[nn.Module, torch.Tensor] = {}  # refitted layer -> its weight_orig before the refit
+        self._ones: Dict[Tuple[nn.Module, str], torch.Tensor] = {}  # reference of masks the plan added
 
     # ------------------------------------------------------------------ the reference model
-    def _swap_masks(self, masks: Dict[Tuple[nn.Module, str], torch.Tensor]) -> Dict:
-        """Write ``masks`` (ones where absent) into every mask buffer; returns what was there."""
-        previous = {}
+    @contextlib.contextmanager
+    def _reference_model(self):
+        """The model as it was before the plan: every mask buffer gets its recorded value (ones
+        where the plan added the mask) and every refitted weight its old values. Tensor data is
+        exchanged, not copied, and exchanged back on exit."""
+        pairs = {}  # by tensor: a mask held by several modules is exchanged once
         for m in self.model.modules():
             for name, buf in m._buffers.items():
-                if name.endswith("_mask") and buf is not None:
-                    previous[(m, name)] = buf.clone()
-                    buf.copy_(masks.get((m, name), torch.ones_like(buf)))
-        return previous
+                if name.endswith("_mask") and buf is not None and id(buf) not in pairs:
+                    reference = self.reference_masks.get((m, name))
+                    if reference is None:
+                        reference = self._ones.setdefault((m, name), torch.ones_like(buf))
+                    pairs[id(buf)] = (buf, reference)
+        pairs.update({id(m.weight_orig): (m.weight_orig, old) for m, old in self.saved.items()})
+        for live, reference in pairs.values():
+            live.data, reference.data = reference.data, live.data
+        try:
+            yield
+        finally:
+            for live, reference in pairs.values():
+                live.data, reference.data = reference.data, live.data
 
     def _reference_outputs(self, module: nn.Module, picks: List[torch.Tensor]) -> List[torch.Tensor]:
-        """The layer's output (minus its bias) at the picked rows, in the model as it was before
-        the plan: the recorded masks put back and the refitted weights' old values swapped in."""
-        refitted = {m: m.weight_orig.detach().clone() for m in self.saved}
-        previous = self._swap_masks(self.reference_masks)
-        try:
-            for m, old in self.saved.items():
-                m.weight_orig.data.copy_(old)
+        """The layer's output (minus its bias) at the picked rows, in the model as it was before the plan."""
+        def reduce(output, batch):
+            rows = _out_rows(module, output)[:, picks[batch]] - self._bias(module)
+            return rows.flatten(0, 1).double()
 
-            def reduce(output, batch):
-                rows = _out_rows(module, output)[:, picks[batch]] - self._bias(module)
-                return rows.flatten(0, 1).double()
+        with self._reference_model():
             return self._capture(module, "output", reduce)
-        finally:
-            for m, new in refitted.items():
-                m.weight_orig.data.copy_(new)
-            self._swap_masks(previous)
 
     @staticmethod
     def _bias(module: nn.Module):
@@ -244,7 +250,7 @@ class LeastSquaresRefit:
         """Refit every layer that lost input channels; returns what was refitted and skipped."""
         tick, report = time.perf_counter(), RefitReport()
         names = {m: n for n, m in self.model.named_modules()}
-        training = {m: m.training for m in self.model.modules()}
+        flags = training_flags(self.model)
         self.model.eval()
         try:
             for index, (module, calls) in enumerate(self._called_once().items()):
@@ -259,8 +265,7 @@ class LeastSquaresRefit:
             self.restore()
             raise
         finally:
-            for m, flag in training.items():
-                m.training = flag
+            restore_training(flags)
         report.seconds = time.perf_counter() - tick
         return report
 
