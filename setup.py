@@ -30,6 +30,8 @@ setup(
                  "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         # export to a deployment runtime (torch_rlprune.export): ONNX files run and checked in onnxruntime
         "deploy": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
+        # ExecuTorch .pte files (export(format="pte")): heavy (coremltools, scipy, pandas...), so on its own
+        "executorch": ["executorch>=1.5"],
         "gym": ["gymnasium>=0.29"],
         "transformers": ["transformers>=4.40"],
     },

@@ -171,6 +171,20 @@ def test_prune_channel_compact_is_smaller_and_computes_the_same(channel_run, fmn
         assert f"exported {out / 'model_compact.onnx'} (onnxruntime" in stdout and "onnxruntime batch 1:" in stdout
 
 
+def test_prune_with_a_latency_budget_measures_it_on_the_runtime_asked_for(tmp_path, data_root, weights):
+    out = tmp_path / "latency"
+    code, stdout, stderr = run_cli("prune", MODEL, "--target", "0.2", "--structure", "channel", "--budget", "latency",
+                                   "--latency-batch", "2", "--latency-threads", "1", "--checkpoint", weights,
+                                   "--data-root", data_root, "--out", out, "--quiet", "--agent", "random", *QUICK)
+    assert code == 0, stderr
+    assert "measured after compact on eager" in stdout and "batch 2, 1 threads" in stdout
+    measured = json.loads((out / "plan.json").read_text())["metadata"]["latency"]["measured"]
+    assert measured["spec"] == {"batch": 2, "threads": 1, "runtime": "eager", "tolerance": 0.02, "rounds": 4,
+                                "repeats": 10, "blocks": 3}
+    command = json.loads((out / "command.json").read_text())
+    assert json.dumps(command).count('"latency_batch": 2') == 1
+
+
 def test_apply_plan_to_a_fresh_model_gives_the_same_masks(channel_run, unstructured_run, weights, tmp_path):
     for (out, _, _), extra in ((channel_run, ["--checkpoint", weights]), (unstructured_run, [])):
         target = tmp_path / f"{out.name}_applied.pt"
@@ -311,11 +325,16 @@ def test_module_and_console_script_run_as_processes(tmp_path):
     (["--budget", "latency"], EXIT_USAGE, ["--budget", "params, macs", "unstructured"]),
     (["--compact"], EXIT_USAGE, ["--compact", "--structure channel"]),
     (["--repair", "ls"], EXIT_USAGE, ["--repair", "lstsq, none", "'ls'"]),
-    (["--structure", "channel", "--compact", "--export", "tflite"], EXIT_USAGE, ["--export", "onnx, pt2", "'tflite'"]),
+    (["--structure", "channel", "--compact", "--export", "tflite"], EXIT_USAGE, ["--export", "onnx, pt2, pte", "'tflite'"]),
     (["--export", "onnx"], EXIT_USAGE, ["--export needs --compact"]),
     (["--repair", "lstsq"], EXIT_USAGE, ["--repair lstsq", "--structure channel"]),
     (["--agent", "n2n"], EXIT_USAGE, ["--agent n2n", "--structure channel"]),
     (["--data", "no-such-dir"], EXIT_USAGE, ["--data", "fashion-mnist, mnist", "no-such-dir"]),
+    (["--latency-batch", "4"], EXIT_USAGE, ["--latency-batch", "--budget latency"]),
+    (["--structure", "channel", "--budget", "latency", "--latency-runtime", "tflite"], EXIT_USAGE,
+     ["--latency-runtime", "eager, onnxruntime", "'tflite'"]),
+    (["--structure", "channel", "--budget", "latency", "--latency-threads", "0"], EXIT_USAGE,
+     ["--latency-threads", "positive"]),
     (["--episodes", "0"], EXIT_USAGE, ["--episodes", "positive"]),
     (["--episodes", "abc"], EXIT_USAGE, ["--episodes", "abc"]),  # argparse's own
 ])

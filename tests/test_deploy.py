@@ -1,4 +1,6 @@
-"""Export of pruned models to ONNX (run in onnxruntime) and torch.export, verified against torch."""
+"""Export of pruned models to ONNX (run in onnxruntime), torch.export and ExecuTorch, verified against torch."""
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
@@ -43,20 +45,26 @@ def channel_pruned(name):
 @pytest.mark.parametrize("fmt", EXPORT_FORMATS)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_a_compacted_model_exports_and_computes_the_same_in_its_runtime(name, fmt, tmp_path):
+    if fmt == "pte" and importlib.util.find_spec("executorch") is None:
+        pytest.skip("ExecuTorch export needs the executorch extra (installed by .ci/run)")
     model, x = channel_pruned(name)
     with torch.no_grad():
         expected = model(x)
     report = export(model, x, tmp_path / f"model.{fmt}")
     assert report["format"] == fmt and report["bytes"] == (tmp_path / f"model.{fmt}").stat().st_size > 0
     assert report["max_abs_diff"] <= 1e-4
-    assert report["runtime"].startswith("onnxruntime" if fmt == "onnx" else "torch.export")
+    assert report["runtime"].startswith({"onnx": "onnxruntime", "pt2": "torch.export", "pte": "executorch"}[fmt])
     if fmt == "pt2":  # the file alone gives the model back
         loaded = torch.export.load(str(tmp_path / "model.pt2")).module()
         assert torch.allclose(loaded(x), expected, atol=1e-5)
-    else:
+    elif fmt == "onnx":
         from torch_rlprune.deploy import onnx_session, run_onnx
         out = run_onnx(onnx_session(tmp_path / "model.onnx"), (x,), {})[0]
         assert torch.allclose(torch.from_numpy(out), expected, atol=1e-4)
+    else:  # the file alone, in the ExecuTorch runtime
+        from executorch.runtime import Runtime
+        out = Runtime.get().load_program(str(tmp_path / "model.pte")).load_method("forward").execute([x])[0]
+        assert torch.allclose(out, expected, atol=1e-4)
 
 
 def test_an_unstructured_model_exports_once_its_masks_are_removed(tmp_path):
@@ -69,7 +77,7 @@ def test_an_unstructured_model_exports_once_its_masks_are_removed(tmp_path):
     assert export(model, x, tmp_path / "model.onnx", dynamo=False)["max_abs_diff"] <= 1e-4
 
 
-@pytest.mark.parametrize("path, fmt, words", [("model.tflite", None, "suffix"), ("model.onnx", "pte", "'pte'")])
+@pytest.mark.parametrize("path, fmt, words", [("model.tflite", None, "suffix"), ("model.onnx", "tflite", "'tflite'")])
 def test_an_unknown_format_is_refused_naming_the_formats(tmp_path, path, fmt, words):
     with pytest.raises(ValueError, match=words):
         export(seeded(fmnist_cnn), inputs((2, 1, 28, 28)), tmp_path / path, format=fmt)

@@ -125,3 +125,33 @@ def test_distributed_needs_torchrun_and_a_splittable_reward(small_cnn_model, cnn
     with pytest.raises(TypeError, match="distributed must be True or False"):
         rl_prune(small_cnn_model, target=0.5, data=cnn_batch, distributed="yes", verbose=False)
     assert all(torch.equal(v, before[k]) for k, v in small_cnn_model.state_dict().items())
+
+
+LATENCY_SCRIPT = textwrap.dedent("""
+    import json, os, sys, warnings, torch
+    from torch import nn
+    from torch_rlprune import rl_prune
+    rank = int(os.environ["RANK"])
+    os.environ["TORCH_RLPRUNE_CACHE"] = "cache"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 64, 3), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 128, 3), nn.ReLU(),
+                          nn.Conv2d(128, 128, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+    x = torch.randn(64, 1, 24, 24, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = rl_prune(model, target=0.2, data=x, structure="channel", budget="latency", agent="random",
+                          episodes=4, verbose=False, distributed=True)
+    with open(f"rank{rank}.json", "w") as f:
+        json.dump({"counts": result.plan.counts(), "measured": "measured" in result.plan.metadata["latency"],
+                   "warned": any("torch.distributed" in str(w.message) for w in caught)}, f)
+""")
+
+
+def test_a_latency_budget_under_torchrun_is_the_same_uncalibrated_prediction_on_every_rank(tmp_path):
+    script = tmp_path / "latency_job.py"
+    script.write_text(LATENCY_SCRIPT)
+    run = _torchrun([script], tmp_path, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["counts"] == ranks[1]["counts"] and ranks[0]["counts"]  # the leader's plan on every rank
+    assert all(r["warned"] and not r["measured"] for r in ranks)

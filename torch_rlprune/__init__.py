@@ -5,6 +5,7 @@
 """
 from .agents import Agent, create_agent, list_agents, register_agent
 from .api import PruneResult, compact, global_rl_unstructured, rl_prune
+from .channel.measured import Latency
 from .deploy import export
 from .env import LayerwisePruningEnv
 from .methods import PolicyUnstructured, policy_unstructured
@@ -20,4 +21,4 @@ __all__ = ["rl_prune", "global_rl_unstructured", "compact", "PruneResult", "Prun
            "PolicyUnstructured", "policy_unstructured",
            "lamp_unstructured", "global_magnitude_unstructured", "uniform_unstructured", "LayerwisePruningEnv", "Agent", "register_agent",
            "create_agent", "list_agents", "Reward", "FidelityReward", "AccuracyReward", "CallableReward",
-           "LeastSquaresRefit", "save_sparse", "load_sparse", "export", "__version__"]
+           "LeastSquaresRefit", "Latency", "save_sparse", "load_sparse", "export", "__version__"]

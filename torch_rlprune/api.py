@@ -17,13 +17,15 @@ from tqdm.auto import tqdm
 
 from .agents import Agent, get_agent_class, list_agents
 from .calibration import build_calibration, check_label, primary_output
+from .channel.measured import (CalibratedLatency, CompactedTimer, Latency, MeasuredCalibration, calibrate_before_search,
+                               close_on_measurement, latency_spec, measurement_cache_path)
 from .checkpoint import SearchRecorder, check_checkpoint_path, load_checkpoint
 from .distributed import (DistributedSearch, SplittableReward, all_ranks_succeed, check_same_calibration,
                           distributed_context, shard)
 from .env import LayerwisePruningEnv, check_budget
 from .importance import IMPORTANCES, activation_scores
 from .inputs import as_example, batch_tensors, describe_shape, run_model
-from .threads import agent_threads, one_search_at_a_time
+from .threads import agent_threads, intra_op_threads, one_search_at_a_time
 from .masking import InPlaceMask
 from .plan import PruningPlan, apply_plan
 from .priors import PRIORS, sorted_lamp_scores, threshold_allocation, uniform_allocation
@@ -48,7 +50,8 @@ class PruneResult:
         model: the same module object that was passed in, now pruned in place.
         plan: the :class:`PruningPlan` that was applied.
         sparsity: achieved fraction of the budget's cost removed, read back from the masks
-            (``budget="latency"``: the latency table's prediction for the plan applied).
+            (``budget="latency"``: the fraction of latency removed as measured after compact on
+            the runtime, ``plan.metadata["latency"]["measured"]``).
         history: one dict per episode: reward, score, sparsity, best_reward, phase, seconds, target,
             violation, evaluations (plans scored so far) and amounts (the fraction of each step removed).
         baseline_score: the unpruned model's score under the same reward.
@@ -165,7 +168,7 @@ class MultiTargetResult(Mapping):
         return achieved
 
     def _apply(self, model: nn.Module, result: PruneResult) -> float:
-        if result.plan.budget == "latency":  # predicted, as during the search: timing it would be noise
+        if result.plan.budget == "latency":  # the calibrated prediction, as during the search
             apply_plan(model, result.plan)
             return self.latency.fraction_removed(result.plan.counts())
         if result.plan.structure == "channel":
@@ -292,8 +295,6 @@ DEFAULT_MAX_AMOUNT = {"unstructured": 0.98, "channel": 0.8}
 DEFAULT_BN_RECALIBRATION = {"unstructured": 4, "channel": 4}
 DEFAULT_REPAIR = {"unstructured": "none", "channel": "lstsq"}
 LATENCY_ROUND_TO = 8   # channel widths a latency search leaves (see rl_prune's round_to)
-# AMC's latency-aware mode budgets the latency of one sample (batch 1), as on a device at inference.
-LATENCY_BATCH = 1
 
 
 PROTECT_MAX_SHARE = 0.1
@@ -401,14 +402,19 @@ def _warn_groups_kept_whole(excluded) -> None:
 class _ChannelSpace:
     """Steps are torch-pruning dependency groups of a :class:`ChannelStructure`; with
     ``budget="latency"`` their cost is a :class:`~torch_rlprune.channel.latency.LatencyTable`
-    timed at batch :data:`LATENCY_BATCH`."""
+    timed at the :class:`Latency` spec's batch and threads and calibrated on measured compacted
+    candidates (:mod:`~torch_rlprune.channel.measured`)."""
 
-    def __init__(self, model, example, run_first_batch, exclude, importance, round_to, budget, max_amount):
+    def __init__(self, model, example, run_first_batch, exclude, importance, round_to, budget, max_amount,
+                 latency: Optional[Latency] = None):
         from .channel import ChannelStructure, count_macs_params
-        from .channel.latency import LatencyTable
-        from .channel_steps import ChannelBudget, GroupMask, LatencyBudget, group_descriptors, trace_descriptors
+        from .channel_steps import ChannelBudget, GroupMask, group_descriptors, trace_descriptors
 
         self.model, self.example, self.budget = model, example, budget
+        self.latency_spec = (latency or Latency()) if budget == "latency" else None
+        # the timing copy is made before the structure hooks or masks anything
+        self.timer = (CompactedTimer(model, example, self.latency_spec, structure_kwargs={
+            "exclude": exclude, "round_to": round_to}) if self.latency_spec is not None else None)
         self.structure = ChannelStructure(model, example, importance=importance, exclude=exclude,
                                           round_to=round_to)
         if not self.structure.groups:
@@ -419,13 +425,27 @@ class _ChannelSpace:
         trace_descriptors(model, self.steps, run_first_batch)
         self.masks = [GroupMask(self.structure, i) for i in range(len(self.structure.groups))]
         self.latency = None
-        if budget == "latency":
-            self.latency = LatencyTable(self.structure, example, batch=LATENCY_BATCH)
-            self.cost = LatencyBudget(self.structure, self.latency, max_amount)
+        if self.latency_spec is not None:
+            self._latency_budget(max_amount)
         else:
             self.cost = ChannelBudget(self.structure, budget, max_amount)
         self._count = count_macs_params
         self.dense = count_macs_params(model, example)
+
+    def _latency_budget(self, max_amount: float) -> None:
+        """The latency table timed at the spec's batch and threads, calibrated on measured compacted
+        candidates (:mod:`~torch_rlprune.channel.measured`), as the budget."""
+        from .channel.latency import LatencyTable
+        from .channel_steps import LatencyBudget
+
+        spec, self.cost_max_amount = self.latency_spec, max_amount
+        with intra_op_threads(spec.thread_count):
+            table = LatencyTable(self.structure, self.example, batch=spec.batch)
+        self.timer.example = table.example
+        self.timer.cache_path = measurement_cache_path(table, spec)
+        self.timer.load_cache()
+        self.latency = CalibratedLatency(table, MeasuredCalibration())
+        self.cost = LatencyBudget(self.structure, self.latency, max_amount)
 
     def plan_entries(self, k):
         groups = self.structure.groups
@@ -434,7 +454,8 @@ class _ChannelSpace:
                     "excluded": {e.key: e.reason for e in self.structure.excluded},
                     "dense": {"macs": int(self.dense[0]), "params": int(self.dense[1])}}
         if self.latency is not None:
-            metadata["latency"] = {**self.latency.summary(), "planned_ms": self.latency.latency(k) * 1e3}
+            # the table's own prediction; the calibrated one and the measurements are beside it
+            metadata["latency"] = {**self.latency.summary(), "planned_ms": self.latency.table.latency(k) * 1e3}
         return ({g.key: int(kk) / g.num_units for g, kk in zip(groups, k)},
                 {g.key: g.num_units for g in groups}, metadata)
 
@@ -457,7 +478,7 @@ class _ChannelSpace:
         from .channel import apply_channel_plan
 
         apply_channel_plan(self.model, plan.counts(), structure=self.structure)
-        if self.latency is not None:  # predicted, as during the search: timing it would be noise
+        if self.latency is not None:  # calibrated on measurements (the returned plan's own, see close_on_measurement)
             return self.latency.fraction_removed(plan.counts())
         which = 0 if self.budget == "macs" else 1
         return 1.0 - self._count(self.model, self.example)[which] / self.dense[which]
@@ -517,7 +538,8 @@ class _PreparedSearch:
 def _prepare_search(model, layers, targets, data, reward, budget, structure, exclude, example_inputs, seed,
                     calibration_samples, max_amount, importance_scores, importance, round_to, bn_recalibration,
                     max_drop, depth: bool = False, distributed=None,
-                    quality: Optional[SearchQuality] = None, label=None) -> _PreparedSearch:
+                    quality: Optional[SearchQuality] = None, label=None,
+                    latency: Optional[Latency] = None) -> _PreparedSearch:
     """Calibration data, the search space (weights or channel groups), the reward and the MDP,
     every target checked for feasibility. Masks are touched only from here on: the caller holds
     a :class:`ModelSnapshot`."""
@@ -545,7 +567,8 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
         else:
             run_first_batch()
             example = as_example(calibration.inputs[0][:2])  # a tuple/dict for a model taking several inputs
-            space = _ChannelSpace(model, example, run_first_batch, exclude, importance, round_to, budget, max_amount)
+            space = _ChannelSpace(model, example, run_first_batch, exclude, importance, round_to, budget, max_amount,
+                                  latency=latency)
             if depth:  # agents that also remove residual blocks (N2N)
                 from .depth_search import DepthChannelSpace
                 space = DepthChannelSpace(space, exclude)
@@ -594,6 +617,14 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
         else:
             env = LayerwisePruningEnv(space.steps, space.masks, score, targets[0] if targets else 0.0, budget,
                                       max_amount, cost=space.cost, score_floor=floor)
+        if getattr(space, "timer", None) is not None and targets:
+            if distributed is None:
+                calibrate_before_search(space, env, targets, lambda goal: space.prior_plan("uniform", env.cost, goal))
+            else:  # every process would measure its own calibration, and their budgets must be equal
+                _share_latency_timings(space, env, distributed)
+                warnings.warn("rl_prune: budget=Latency under torch.distributed budgets the latency table's own "
+                              "prediction, not calibrated or checked by measurements; time the result after "
+                              "compact", UserWarning, stacklevel=3)
         for t in targets or ():
             env.set_target(t)
             if env.existing_fraction > t + tolerance:
@@ -615,6 +646,37 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
         raise
     return _PreparedSearch(space, env, scorer, calibration, recalibrate, baseline, forward_seconds, floor,
                            quality, selector)
+
+
+def _share_latency_timings(space, env, coordinator) -> None:
+    """Every rank budgets rank 0's latency table: each timed its own, and a plan one rank finds on
+    the budget must be on it for all (the followers check the plan they are sent)."""
+    from .channel_steps import LatencyBudget
+
+    space.latency.table.use_timings(coordinator.share(space.latency.table.timings()))
+    space.latency.dense_latency = space.latency.table.dense_latency
+    space.cost = LatencyBudget(space.structure, space.latency, space.cost_max_amount)
+    env.use_cost(space.cost)
+
+
+def _rescore(prepared: _PreparedSearch, key: float, k: np.ndarray) -> None:
+    """A plan changed after the search (rescaled onto a measured latency) becomes the best plan of
+    ``key`` with scores measured on it: the search part and, when held out, the selection part."""
+    env, best = prepared.env, prepared.env.best_by_target[key]
+    best.k = np.array(k, dtype=np.int64)
+    best.score = best.reward = env.evaluate(best.k)
+    selection = prepared.selections.get(key)
+    if selection is not None:
+        selection.search_score = best.score
+        selection.selection_score = env.measure(best.k, prepared.score_selection_part)
+
+
+def _warn_latency_missed(record: dict, target: float) -> None:
+    if not record["met"]:
+        warnings.warn(f"rl_prune: measured after compact on {record['spec']['runtime']}, the plan removes "
+                      f"{record['measured_fraction']:.1%} of the latency for a target of {target:.1%} (tolerance "
+                      f"{record['spec']['tolerance']:.0%}) after {len(record['rounds'])} measurement(s); "
+                      "plan.metadata['latency']['measured'] has every round", UserWarning, stacklevel=3)
 
 
 def _seed_priors(prepared: _PreparedSearch, structure: str, targets) -> None:
@@ -664,7 +726,7 @@ def _run_search(agent_obj: Agent, agent_cls, agent_config, seed, prepared: _Prep
 @one_search_at_a_time
 def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8, data=None, reward="fidelity",
              agent="amc",
-             episodes: Optional[int] = None, budget: Optional[str] = None, structure: str = "unstructured",
+             episodes: Optional[int] = None, budget: Union[str, Latency, None] = None, structure: str = "unstructured",
              exclude=None, example_inputs=None, seed: int = 0, verbose: bool = True,
              agent_config=None, calibration_samples: int = 512, max_amount: Optional[float] = None,
              importance_scores=None, parameters=None, importance=None, round_to: Optional[int] = None,
@@ -682,7 +744,8 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             (unstructured, ``budget="params"``), of their MACs (``"macs"``), of the whole
             model's MACs/params (``structure="channel"``), or of its predicted latency
             (``budget="latency"``). Met within 0.5 percentage points for unstructured pruning
-            and 2 for channel pruning, always (for latency: on the prediction). A list of targets
+            and 2 for channel pruning, always (for latency: as measured after compact, within
+            ``Latency.tolerance``, or a warning says by how much it missed). A list of targets
             returns a :class:`MultiTargetResult` and leaves the model unpruned: ``agent="cacp"``
             runs one search conditioned on the target, other agents one search per target
             (``episodes`` each). ``None`` with ``max_drop=``: AMC's accuracy-guaranteed
@@ -699,17 +762,20 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             blocks (:mod:`torch_rlprune.depth_search`); the plan lists them in
             ``metadata["removed_blocks"]`` and :func:`compact` replaces them by identities.
         episodes: episodes to run; ``None`` takes the agent's default.
-        budget: ``"params"``, ``"macs"`` or ``"latency"``; default ``"params"`` for
-            unstructured and ``"macs"`` for channel pruning. ``"latency"`` (AMC's
-            latency-aware mode; ``structure="channel"`` only, not with ``agent="n2n"``) is the
-            wall time of one sample on the model's device with the current
-            ``torch.get_num_threads()``, predicted by a
-            :class:`~torch_rlprune.channel.latency.LatencyTable`: every Conv/Linear (and
-            LSTM/GRU/RNN) is timed alone at a few narrower widths and interpolated, the rest of
-            the model taken as constant. Timing takes seconds to a minute and is cached
+        budget: ``"params"``, ``"macs"``, ``"latency"`` or a :class:`Latency`; default ``"params"``
+            for unstructured and ``"macs"`` for channel pruning. ``"latency"`` (AMC's
+            latency-aware mode; ``structure="channel"`` only, not with ``agent="n2n"``) is
+            ``Latency()``: the wall time of one inference at ``Latency(batch=1)`` on
+            ``runtime="eager"`` (or ``"onnxruntime"``) with ``threads`` intra-op threads (default
+            ``torch.get_num_threads()``). A :class:`~torch_rlprune.channel.latency.LatencyTable`
+            predicts it (every Conv/Linear and LSTM/GRU/RNN timed alone at a few narrower widths,
+            the rest scaled with the activations), calibrated on whole compacted candidates
+            measured on the runtime before the search; after it, the returned plan is compacted
+            and measured, and rescaled onto the target until it lands within
+            ``Latency.tolerance`` (:mod:`~torch_rlprune.channel.measured`). Timings are cached
             (``$TORCH_RLPRUNE_CACHE`` or ``~/.cache/torch_rlprune/latency``); the plan's
-            ``metadata["latency"]`` holds the dense and planned predictions. Check the real gain
-            after :func:`compact` with :func:`~torch_rlprune.channel.latency.measure_latency`.
+            ``metadata["latency"]`` holds the predictions, the calibration and every measured round
+            (``["measured"]``); a plan still off target after ``Latency.rounds`` warns.
         structure: ``"unstructured"`` (weights) or ``"channel"`` (torch-pruning dependency
             groups: whole channels, residual adds, concats and attention heads kept consistent).
         exclude: module names or modules to leave unpruned (with everything below them; for
@@ -790,6 +856,8 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
     budget = DEFAULT_BUDGET[structure] if budget is None else budget
+    latency = latency_spec(budget)   # budget=Latency(...) or "latency": measured on a runtime
+    budget = "latency" if latency is not None else budget
     check_budget(budget, structure)
     if isinstance(agent, Agent):
         agent_obj = agent
@@ -895,14 +963,14 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             for reason, names in left_out.items()), UserWarning, stacklevel=3)
 
     snapshot = ModelSnapshot(model)
-    env = recalibrate = recorder = refit = None
+    env = recalibrate = recorder = refit = measured_latency = None
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             prepared = _prepare_search(model, layers, targets, data, reward, budget, structure, exclude,
                                        example_inputs, seed, calibration_samples, max_amount, importance_scores,
                                        importance, round_to, bn_recalibration, max_drop, depth=needs_depth,
-                                       distributed=coordinator, quality=quality, label=label)
+                                       distributed=coordinator, quality=quality, label=label, latency=latency)
             space, env, scorer, calibration, recalibrate = (prepared.space, prepared.env, prepared.scorer,
                                                             prepared.calibration, prepared.recalibrate)
             baseline, forward_seconds, floor = prepared.baseline, prepared.forward_seconds, prepared.floor
@@ -933,10 +1001,16 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
                     prepared.priors = coordinator.share_results(env, prepared.priors)
                 if prepared.selector is not None:
                     prepared.selections = select_plans(env, list(targets), prepared.score_selection_part)
+                if getattr(space, "timer", None) is not None and targets is not None and len(targets) == 1 \
+                        and coordinator is None:
+                    measured_latency = close_on_measurement(space, env, targets[0], targets[0],
+                                                            lambda k: _rescore(prepared, targets[0], k))
             finally:
                 bar.close()
                 env.restore()
                 recalibrate.restore()
+                if getattr(space, "timer", None) is not None:
+                    space.timer.close()
             search_seconds = time.perf_counter() - search_started
 
             def plan_for(key: Optional[float]) -> PruningPlan:
@@ -990,7 +1064,12 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
                     recalibrate()
                 if report is not None:
                     plan.metadata["repair"] = _measured_repair(report, prepared, coordinator, model)
-                if abs(achieved - plan.sparsity) > tolerance or (targets and abs(achieved - targets[0]) > tolerance):
+                if measured_latency is not None:  # the target is met as measured, or a warning says by how much not
+                    plan.metadata["latency"]["measured"] = measured_latency
+                    plan.sparsity = achieved = measured_latency["measured_fraction"]
+                    _warn_latency_missed(measured_latency, targets[0])
+                on_target = measured_latency is not None or not targets or abs(achieved - targets[0]) <= tolerance
+                if abs(achieved - plan.sparsity) > tolerance or not on_target:
                     raise RuntimeError(f"internal error: achieved {achieved:.4f} for target {plan.target}; "
                                        "please report this")
                 outcome = PruneResult(model, plan, achieved, [h.as_dict() for h in env.history], baseline,
@@ -1041,6 +1120,7 @@ def _search_fingerprint(agent, targets, max_drop, structure, budget, scorer, see
 
     return plain({"agent": agent.name, "agent_config": agent.hyperparameters(), "targets": targets,
                   "max_drop": max_drop, "structure": structure, "budget": budget, "reward": scorer.name,
+                  "latency": getattr(space, "latency_spec", None) and space.latency_spec.as_dict(),
                   "seed": int(seed), "episodes": int(episodes), "max_amount": float(max_amount),
                   "calibration_samples": calibration.num_samples, "synthetic_calibration": calibration.synthetic,
                   "bn_recalibration": int(bn_recalibration), "round_to": round_to,

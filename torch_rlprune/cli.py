@@ -137,10 +137,11 @@ PRUNE_DEFAULTS: Dict[str, Any] = {
     "in_chans": None, "image_size": None, "calibration": 512, "test_samples": 2000, "checkpoint": None,
     "train_steps": 0, "finetune_steps": 0, "compact": False, "checkpoint_every": 10, "distributed": False,
     "prior": "best", "selection": 0.25, "importance": None, "protect_first_last": True, "repair": None,
-    "export": None,
+    "export": None, "latency_batch": None, "latency_threads": None, "latency_runtime": None,
 }
 # Options added after run directories were first written: an older command.json takes their defaults.
-_LATER_OPTIONS = ("prior", "selection", "importance", "protect_first_last", "repair", "export")
+_LATER_OPTIONS = ("prior", "selection", "importance", "protect_first_last", "repair", "export", "latency_batch",
+                  "latency_threads", "latency_runtime")
 # What command.json must hold for each option: (types allowed, element type for lists).
 _PRUNE_TYPES: Dict[str, tuple] = {
     "target": (list, float), "structure": (str,), "agent": (str,), "budget": (str, type(None)), "reward": (str,),
@@ -149,7 +150,8 @@ _PRUNE_TYPES: Dict[str, tuple] = {
     "calibration": (int,), "test_samples": (int,), "checkpoint": (str, type(None)), "train_steps": (int,),
     "finetune_steps": (int,), "compact": (bool,), "checkpoint_every": (int,), "distributed": (bool,),
     "prior": (str,), "selection": (float,), "importance": (str, type(None)), "protect_first_last": (bool,),
-    "repair": (str, type(None)), "export": (str, type(None)),
+    "repair": (str, type(None)), "export": (str, type(None)), "latency_batch": (int, type(None)),
+    "latency_threads": (int, type(None)), "latency_runtime": (str, type(None)),
 }
 RESUME_ALLOWED = ("--quiet", "--debug")
 
@@ -245,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget", metavar="params|macs|latency", default=None,
                    help="what the target counts (default: params for unstructured, macs for channel; "
                         "latency: channel only)")
+    g.add_argument("--latency-batch", type=int, metavar="N", default=None,
+                   help="--budget latency: the batch size one inference runs at (default 1)")
+    g.add_argument("--latency-threads", type=int, metavar="N", default=None,
+                   help="--budget latency: the runtime's intra-op threads (default: torch's now)")
+    g.add_argument("--latency-runtime", metavar="eager|onnxruntime", default=None,
+                   help="--budget latency: where candidates and the result are measured after compact "
+                        "(default eager; onnxruntime needs the deploy extra)")
     g.add_argument("--reward", metavar="fidelity|accuracy", default=None,
                    help="fidelity: agreement with the unpruned model (default); accuracy: on the labels")
     g.add_argument("--episodes", type=int, metavar="N", default=None,
@@ -269,9 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also prune the first layer and the classifier (unstructured; kept dense by default)")
     g.add_argument("--compact", action="store_true", default=None,
                    help="also save model_compact.pt with the masked channels removed (--structure channel)")
-    g.add_argument("--export", metavar="onnx|pt2", default=None,
-                   help="with --compact: also write model_compact.onnx (or .pt2) for batch 1, checked against "
-                        "torch in its runtime; for onnx, print the onnxruntime speed-up over the unpruned model")
+    g.add_argument("--export", metavar="onnx|pt2|pte", default=None,
+                   help="with --compact: also write model_compact.onnx (or .pt2, or ExecuTorch .pte) for batch 1, "
+                        "checked against torch in its runtime; for onnx, print the onnxruntime speed-up over the "
+                        "unpruned model")
     g.add_argument("--distributed", action="store_true", default=None,
                    help="run under torchrun, the calibration set split over the processes (needs --out)")
     g = p.add_argument_group("model and data")
@@ -651,6 +661,38 @@ def _prune_settings(args) -> dict:
     return {k: (PRUNE_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)) for k in PRUNE_DEFAULTS}
 
 
+_LATENCY_FLAGS = {"latency_batch": "--latency-batch", "latency_threads": "--latency-threads",
+                  "latency_runtime": "--latency-runtime"}
+
+
+def _validate_latency(s: dict) -> None:
+    given = [flag for key, flag in _LATENCY_FLAGS.items() if s.get(key) is not None]
+    if given and s["budget"] != "latency":
+        raise _usage(f"{', '.join(given)} need --budget latency")
+    _positive("--latency-batch", s.get("latency_batch"))
+    _positive("--latency-threads", s.get("latency_threads"))
+    if s.get("latency_runtime") is not None:
+        from .channel.measured import RUNTIMES
+
+        if s["latency_runtime"] not in RUNTIMES:
+            raise _one_of("--latency-runtime", RUNTIMES, s["latency_runtime"])
+    if s["budget"] == "latency":
+        try:
+            _budget(s)
+        except ImportError as error:  # onnxruntime without the deploy extra
+            raise _usage(str(error)) from None
+
+
+def _budget(s: dict):
+    """rl_prune's budget=: the string, or a Latency spec built from the --latency-* flags."""
+    if s["budget"] != "latency":
+        return s["budget"]
+    from .channel.measured import Latency
+
+    return Latency(batch=s.get("latency_batch") or 1, threads=s.get("latency_threads"),
+                   runtime=s.get("latency_runtime") or "eager")
+
+
 def _validate_prune(s: dict) -> None:
     """Usage errors, before anything is read or written; message names the flag and allowed values."""
     from .agents import get_agent_class, list_agents
@@ -674,6 +716,7 @@ def _validate_prune(s: dict) -> None:
         if s["budget"] not in allowed:
             raise _usage(f"--budget must be one of {', '.join(allowed)} with --structure {s['structure']}, "
                          f"got {s['budget']!r}")
+    _validate_latency(s)
     if s["reward"] not in ("fidelity", "accuracy"):
         raise _one_of("--reward", ("fidelity", "accuracy"), s["reward"])
     _positive("--episodes", s["episodes"])
@@ -937,7 +980,7 @@ def _run_prune(args, s: dict, model_spec: str, out: Path, console: _Console, lea
 
     kwargs = dict(target=s["target"][0] if len(s["target"]) == 1 else list(s["target"]),
                   data=(x_cal, y_cal), reward=s["reward"], agent=s["agent"], episodes=s["episodes"],
-                  budget=s["budget"], structure=s["structure"], exclude=list(s["exclude"]) or None, seed=seed,
+                  budget=_budget(s), structure=s["structure"], exclude=list(s["exclude"]) or None, seed=seed,
                   verbose=not console.quiet, calibration_samples=calibration, max_amount=s["max_amount"],
                   prior=s["prior"], selection=float(s["selection"]), importance=s["importance"],
                   protect_first_last=s["protect_first_last"], repair=s["repair"])

@@ -220,6 +220,12 @@ class DistributedSearch:
         except Exception:  # a rank that failed first may be gone: the original error matters, not this one
             pass
 
+    def share(self, value):
+        """Rank 0's ``value`` (plain data) on every rank."""
+        payload = [value if self.leader else None]
+        dist.broadcast_object_list(payload, src=0, device=self.device if self.device.type == "cuda" else None)
+        return payload[0]
+
     def share_results(self, env, priors: dict) -> dict:
         """Rank 0's best plans (and runners-up), history and evaluation count, copied to every rank's
         environment; returns rank 0's ``priors`` (the prior chosen per target) on every rank."""

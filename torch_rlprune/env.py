@@ -267,6 +267,14 @@ class LayerwisePruningEnv(BestPlanResults):
         self.evaluations = 0
         self.reset()
 
+    def use_cost(self, cost: Budget) -> None:
+        """Budget with ``cost`` from now on (rank 0's latency timings under torch.distributed), before
+        any episode: the totals, the goal and the state features follow it."""
+        self.cost, self.k_min, self.k_max, self.total_cost = cost, cost.k_min, cost.k_max, cost.total
+        self.goal = self.target * self.total_cost
+        self._static = self._static_features()
+        self.reset()
+
     # ----------------------------------------------------------------- results
     def _best_key(self) -> Optional[float]:
         return None if self.score_floor is not None else self.target

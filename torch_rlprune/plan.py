@@ -36,7 +36,8 @@ class PruningPlan:
         numels: entries per tensor, to check that a model the plan is applied to matches.
         target: the fraction of the budget's cost the plan was searched for.
         sparsity: the fraction it achieves (of the budget's cost; for ``budget="latency"`` of
-            the predicted latency, see ``metadata["latency"]``).
+            the latency measured after compact, see ``metadata["latency"]["measured"]``; a
+            multi-target search's plans carry the calibrated prediction).
         budget, structure, agent, reward, seed: how it was searched.
         score: the best reward, and ``baseline_score`` the unpruned model's.
     """

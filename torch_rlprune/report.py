@@ -408,6 +408,13 @@ def format_summary(record: dict) -> str:
     if isinstance(latency, dict) and "dense_ms" in latency:  # what the table predicts, not a measurement
         lines.append(f"predicted latency {latency['dense_ms']:.3f} ms -> {latency.get('planned_ms', 0):.3f} ms "
                      f"(batch {latency.get('batch')}, {latency.get('threads')} threads, {latency.get('device')})")
+        measured = latency.get("measured")
+        if isinstance(measured, dict) and isinstance(measured.get("measured_fraction"), (int, float)):
+            spec = measured.get("spec") or {}
+            lines.append(f"measured after compact on {spec.get('runtime')}: {measured['measured_fraction']:.1%} of the "
+                         f"latency removed (batch {spec.get('batch')}, {spec.get('threads')} threads, "
+                         f"{len(measured.get('rounds') or [])} measured round(s)"
+                         f"{'' if measured.get('met') else ', target missed'})")
     if "removed_blocks" in record:
         removable = (record.get("plan") or {}).get("metadata", {}).get("removable_blocks", [])
         lines.append(f"blocks removed ({len(record['removed_blocks'])} of {len(removable)} removable): "

@@ -495,6 +495,7 @@ class LatencyTable:
             shapes = _record_input_shapes(model, modules, example)
         finally:
             restore_training(flags)
+        self.example = example  # at batch ``batch``: what a measured check of a prediction runs on
         key = self._cache_key(model, modules, example)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         self.cache_path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"latency-{digest}.json"
@@ -557,6 +558,24 @@ class LatencyTable:
                 table[i, j] = _median_seconds(lambda: layer(x), self.device, self.repeats, self.warmup)
                 self.measurements += 1
         return table
+
+    def timings(self) -> dict:
+        """What the table measured, as plain data (see :meth:`use_timings`)."""
+        return {"measured_seconds": self.measured_seconds,
+                "layers": [[lay.name, list(lay.input_shape), lay.seconds.tolist()] for lay in self.layers]}
+
+    def use_timings(self, timings: dict) -> None:
+        """Predict from another table's timings of the same model (rank 0's, under torch.distributed,
+        so that every process budgets the same latency); the layers must match."""
+        mine = [[lay.name, list(lay.input_shape)] for lay in self.layers]
+        theirs = [[name, list(shape)] for name, shape, _ in timings["layers"]]
+        if mine != theirs:
+            raise ValueError("use_timings: the timings are of other layers or input shapes")
+        for lay, (_, _, seconds) in zip(self.layers, timings["layers"]):
+            lay.seconds = np.asarray(seconds, dtype=np.float64)
+        self.measured_seconds = float(timings["measured_seconds"])
+        self.rest_seconds = self.measured_seconds - sum(lay.calls * lay.dense_seconds for lay in self.layers)
+        self.dense_latency = self._latency(np.zeros(len(self.structure.groups), dtype=np.int64))
 
     # ------------------------------------------------------------------ predictions
     def _activations(self, counts: np.ndarray) -> float:

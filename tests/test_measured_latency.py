@@ -1,0 +1,221 @@
+"""budget=Latency(...): the latency table calibrated on measured compacted candidates, and the
+returned plan measured after compact and rescaled until it lands on the target.
+
+Timings are replaced by a deterministic stand-in (seconds from the compacted model's MACs plus a
+fixed overhead the table cannot see) wherever a test asserts on a value: the contract is tested,
+not the machine. One test runs the real onnxruntime path and asserts nothing about its numbers."""
+import copy
+import importlib.util
+import warnings
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from helpers import ModelState, inputs
+from torch_rlprune import Latency, apply_plan, compact, rl_prune
+from torch_rlprune.budget import AdditiveBudget
+from torch_rlprune.channel import ChannelStructure, count_macs_params
+from torch_rlprune.channel.measured import CompactedTimer, MeasuredCalibration, scaled_plan
+
+FAST = dict(structure="channel", agent="random", episodes=4, verbose=False, seed=0)
+OVERHEAD = 0.25  # of the unpruned model's MACs: time no pruning removes (what the table misjudges)
+
+
+@pytest.fixture(autouse=True)
+def private_cache_one_thread(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_RLPRUNE_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def resnet():
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", pretrained=False, in_chans=1, num_classes=10).eval()
+
+
+def fake_fraction(example, dense, pruned, shift=0.0) -> float:
+    macs_dense, macs_pruned = count_macs_params(dense, example)[0], count_macs_params(pruned, example)[0]
+    return 1 - (OVERHEAD * macs_dense + macs_pruned) / ((1 + OVERHEAD) * macs_dense) + shift
+
+
+def fake_timing(monkeypatch, shift_after=None, shift=0.0, fail_after=None):
+    """Replace the measurement: seconds proportional to MACs plus the overhead; after
+    ``shift_after`` measurements every plan reads ``shift`` less (a plan shape the calibration
+    misjudges); after ``fail_after`` the measurement raises."""
+    calls = []
+
+    def paired_seconds(self, dense, pruned):
+        calls.append(1)
+        if fail_after is not None and len(calls) > fail_after:
+            raise RuntimeError("timer broke")
+        offset = -shift if shift_after is not None and len(calls) > shift_after else 0.0
+        fraction = fake_fraction(self.example, dense, pruned, offset)
+        return 1.0, 1.0 - fraction
+
+    monkeypatch.setattr(CompactedTimer, "paired_seconds", paired_seconds)
+    return calls
+
+
+# --------------------------------------------------------------------------- the spec
+@pytest.mark.parametrize("kwargs, name", [(dict(batch=0), "batch"), (dict(batch=True), "batch"),
+                                          (dict(threads=0), "threads"), (dict(runtime="tflite"), "runtime"),
+                                          (dict(tolerance=0.0), "tolerance"), (dict(rounds=-1), "rounds"),
+                                          (dict(repeats=0), "repeats"), (dict(blocks=0), "blocks")])
+def test_a_bad_latency_spec_names_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Latency(**kwargs)
+
+
+def test_a_latency_spec_on_unstructured_pruning_is_refused_before_the_model_changes(resnet):
+    state = ModelState.of(resnet)
+    with pytest.raises(ValueError, match="budget"):
+        rl_prune(resnet, 0.3, budget=Latency(blocks=1), data=inputs((8, 1, 32, 32)), agent="random", episodes=2,
+                 verbose=False)
+    state.assert_unchanged(resnet)
+
+
+# --------------------------------------------------------------------------- the calibration
+def test_calibration_is_the_identity_until_measured_then_passes_through_every_point():
+    calibration = MeasuredCalibration()
+    assert calibration(0.37) == 0.37
+    calibration.add(0.5, 0.4)
+    calibration.add(0.2, 0.1)
+    assert calibration(0.0) == 0.0 and calibration(0.5) == pytest.approx(0.4) and calibration(0.2) == pytest.approx(0.1)
+    assert calibration(0.35) == pytest.approx(0.25)            # linear between points
+    assert calibration(0.75) == pytest.approx(0.6)             # beyond: the line from the origin through the last
+
+
+def test_calibration_stays_monotone_under_noisy_points():
+    calibration = MeasuredCalibration([(0.3, 0.35), (0.35, 0.2), (0.5, 0.45), (0.5, 0.55)])
+    grid = np.linspace(0, 0.9, 91)
+    values = [calibration(p) for p in grid]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert calibration(0.5) == pytest.approx(0.5)               # two measurements of one prediction: their mean
+    with pytest.raises(ValueError, match="finite"):
+        calibration.add(float("nan"), 0.1)
+
+
+def test_scaled_plan_keeps_the_plans_shape_and_lands_on_the_goal():
+    budget = AdditiveBudget([100, 100, 100, 100], [1, 1, 1, 1], [0, 0, 0, 0], [90, 90, 90, 90])
+    k = np.array([10, 20, 40, 0])
+    scaled = scaled_plan(budget, k, 140)
+    assert budget.removed(scaled) == 140
+    assert scaled[3] == 0 and scaled[0] < scaled[1] < scaled[2]
+    assert np.allclose(scaled[:3] / k[:3], 2.0, atol=0.06)
+
+
+def test_a_measurement_is_the_median_of_its_blocks(resnet, monkeypatch):
+    readings = iter([0.1, 0.5, 0.3])
+    monkeypatch.setattr(CompactedTimer, "compacted", lambda self, plan: self.reference)
+    monkeypatch.setattr(CompactedTimer, "paired_seconds", lambda self, dense, pruned: (1.0, 1.0 - next(readings)))
+    timer = CompactedTimer(resnet, inputs((1, 1, 32, 32)), Latency(blocks=3))
+    assert timer.fraction_removed({"layer1.0.conv1:out": 8}) == pytest.approx(0.3)
+    assert timer.fraction_removed({"layer1.0.conv1:out": 8}) == pytest.approx(0.3)  # cached: not measured again
+    assert timer.measurements == 1
+
+
+# --------------------------------------------------------------------------- rl_prune
+def test_the_returned_plan_is_measured_after_compact_and_rescaled_onto_the_target(resnet, monkeypatch):
+    calls = fake_timing(monkeypatch, shift_after=2, shift=0.08)  # the calibration runs 2 measurements first
+    twin = copy.deepcopy(resnet)
+    x = inputs((8, 1, 32, 32))
+    result = rl_prune(resnet, 0.3, budget=Latency(rounds=3, blocks=1), data=x, **FAST)
+    record = result.plan.metadata["latency"]["measured"]
+    assert len(record["rounds"]) >= 2, "the first measurement missed by 8 points: the plan must be rescaled"
+    assert record["met"] and abs(result.sparsity - 0.3) <= 0.02
+    assert record["chosen"] == len(record["rounds"]) - 1, "the last round met the target: it is the plan returned"
+    assert result.sparsity == result.plan.sparsity == record["measured_fraction"] == record["rounds"][-1]["measured"]
+    assert record["spec"]["runtime"] == "eager" and record["spec"]["threads"] == 1
+    assert len(record["search_calibration"]) == 2        # the search's budget: two uniform plans measured
+    assert len(result.plan.metadata["latency"]["calibration"]) == len(record["rounds"])  # then this plan's own
+    assert "measured after compact on eager" in result.summary()
+    # the reported fraction is the returned plan's own: compacted independently, it measures the same
+    dense = copy.deepcopy(twin)
+    apply_plan(twin, result.plan)
+    compact(twin, x[:1])
+    assert fake_fraction(x[:1], dense, twin, -0.08) == pytest.approx(result.sparsity, abs=1e-9)
+    # the scores are the rescaled plan's: the held-out selection was measured on it again
+    selection = result.plan.metadata["selection"]
+    assert selection["search_score"] == result.plan.score
+    assert len(calls) == 2 + len(record["rounds"])
+
+
+def test_when_a_rescaling_lands_further_off_the_closest_measured_plan_is_returned(resnet, monkeypatch):
+    offsets = iter([0.0, 0.0, -0.06, 0.25])  # two calibrations, the search's plan low, its rescaling far too high
+    measured_plans = []
+
+    def paired_seconds(self, dense, pruned):
+        return 1.0, 1.0 - fake_fraction(self.example, dense, pruned, next(offsets))
+
+    original = CompactedTimer.fraction_removed
+
+    def recording(self, plan):
+        measured_plans.append(dict(plan))
+        return original(self, plan)
+
+    monkeypatch.setattr(CompactedTimer, "paired_seconds", paired_seconds)
+    monkeypatch.setattr(CompactedTimer, "fraction_removed", recording)
+    twin, x = copy.deepcopy(resnet), inputs((8, 1, 32, 32))
+    with pytest.warns(UserWarning, match="measured after compact"):
+        result = rl_prune(resnet, 0.3, budget=Latency(rounds=1, blocks=1), data=x, **FAST)
+    record = result.plan.metadata["latency"]["measured"]
+    assert len(record["rounds"]) == 2 and record["chosen"] == 0
+    assert result.sparsity == record["rounds"][0]["measured"]
+    structure = ChannelStructure(twin, x[:2], round_to=8)  # the units each plan removes, rounded as applied
+    returned, first, rescaled = (structure.resolve_plan(p) for p in (result.plan.counts(), *measured_plans[2:]))
+    assert np.array_equal(returned, first) and not np.array_equal(first, rescaled)  # the search's own plan
+
+
+def test_a_runtime_pruning_cannot_speed_up_enough_is_refused_before_the_search(resnet, monkeypatch):
+    monkeypatch.setattr(CompactedTimer, "paired_seconds", lambda self, dense, pruned: (1.0, 0.97))
+    state = ModelState.of(resnet)
+    with pytest.raises(ValueError, match="cannot be reached"):
+        rl_prune(resnet, 0.3, budget=Latency(blocks=1), data=inputs((8, 1, 32, 32)), **FAST)
+    state.assert_unchanged(resnet)
+
+
+def test_a_target_still_missed_after_every_round_warns_with_the_measurements(resnet, monkeypatch):
+    fake_timing(monkeypatch, shift_after=2, shift=0.3)  # the rescaled plans cannot catch up in one round
+    with pytest.warns(UserWarning, match="measured after compact"):
+        result = rl_prune(resnet, 0.3, budget=Latency(rounds=1, blocks=1), data=inputs((8, 1, 32, 32)), **FAST)
+    record = result.plan.metadata["latency"]["measured"]
+    assert not record["met"] and len(record["rounds"]) == 2
+    assert result.sparsity == record["measured_fraction"]
+    assert "target missed" in result.summary()
+
+
+def test_a_measurement_that_fails_after_the_search_leaves_the_model_untouched(resnet, monkeypatch):
+    fake_timing(monkeypatch, fail_after=2)
+    state = ModelState.of(resnet)
+    with pytest.raises(RuntimeError, match="timer broke"):
+        rl_prune(resnet, 0.3, budget=Latency(blocks=1), data=inputs((8, 1, 32, 32)), **FAST)
+    state.assert_unchanged(resnet)
+
+
+def test_measurements_are_cached_so_a_seeded_rerun_measures_nothing_and_returns_the_same_plan(resnet, monkeypatch):
+    calls = fake_timing(monkeypatch)
+    x = inputs((8, 1, 32, 32))
+    twin = copy.deepcopy(resnet)
+    first = rl_prune(resnet, 0.3, budget=Latency(blocks=1), data=x, **FAST)
+    measured = len(calls)
+    second = rl_prune(twin, 0.3, budget=Latency(blocks=1), data=x, **FAST)
+    assert measured >= 3 and len(calls) == measured
+    assert second.plan.metadata["latency"]["measured"]["measurements"] == 0
+    assert second.plan.counts() == first.plan.counts() and second.sparsity == first.sparsity
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs the deploy extra")
+def test_latency_measured_in_onnxruntime(resnet):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a missed target on this shared machine only warns
+        result = rl_prune(resnet, 0.3, budget=Latency(runtime="onnxruntime", repeats=3, rounds=1),
+                          data=inputs((8, 1, 32, 32)), **FAST)
+    record = result.plan.metadata["latency"]["measured"]
+    assert record["spec"]["runtime"] == "onnxruntime" and record["measurements"] >= 3
+    assert np.isfinite(result.sparsity) and result.sparsity == record["measured_fraction"]
+    assert "measured after compact on onnxruntime" in result.summary()
