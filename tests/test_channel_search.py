@@ -168,3 +168,50 @@ def test_coupled_coarse_groups_are_repaired_onto_the_budget(action):
                       verbose=False)
     assert abs(1 - count_macs_params(model, x[:2])[0] / dense - 0.5) <= 0.02
     assert abs(result.sparsity - 0.5) <= 0.02
+
+
+class TwoInputNet(nn.Module):
+    """Token ids plus a float image: the record keeps both dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.conv = nn.Conv2d(1, 32, 3, padding=1)
+        self.head = nn.Linear(32 + 16, 4)
+
+    def forward(self, ids, image):
+        return self.head(torch.cat([self.embed(ids).mean(1), torch.relu(self.conv(image)).mean((2, 3))], 1))
+
+
+def test_compact_needs_no_example_after_rl_prune_or_apply_plan(resnet, tmp_path):
+    x = inputs((16, 1, 32, 32))
+    twin, plain = copy.deepcopy(resnet), copy.deepcopy(resnet)
+    result = rl_prune(resnet, 0.5, structure="channel", data=x, **FAST)
+    expected = compact(copy.deepcopy(resnet), x[:2])
+    info = compact(resnet)                        # the recorded example: the shapes the search ran on
+    assert (info["macs_after"], info["params_after"]) == (expected["macs_after"], expected["params_after"])
+    apply_plan(twin, PruningPlan.load(result.plan.save(tmp_path / "plan.json")), example_inputs=x[:2])
+    reloaded = torch.load(_saved(twin, tmp_path), weights_only=False)   # a pickled module keeps the record
+    assert compact(reloaded)["params_after"] == expected["params_after"]
+    assert getattr(plain, "_rlprune_example", None) is None            # nothing pruned, nothing recorded
+
+
+def _saved(model, tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    return path
+
+
+def test_the_recorded_example_keeps_every_input_and_its_dtype():
+    from torch_rlprune.inputs import recorded_example
+
+    torch.manual_seed(0)
+    model = TwoInputNet().eval()
+    rl_prune(model, 0.4, structure="channel", data=(torch.randint(0, 50, (16, 5)), torch.randn(16, 1, 8, 8)),
+             **FAST)
+    ids, image = recorded_example(model)
+    assert ids.dtype == torch.int64 and ids.shape[1:] == (5,) and image.shape[1:] == (1, 8, 8)
+    compact(model)
+    assert model.conv.out_channels < 32
+    model._rlprune_example = {"shape": [2, 3], "dtype": "load"}       # not a dtype: ignored, never called
+    assert recorded_example(model) is None

@@ -216,6 +216,17 @@ def test_compact_command(channel_run, tmp_path, fmnist_test_tensors):
         assert torch.allclose(small(x), masked(x), atol=1e-4)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in masked.parameters())
     assert digest(out / "model.pt") == before
+    # without --input-shape: the shapes recorded when it was pruned, never a guess
+    code, stdout, stderr = run_cli("compact", out / "model.pt", "--out", tmp_path / "auto.pt")
+    assert code == 0, stderr
+    assert "(input 1 x 28 x 28)" in stdout
+    with torch.no_grad():
+        assert torch.allclose(load_module(tmp_path / "auto.pt")(x), small(x), atol=1e-5)
+    unrecorded = load_module(out / "model.pt")
+    del unrecorded._rlprune_example
+    torch.save(unrecorded, tmp_path / "old.pt")
+    code, _, stderr = run_cli("compact", tmp_path / "old.pt", "--out", tmp_path / "old_small.pt")
+    assert code == EXIT_USAGE and "--input-shape C H W is needed" in stderr and "records no input shape" in stderr
     # never over an existing file without --force, never over the input
     assert run_cli("compact", out / "model.pt", "--input-shape", 1, 28, 28, "--out", target)[0] == EXIT_USAGE
     assert run_cli("compact", out / "model.pt", "--out", out / "model.pt", "--force")[0] == EXIT_USAGE

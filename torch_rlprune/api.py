@@ -24,7 +24,7 @@ from .distributed import (DistributedSearch, SplittableReward, all_ranks_succeed
                           distributed_context, shard)
 from .env import LayerwisePruningEnv, check_budget
 from .importance import IMPORTANCES, activation_scores
-from .inputs import as_example, batch_tensors, describe_shape, run_model
+from .inputs import as_example, batch_tensors, describe_shape, recorded_example, run_model
 from .threads import agent_threads, intra_op_threads, one_search_at_a_time
 from .masking import InPlaceMask
 from .plan import PruningPlan, apply_plan
@@ -1145,13 +1145,16 @@ def compact(model: nn.Module, example_inputs=None) -> dict:
     Args:
         model: a model pruned with ``structure="channel"`` (by :func:`rl_prune` or
             :func:`apply_plan`), or one whose masked state_dict was loaded back.
-        example_inputs: one input batch; default from timm's ``pretrained_cfg``.
+        example_inputs: one input batch; default: shaped like the one the model was pruned with
+            (recorded by :func:`rl_prune` / :func:`apply_plan`), else from timm's ``pretrained_cfg``.
     """
     from .calibration import infer_input_shape
     from .channel import compact as _compact
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if example_inputs is None:
+        example_inputs = recorded_example(model)  # the one rl_prune / apply_plan pruned it with
     if example_inputs is None:
         example_inputs = torch.randn(2, *infer_input_shape(model), generator=torch.Generator().manual_seed(0))
     from .depth import remove_masked_blocks

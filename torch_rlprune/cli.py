@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  rlprune prune test_resnet --train-steps 200 --structure channel --target 0.5 --compact\n"
                "  rlprune prune --resume runs/test_resnet-amc-20250101-120000\n"
                "  rlprune apply runs/RUN/plan.json resnet18 --checkpoint resnet18_fmnist.pt --data fashion-mnist\n"
-               "  rlprune compact runs/RUN/model.pt --input-shape 1 28 28\n"
+               "  rlprune compact runs/RUN/model.pt\n"
                "  rlprune report runs/RUN_A runs/RUN_B --out runs/compare\n"
                "  rlprune agents\n\n"
                "Run `rlprune COMMAND --help` for each command's options.\n\n" + EXIT_CODES_HELP)
@@ -338,11 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "remove the masked channels with torch-pruning (torch_rlprune.compact), check that its "
                           "outputs are unchanged, save it and print MACs/params before and after.", PICKLE_HELP),
         epilog="examples:\n"
-               "  rlprune compact runs/RUN/model.pt --input-shape 1 28 28\n"
+               "  rlprune compact runs/RUN/model.pt\n"
                "  rlprune compact pruned.pt --out small.pt --input-shape 3 224 224\n\n" + EXIT_CODES_HELP)
     p.add_argument("model", metavar="MODEL", help="a pickled, channel-pruned nn.Module file")
     p.add_argument("--input-shape", type=int, nargs=3, metavar=("C", "H", "W"), default=None,
-                   help="one sample's input shape (default: from timm's pretrained_cfg)")
+                   help="one sample's input shape (default: the inputs MODEL was pruned with, recorded on it by "
+                        "rlprune prune / apply; a model without that record needs this flag)")
     p.add_argument("--out", metavar="FILE", default=None,
                    help="where to save (default: <model>_compact.pt beside MODEL)")
     p.add_argument("--force", action="store_true", help="overwrite --out")
@@ -1245,7 +1246,7 @@ def _export_compacted(pruned, build, unpruned, example, path: Path, dense_macs, 
 # ----------------------------------------------------------------------------- compact
 def _cmd_compact(args) -> int:
     from . import compact
-    from .calibration import infer_input_shape
+    from .inputs import recorded_example
 
     console = _Console()
     path = Path(args.model)
@@ -1262,13 +1263,13 @@ def _cmd_compact(args) -> int:
         raise _bad_input(f"MODEL file {path} carries no prune masks (weight_mask buffers): nothing to compact")
     if args.input_shape is not None:
         shape = tuple(args.input_shape)
-    else:
-        try:
-            shape = tuple(infer_input_shape(model))
-        except ValueError:
-            raise _usage("--input-shape C H W is needed: MODEL has no timm pretrained_cfg to infer it from") \
-                from None
-    example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+        example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    else:  # the inputs it was pruned with, recorded on the model; never a guess
+        example = recorded_example(model)
+        if example is None:
+            raise _usage(f"--input-shape C H W is needed: {path} records no input shape (pruned before this "
+                         "version, or not by rl_prune / apply_plan)")
+        shape = tuple(example.shape[1:]) if isinstance(example, torch.Tensor) else "as recorded"
     try:
         from .report import count_dense
 
@@ -1278,7 +1279,7 @@ def _cmd_compact(args) -> int:
                      f"(see --input-shape)") from None
     info = compact(model, example)
     torch.save(model, out)
-    print(f"compacted {path} (input {' x '.join(map(str, shape))})")
+    print(f"compacted {path} (input {' x '.join(map(str, shape)) if isinstance(shape, tuple) else shape})")
     for what, before, after in (("MACs", dense[0], info["macs_after"]), ("params", dense[1], info["params_after"])):
         print(f"{what:<6} {before:>14,} -> {after:>14,}  (x{before / max(1, after):.2f})")
     if info.get("removed_blocks"):

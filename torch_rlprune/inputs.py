@@ -7,6 +7,7 @@ dim 0 (the batch), sliced, split, moved and concatenated together.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Iterator, List, Sequence, Union
 
 import torch
@@ -123,3 +124,58 @@ def as_example(batch: Batch):
 
 def describe_shape(batch: Batch) -> str:
     return batch.describe() if isinstance(batch, Inputs) else str(tuple(batch.shape))
+
+
+# --------------------------------------------------------------------------- the recorded example
+EXAMPLE_ATTRIBUTE = "_rlprune_example"
+"""Where a channel-pruned model keeps the shapes and dtypes of the example it was pruned with, so that
+``compact(model)`` and ``rlprune compact`` need no input shape (a plain attribute: it survives
+``copy.deepcopy`` and ``torch.save(model)``, not a ``state_dict``)."""
+
+
+def _describe(x):
+    if isinstance(x, torch.Tensor):
+        return {"shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
+    if isinstance(x, Inputs):
+        return {"args": [_describe(a) for a in x.args], "kwargs": {k: _describe(v) for k, v in x.kwargs.items()}}
+    if isinstance(x, dict):
+        return {"dict": {k: _describe(v) for k, v in x.items()}}
+    if isinstance(x, (tuple, list)):
+        return {"tuple": [_describe(v) for v in x]}
+    raise TypeError(f"cannot record an example input of type {type(x).__name__}")
+
+
+def record_example(model: nn.Module, example) -> None:
+    """Keep ``example``'s shapes and dtypes on ``model`` (an example no tensor describes is not kept)."""
+    try:
+        setattr(model, EXAMPLE_ATTRIBUTE, _describe(example))
+    except TypeError:
+        pass
+
+
+def _build(spec, generator: torch.Generator):
+    if "shape" in spec:
+        dtype, shape = getattr(torch, str(spec["dtype"]), None), spec["shape"]
+        if not isinstance(dtype, torch.dtype) or not all(isinstance(d, int) and d >= 0 for d in shape) \
+                or math.prod(shape) > 1 << 27:
+            raise ValueError(f"not a recorded input: {spec!r}"[:200])
+        if dtype.is_floating_point:
+            return torch.randn(spec["shape"], generator=generator).to(dtype)
+        return torch.zeros(spec["shape"], dtype=dtype)  # token ids, masks: 0 is valid everywhere
+    if "args" in spec:
+        return Inputs(tuple(_build(a, generator) for a in spec["args"]),
+                      {k: _build(v, generator) for k, v in spec["kwargs"].items()})
+    if "dict" in spec:
+        return {k: _build(v, generator) for k, v in spec["dict"].items()}
+    return tuple(_build(v, generator) for v in spec["tuple"])
+
+
+def recorded_example(model: nn.Module):
+    """An example input shaped like the one ``model`` was channel-pruned with (seeded values), or None."""
+    spec = getattr(model, EXAMPLE_ATTRIBUTE, None)
+    if not isinstance(spec, dict):
+        return None
+    try:
+        return as_example(_build(spec, torch.Generator().manual_seed(0)))
+    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError):
+        return None  # a record this version does not read: as if there were none

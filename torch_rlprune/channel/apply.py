@@ -13,6 +13,7 @@ from torch import nn
 
 from ._util import (ChannelPruningError, ModelState, clear_attention_caches, describe_failure, primary_tensor,
                     prune_hooks, remove_prune_hooks, restore_training, run_model, training_flags)
+from ..inputs import record_example
 from .counting import count_macs_params
 from .groups import ChannelGroup
 from .hard import classifier_in_features, hard_prune, sync_timm_metadata
@@ -124,6 +125,8 @@ def apply_channel_plan(model: nn.Module, plan: Mapping, example_inputs=None, *,
             for _, module, kind in g._norms:
                 if not any(isinstance(h, MaskedNormStatistics) for h in module._forward_hooks.values()):
                     module.register_forward_hook(MaskedNormStatistics(kind))
+    if todo:  # compact(model) later needs no example: it was pruned with this one
+        record_example(model, structure.example_inputs)
     excluded = {e.key: e.reason for e in structure.excluded}
     excluded.update(skipped)
     return ChannelPlanResult(counts={g.key: n for g, n in todo},
