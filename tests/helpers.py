@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+import pytest
 import torch
 from torch import nn
 
@@ -259,3 +260,24 @@ def tiny_bert(hidden: int = 32, positions: int = 16) -> nn.Module:
                                      intermediate_size=2 * hidden, vocab_size=100,
                                      max_position_embeddings=positions, num_labels=3)
     return seeded(transformers.BertForSequenceClassification, 0, config).eval()
+
+
+# --------------------------------------------------------------------------- latency tests' fixtures
+@pytest.fixture(autouse=True)
+def private_cache_one_thread(tmp_path, monkeypatch):
+    """Timings go to a fresh cache; one thread keeps OpenMP from spinning on the shared cores.
+    Autouse in the modules that import it."""
+    monkeypatch.setenv("TORCH_RLPRUNE_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(name="resnet")
+def latency_resnet():
+    """resnet18 for 1x32x32 inputs: its latency can lose well over 30% (the max is ~50% at 1 thread)."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", pretrained=False, in_chans=1, num_classes=10).eval()

@@ -9,12 +9,11 @@ import warnings
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import ModelState, RaisingReward, inputs, seeded
+from helpers import ModelState, RaisingReward, inputs, latency_resnet, private_cache_one_thread, seeded  # noqa: F401
 from torch_rlprune import PlanError, PruningPlan, apply_plan, rl_prune
 from torch_rlprune.api import LATENCY_ROUND_TO
 from torch_rlprune.channel import ChannelStructure
@@ -62,28 +61,11 @@ class GRUClassifier(nn.Module):
         return self.head(out[-1])
 
 
-@pytest.fixture(autouse=True)
-def private_cache_one_thread(tmp_path, monkeypatch):
-    """Timings go to a fresh cache; one thread keeps OpenMP from spinning on the shared cores."""
-    monkeypatch.setenv("TORCH_RLPRUNE_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def mixed():
     model = seeded(MixedNet, 0).eval()
     x = inputs((2, 1, 16, 16))
     return model, x, ChannelStructure(model, x)
-
-
-@pytest.fixture
-def resnet():
-    """resnet18 for 1x32x32 inputs: its latency can lose well over 30% (the max is ~50% at 1 thread)."""
-    torch.manual_seed(0)
-    return timm.create_model("resnet18", pretrained=False, in_chans=1, num_classes=10).eval()
 
 
 def random_counts(structure, rng):

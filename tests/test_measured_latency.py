@@ -10,10 +10,9 @@ import warnings
 
 import numpy as np
 import pytest
-import timm
 import torch
 
-from helpers import ModelState, inputs
+from helpers import ModelState, inputs, latency_resnet, private_cache_one_thread  # noqa: F401
 from torch_rlprune import Latency, apply_plan, compact, rl_prune
 from torch_rlprune.budget import AdditiveBudget
 from torch_rlprune.channel import ChannelStructure, count_macs_params
@@ -21,21 +20,6 @@ from torch_rlprune.channel.measured import CompactedTimer, MeasuredCalibration, 
 
 FAST = dict(structure="channel", agent="random", episodes=4, verbose=False, seed=0)
 OVERHEAD = 0.25  # of the unpruned model's MACs: time no pruning removes (what the table misjudges)
-
-
-@pytest.fixture(autouse=True)
-def private_cache_one_thread(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_RLPRUNE_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def resnet():
-    torch.manual_seed(0)
-    return timm.create_model("resnet18", pretrained=False, in_chans=1, num_classes=10).eval()
 
 
 def fake_fraction(example, dense, pruned, shift=0.0) -> float:
