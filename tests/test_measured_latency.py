@@ -6,6 +6,7 @@ fixed overhead the table cannot see) wherever a test asserts on a value: the con
 not the machine. One test runs the real onnxruntime path and asserts nothing about its numbers."""
 import copy
 import importlib.util
+import math
 import warnings
 
 import numpy as np
@@ -16,6 +17,7 @@ from helpers import ModelState, inputs, latency_resnet, private_cache_one_thread
 from torch_rlprune import Latency, apply_plan, compact, rl_prune
 from torch_rlprune.budget import AdditiveBudget
 from torch_rlprune.channel import ChannelStructure, count_macs_params
+from torch_rlprune.channel.latency import LatencyTable
 from torch_rlprune.channel.measured import CompactedTimer, MeasuredCalibration, scaled_plan
 
 FAST = dict(structure="channel", agent="random", episodes=4, verbose=False, seed=0)
@@ -27,8 +29,28 @@ def fake_fraction(example, dense, pruned, shift=0.0) -> float:
     return 1 - (OVERHEAD * macs_dense + macs_pruned) / ((1 + OVERHEAD) * macs_dense) + shift
 
 
+def fake_table(monkeypatch):
+    """Replace the latency table's timings too: a layer's seconds proportional to its MACs at
+    each grid point, the whole model the layers plus the same overhead. Real layer timings
+    on a shared machine made the rescaling's convergence, and so these tests, depend on load."""
+    def time_grid(self, module, widths, input_shape, generator):
+        self.measurements += 1
+        positions = math.prod(input_shape) / input_shape[1] if len(input_shape) > 2 else input_shape[0]
+        return np.outer(widths[0], widths[1]) * positions * 1e-9
+
+    measure_and_cache = LatencyTable._measure_and_cache
+
+    def layers_plus_overhead(self, *args):
+        measure_and_cache(self, *args)
+        self.measured_seconds = (1 + OVERHEAD) * sum(lay.calls * lay.dense_seconds for lay in self.layers)
+
+    monkeypatch.setattr(LatencyTable, "_time_grid", time_grid)
+    monkeypatch.setattr(LatencyTable, "_model_seconds", lambda self, cached, model, example: 0.0)
+    monkeypatch.setattr(LatencyTable, "_measure_and_cache", layers_plus_overhead)
+
+
 def fake_timing(monkeypatch, shift_after=None, shift=0.0, fail_after=None):
-    """Replace the measurement: seconds proportional to MACs plus the overhead; after
+    """Replace the measurement (and the table's, see :func:`fake_table`): seconds proportional to MACs plus the overhead; after
     ``shift_after`` measurements every plan reads ``shift`` less (a plan shape the calibration
     misjudges); after ``fail_after`` the measurement raises."""
     calls = []
@@ -41,6 +63,7 @@ def fake_timing(monkeypatch, shift_after=None, shift=0.0, fail_after=None):
         fraction = fake_fraction(self.example, dense, pruned, offset)
         return 1.0, 1.0 - fraction
 
+    fake_table(monkeypatch)
     monkeypatch.setattr(CompactedTimer, "paired_seconds", paired_seconds)
     return calls
 
@@ -142,6 +165,7 @@ def test_when_a_rescaling_lands_further_off_the_closest_measured_plan_is_returne
         measured_plans.append(dict(plan))
         return original(self, plan)
 
+    fake_table(monkeypatch)
     monkeypatch.setattr(CompactedTimer, "paired_seconds", paired_seconds)
     monkeypatch.setattr(CompactedTimer, "fraction_removed", recording)
     twin, x = copy.deepcopy(resnet), inputs((8, 1, 32, 32))
@@ -156,6 +180,7 @@ def test_when_a_rescaling_lands_further_off_the_closest_measured_plan_is_returne
 
 
 def test_a_runtime_pruning_cannot_speed_up_enough_is_refused_before_the_search(resnet, monkeypatch):
+    fake_table(monkeypatch)
     monkeypatch.setattr(CompactedTimer, "paired_seconds", lambda self, dense, pruned: (1.0, 0.97))
     state = ModelState.of(resnet)
     with pytest.raises(ValueError, match="cannot be reached"):
