@@ -10,7 +10,8 @@ the point here: every agent's plan goes through the same measured closing step).
 latency table alone predicted for the returned plan, the first measurement of the plan the search
 returned (calibrated on two measured uniform plans), the measurement after the rescaling rounds, and an
 independent check: the pruned model compacted again and timed against the unpruned one in a fresh
-interleaved run (no cache), with the MACs ratio beside it. A target no plan can reach (at most 80% of any
+interleaved run (no cache, blocks until its median settles, as rl_prune's own), with the MACs
+ratio beside it. A target no plan can reach (at most 80% of any
 group removed) is refused by ``rl_prune`` before the model changes; the table says so.
 Measurement cache: a fresh directory per run (``$TORCH_RLPRUNE_CACHE``), so every number is measured here.
 """
@@ -20,7 +21,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -72,9 +72,8 @@ def one_run(name: str, runtime: str, batch: int, target: float) -> dict:
     pruned = copy.deepcopy(result.model)
     compact(pruned, x[:2])
     timer = CompactedTimer(dense, example, spec)
-    checks = [timer.paired_seconds(timer.reference, pruned) for _ in range(3)]
-    row["check"] = statistics.median(1 - p / d for d, p in checks)
-    row["dense_ms"] = statistics.median(d for d, _ in checks) * 1e3
+    row["check"] = timer.settled_fraction(timer.reference, pruned)  # as many blocks as rl_prune's own measurement
+    row["dense_ms"] = timer.paired_seconds(timer.reference, timer.reference)[0] * 1e3
     row["macs_ratio"] = count_macs_params(dense, x[:1])[0] / count_macs_params(pruned, x[:1])[0]
     timer.close()
     return row
@@ -146,7 +145,7 @@ def to_markdown(report: dict, command: str) -> str:
              "after compact (budget calibrated on two measured uniform plans); final: the returned plan as measured "
              "by rl_prune (the round closest to the target, of the measured rounds); "
              "check: the returned model compacted again and timed against the unpruned one afresh (median of "
-             "3 interleaved runs), the number to trust. "
+             "interleaved blocks until it settles, as rl_prune's own), the number to trust. "
              f"**Within {WITHIN * 100:.0f} points on the check, every accepted target at both batches: "
              + "; ".join(tally(rt) for rt in RUNTIMES) + "**; "
              f"{sum(abs(r['check'] - r['target']) <= WITHIN for r in measured)} of {len(measured)} runs; "

@@ -72,7 +72,8 @@ def fake_timing(monkeypatch, shift_after=None, shift=0.0, fail_after=None):
 @pytest.mark.parametrize("kwargs, name", [(dict(batch=0), "batch"), (dict(batch=True), "batch"),
                                           (dict(threads=0), "threads"), (dict(runtime="tflite"), "runtime"),
                                           (dict(tolerance=0.0), "tolerance"), (dict(rounds=-1), "rounds"),
-                                          (dict(repeats=0), "repeats"), (dict(blocks=0), "blocks")])
+                                          (dict(repeats=0), "repeats"), (dict(blocks=0), "blocks"),
+                                          (dict(blocks=4, max_blocks=3), "max_blocks")])
 def test_a_bad_latency_spec_names_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         Latency(**kwargs)
@@ -120,10 +121,29 @@ def test_a_measurement_is_the_median_of_its_blocks(resnet, monkeypatch):
     readings = iter([0.1, 0.5, 0.3])
     monkeypatch.setattr(CompactedTimer, "compacted", lambda self, plan: self.reference)
     monkeypatch.setattr(CompactedTimer, "paired_seconds", lambda self, dense, pruned: (1.0, 1.0 - next(readings)))
-    timer = CompactedTimer(resnet, inputs((1, 1, 32, 32)), Latency(blocks=3))
+    timer = CompactedTimer(resnet, inputs((1, 1, 32, 32)), Latency(blocks=3, max_blocks=3))
     assert timer.fraction_removed({"layer1.0.conv1:out": 8}) == pytest.approx(0.3)
     assert timer.fraction_removed({"layer1.0.conv1:out": 8}) == pytest.approx(0.3)  # cached: not measured again
     assert timer.measurements == 1
+
+
+@pytest.mark.parametrize("readings, blocks_taken", [
+    ([0.30, 0.31, 0.30], 3),                    # settled: the spec's 3 blocks
+    ([0.10, 0.50, 0.30, 0.30, 0.30], 5),        # spread out: more blocks until the median's error is small
+    ([0.1, 0.5, 0.3, 0.7, 0.2, 0.6, 0.4, 0.8], 6),  # never settles: stops at max_blocks
+])
+def test_a_noisy_measurement_takes_more_blocks_until_its_median_settles(resnet, monkeypatch, readings, blocks_taken):
+    stream, taken = iter(readings), []
+
+    def paired_seconds(self, dense, pruned):
+        taken.append(1)
+        return 1.0, 1.0 - next(stream)
+
+    monkeypatch.setattr(CompactedTimer, "paired_seconds", paired_seconds)
+    timer = CompactedTimer(resnet, inputs((1, 1, 32, 32)), Latency(blocks=3, max_blocks=6, tolerance=0.02))
+    fraction = timer.settled_fraction(timer.reference, timer.reference)
+    assert len(taken) == blocks_taken
+    assert fraction == pytest.approx(float(np.median(readings[:blocks_taken])))
 
 
 # --------------------------------------------------------------------------- rl_prune
