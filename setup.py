@@ -23,7 +23,9 @@ setup(
         # report.md's plots (PNG, Agg backend): the charts people look at are not worth re-implementing.
         "matplotlib>=3.5",
     ],
-    entry_points={"console_scripts": ["rlprune=torch_rlprune.cli:main"]},
+    # the console script's entry point sits outside the package: it sets OpenMP defaults before torch loads
+    py_modules=["torch_rlprune_console"],
+    entry_points={"console_scripts": ["rlprune=torch_rlprune_console:main"]},
     extras_require={
         # transformers in the tests: BERT, GPT-2, T5, ViT and Whisper built from small configs (no download)
         "test": ["pytest>=7", "hypothesis>=6", "gymnasium>=0.29", "transformers>=4.40",

@@ -12,7 +12,7 @@ defaults (prior, BatchNorm repair, held-out choice of 256 of the 1024 images, fi
 classifier kept dense); every unstructured baseline prunes the same tensors.
 
 Measured, written to benchmarks/results/bench[_quick].{json,md} (and, for a full run, the
-README section between the ``bench`` markers):
+docs/BENCHMARKS.md section between the ``bench`` markers):
 
 * quality -- unstructured targets 0.5/0.8/0.9/0.95 of the weights and channel target 0.5 of
   the MACs, over seeds (mean and min-max): test accuracy with no fine-tune and after the same
@@ -65,7 +65,7 @@ from torch_rlprune.data import fashion_mnist, tensor_subset  # noqa: E402
 from torch_rlprune.depth_search import count_macs_params_removed  # noqa: E402
 from torch_rlprune.priors import global_magnitude_unstructured, lamp_unstructured, uniform_unstructured  # noqa: E402
 from torch_rlprune.recalibration import BatchNormRecalibration  # noqa: E402
-from torch_rlprune.report import write_marked_section  # noqa: E402
+from torch_rlprune.report import publish_section  # noqa: E402
 from torch_rlprune.structure import find_prunable  # noqa: E402
 from torch_rlprune.training import evaluate_accuracy, train_classifier  # noqa: E402
 
@@ -738,7 +738,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="one seed, one target per structure, small budgets")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
     parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--no-readme", action="store_true", help="do not update README.md (full runs do)")
+    parser.add_argument("--no-readme", action="store_true", help="do not update docs/BENCHMARKS.md (full runs do)")
     parser.add_argument("--report", metavar="JSON", help="only regenerate the markdown (and README) from a JSON")
     parser.add_argument("--only", choices=["unstructured", "channel"],
                         help="re-run one structure (no memory probes) and replace its rows in the existing JSON; "
@@ -775,8 +775,9 @@ def main(argv=None) -> dict:
     markdown = to_markdown(report, command)
     (out / f"{name}.md").write_text(markdown)
     print(markdown)
-    if not args.quick and not args.no_readme and write_marked_section(ROOT / "README.md", "bench", markdown):
-        print("README.md updated")
+    if not args.quick and not args.no_readme:
+        for page in publish_section(ROOT, "bench", markdown):
+            print(f"{page.relative_to(ROOT)} updated")
     return report
 
 

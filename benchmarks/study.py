@@ -4,7 +4,7 @@
 
 A study gives its name, ``run(quick) -> report`` and ``to_markdown(report, command) -> str``; the
 report goes to ``<out>/<name>.json``, the table to ``<out>/<name>.md`` and, for a full run, into
-README.md between the study's markers, so the README's figures are always the run's.
+README.md or docs/*.md between the study's markers, so the published figures are always the run's.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from torch_rlprune.report import write_marked_section
+from torch_rlprune.report import publish_section
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -25,7 +25,7 @@ def study_main(name: str, description: str, run: Callable[[bool], dict], to_mark
     parser.add_argument("--quick", action="store_true", help="one seed, small budgets (smoke test)")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--report", metavar="JSON", help="only regenerate the markdown (and README) from a JSON")
-    parser.add_argument("--no-readme", action="store_true", help="do not write the table into README.md")
+    parser.add_argument("--no-readme", action="store_true", help="do not write the table into README.md / docs/")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -38,6 +38,7 @@ def study_main(name: str, description: str, run: Callable[[bool], dict], to_mark
     markdown = to_markdown(report, f"python benchmarks/{name}.py" + (" --quick" if args.quick else ""))
     (out / f"{stem}.md").write_text(markdown)
     print(markdown)
-    if not args.quick and not args.no_readme and write_marked_section(ROOT / "README.md", name, markdown):
-        print("README.md updated")
+    if not args.quick and not args.no_readme:
+        for page in publish_section(ROOT, name, markdown):
+            print(f"{page.relative_to(ROOT)} updated")
     return report

@@ -23,6 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from zoo_models import ZOO  # noqa: E402
@@ -140,7 +142,8 @@ def main() -> None:
         return
     todo = [z for z in ZOO if not args.only or z[0] in args.only or z[1] in args.only]
     with ThreadPoolExecutor(args.workers) as pool:
-        results = list(pool.map(lambda z: run_subprocess(*z, args.timeout), todo))
+        results = list(tqdm(pool.map(lambda z: run_subprocess(*z, args.timeout), todo), total=len(todo),
+                            desc="zoo sweep", unit="model", dynamic_ncols=True))
     for r in results:
         print(f"{r['family']:<28} {r['model']:<40} {'ok' if r.get('ok') else 'NO':<3} {r.get('phase', '')}")
     out = Path(args.out)

@@ -24,7 +24,7 @@ from torch import nn
 
 from torch_rlprune import rl_prune
 from torch_rlprune.data import fashion_mnist, tensor_subset
-from torch_rlprune.report import write_marked_section
+from torch_rlprune.report import publish_section
 from torch_rlprune.priors import global_magnitude_unstructured, lamp_unstructured, uniform_unstructured
 from torch_rlprune.structure import find_prunable
 from torch_rlprune.training import evaluate_accuracy, train_classifier
@@ -40,7 +40,7 @@ def trained_resnet18(x, y, epochs: float, cache: Path) -> nn.Module:
     else:
         print(f"training resnet18 on {len(x)} Fashion-MNIST images for {epochs} epoch(s) ...")
         tick = time.perf_counter()
-        train_classifier(model, x, y, epochs=epochs, batch_size=256, lr=0.05, seed=0)
+        train_classifier(model, x, y, epochs=epochs, batch_size=256, lr=0.05, seed=0, verbose=True)
         print(f"  trained in {time.perf_counter() - tick:.0f}s")
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), cache)
@@ -103,7 +103,7 @@ def main() -> None:
     rl_time = time.perf_counter() - tick
     protected = set(result.plan.metadata.get("protected", ()))
     plans_scored = result.history[-1]["evaluations"] if result.history else 0
-    random_result = rl_prune(random_model, target=args.target, agent="random", verbose=False,
+    random_result = rl_prune(random_model, target=args.target, agent="random", verbose=True,
                              episodes=max(1, len(result.history)), data=(x_cal, y_cal), seed=args.seed)
     prior_result = rl_prune(heuristic, target=args.target, agent="prior", verbose=False, data=(x_cal, y_cal),
                             seed=args.seed)
@@ -143,8 +143,9 @@ def main() -> None:
     (out / "demo.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     defaults = args.target == 0.8 and args.agent is None and args.episodes is None and args.epochs == 2.0 \
         and args.calibration == 512 and args.seed == 0
-    if defaults and not args.no_readme and write_marked_section(ROOT / "README.md", "demo", markdown):
-        print("README.md updated")
+    if defaults and not args.no_readme:
+        for page in publish_section(ROOT, "demo", markdown):
+            print(f"{page.relative_to(ROOT)} updated")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ download). Then, on copies of the trained model:
   ``hidden_size`` and the compacted model is timed.
 
 Test accuracy is on the 10,000 MNIST test sequences, no fine-tuning. With the default
-arguments the unstructured table goes to benchmarks/results/lstm.{md,json} and into README.md
+arguments the unstructured table goes to benchmarks/results/lstm.{md,json} and into docs/rnn.md
 between the ``lstm`` markers.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch_rlprune import rl_prune
 from torch_rlprune.channel import ChannelStructure, apply_channel_plan, compact, count_macs_params
 from torch_rlprune.data import mnist, sequential, tensor_subset
 from torch_rlprune.priors import global_magnitude_unstructured, lamp_unstructured, uniform_unstructured
-from torch_rlprune.report import write_marked_section
+from torch_rlprune.report import publish_section
 from torch_rlprune.structure import find_prunable
 from torch_rlprune.training import evaluate_accuracy
 
@@ -212,7 +212,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", default=str(ROOT / "data"), help="dataset root (default: data/)")
     parser.add_argument("--checkpoints", default=str(ROOT / "checkpoints"), help="trained-model cache directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--no-readme", action="store_true", help="do not write the table into README.md")
+    parser.add_argument("--no-readme", action="store_true", help="do not write the table into docs/rnn.md")
     args = parser.parse_args(argv)
     verbose = not args.quiet
 
@@ -241,8 +241,9 @@ def main(argv=None) -> dict:
         (out / "lstm.md").write_text(markdown)
         (out / "lstm.json").write_text(json.dumps({"dense_acc": dense_acc, "rows": unstructured,
                                                    "hidden_units": units}, indent=1))
-        if not args.no_readme and write_marked_section(ROOT / "README.md", "lstm", markdown):
-            print("README.md updated")
+        if not args.no_readme:
+            for page in publish_section(ROOT, "lstm", markdown):
+                print(f"{page.relative_to(ROOT)} updated")
     return {"unstructured": unstructured, **units}
 
 

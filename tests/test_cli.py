@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -180,7 +181,7 @@ def test_prune_with_a_latency_budget_measures_it_on_the_runtime_asked_for(tmp_pa
     assert "measured after compact on eager" in stdout and "batch 2, 1 threads" in stdout
     measured = json.loads((out / "plan.json").read_text())["metadata"]["latency"]["measured"]
     assert measured["spec"] == {"batch": 2, "threads": 1, "runtime": "eager", "tolerance": 0.02, "rounds": 4,
-                                "repeats": 10, "blocks": 3}
+                                "repeats": 10, "blocks": 3, "max_blocks": 12}
     command = json.loads((out / "command.json").read_text())
     assert json.dumps(command).count('"latency_batch": 2') == 1
 
@@ -551,3 +552,47 @@ def test_out_never_holds_the_input_model(tmp_path, unstructured_run):
 def test_distributed_needs_an_explicit_out(tmp_path):
     code, _, stderr = run_cli("prune", MODEL, "--distributed")
     assert code == EXIT_USAGE and "--distributed" in stderr
+
+
+@pytest.mark.parametrize("argv, usage, hint", [
+    (["prune", MODEL, "--targett", "0.5"], "usage: rlprune prune", "--targett (did you mean --target"),
+    (["compact", "model.pt", "--outt", "x.pt"], "usage: rlprune compact", "did you mean --out"),
+])
+def test_a_misspelled_flag_prints_its_subcommands_usage_with_the_closest_flag(argv, usage, hint):
+    code, _, stderr = run_cli(*argv)
+    assert code == EXIT_USAGE
+    assert stderr.startswith(usage) and hint in stderr
+    assert "COMMAND ..." not in stderr  # not the top-level usage
+
+
+def test_training_and_fine_tuning_show_progress_unless_quiet(tmp_path, data_root):
+    args = ["prune", MODEL, "--target", "0.5", "--agent", "prior", "--calibration", "64", "--test-samples", "0",
+            "--train-steps", "3", "--finetune-steps", "2", "--data-root", data_root]
+    code, _, stderr = run_cli(*args, "--out", tmp_path / "loud")
+    assert code == 0
+    assert re.search(r"training: .*/3", stderr) and re.search(r"fine-tuning: .*/2", stderr)
+    code, _, stderr = run_cli(*args, "--out", tmp_path / "quiet", "--quiet")
+    assert code == 0 and "training:" not in stderr and "fine-tuning:" not in stderr
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_console_script_sets_openmps_wait_policy_before_torch_loads(given, expected):
+    import importlib.metadata
+
+    (script,) = importlib.metadata.entry_points(group="console_scripts", name="rlprune")
+    assert script.value == "torch_rlprune_console:main"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = ("import os, sys, torch_rlprune_console as console\n"
+            "assert 'torch' not in sys.modules, 'torch loaded before the policy was set'\n"
+            "sys.argv = ['rlprune', 'agents']\n"
+            "assert console.main() == 0\n"
+            "print('policy', os.environ['OMP_WAIT_POLICY'])\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "amc" in done.stdout and f"policy {expected}" in done.stdout
+    # python -m torch_rlprune: torch is loaded before it runs, so it restarts itself with the policy set
+    done = subprocess.run([sys.executable, "-m", "torch_rlprune", "agents"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "amc" in done.stdout

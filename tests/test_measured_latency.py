@@ -248,3 +248,14 @@ def test_latency_measured_in_onnxruntime(resnet):
     assert record["spec"]["runtime"] == "onnxruntime" and record["measurements"] >= 3
     assert np.isfinite(result.sparsity) and result.sparsity == record["measured_fraction"]
     assert "measured after compact on onnxruntime" in result.summary()
+
+
+def test_latency_tables_and_measurements_show_progress_only_when_verbose(resnet, monkeypatch, capsys):
+    fake_timing(monkeypatch)
+    x = inputs((8, 1, 32, 32))
+    rl_prune(copy.deepcopy(resnet), 0.3, budget=Latency(blocks=1), data=x, **dict(FAST, verbose=True))
+    shown = capsys.readouterr().err
+    assert "latency table" in shown and "latency: measuring calibration plans" in shown
+    assert "latency: measuring the plan after compact" in shown
+    rl_prune(resnet, 0.3, budget=Latency(blocks=1), data=x, **FAST)
+    assert "latency" not in capsys.readouterr().err

@@ -319,3 +319,43 @@ def test_a_marked_section_is_replaced_and_only_it(tmp_path):
     assert "<!-- demo:start -->\nx\n" in text                       # the other section is untouched
     assert not write_marked_section(doc, "lstm", "y")               # no markers: nothing written
     assert doc.read_text() == text
+
+
+def test_a_published_table_lands_on_whichever_page_holds_its_markers(tmp_path):
+    from torch_rlprune.report import publish_section
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("<!-- demo:start -->\nold\n<!-- demo:end -->\n")
+    (tmp_path / "docs" / "BENCHMARKS.md").write_text("# B\n<!-- bench:start -->\nold\n<!-- bench:end -->\n")
+    (tmp_path / "docs" / "rnn.md").write_text("no markers\n")
+    assert publish_section(tmp_path, "bench", "| new |") == [tmp_path / "docs" / "BENCHMARKS.md"]
+    assert "| new |" in (tmp_path / "docs" / "BENCHMARKS.md").read_text()
+    assert (tmp_path / "README.md").read_text() == "<!-- demo:start -->\nold\n<!-- demo:end -->\n"
+    assert publish_section(tmp_path, "lstm", "x") == []                # no page holds it: nothing written
+
+
+@pytest.mark.parametrize("reward, meaning", [("fidelity", "predicts the unpruned model's class"),
+                                             ("accuracy", "top-1 accuracy on the labelled calibration inputs"),
+                                             ("my_score", "your reward 'my_score'")])
+def test_the_summary_says_what_its_scores_mean_for_the_reward_used(unstructured, reward, meaning):
+    record = dict(summarize(unstructured[1], count=False), reward=reward)
+    lines = format_summary(record).splitlines()
+    score_line = next(i for i, line in enumerate(lines) if "(unpruned " in line)
+    assert meaning in lines[score_line + 1]
+    assert "BatchNorm statistics re-estimated" in lines[score_line + 1]  # the unpruned score was measured so
+    plan = dict(record["plan"], metadata=dict(record["plan"]["metadata"], bn_recalibration=0))
+    assert "re-estimated" not in format_summary(dict(record, plan=plan))
+
+
+def test_the_search_and_tradeoff_plots_have_titles_and_name_the_reward(tmp_path, unstructured, monkeypatch):
+    import torch_rlprune.report as report
+
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or Path(path))
+    record = summarize(unstructured[1], count=False)
+    plot_search([record], tmp_path / "search.png")
+    report.plot_tradeoff([record, dict(record, target=0.5)], tmp_path / "tradeoff.png")
+    search, tradeoff = (fig.axes[0] for fig in figures)
+    assert search.get_title().startswith("Search") and "agreement with the unpruned model" in search.get_ylabel()
+    assert "points" not in search.get_ylabel() and search.get_xlabel() == "episode"
+    assert tradeoff.get_title() and "fraction removed" in tradeoff.get_title()

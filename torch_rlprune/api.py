@@ -29,6 +29,7 @@ from .threads import agent_threads, intra_op_threads, one_search_at_a_time
 from .masking import InPlaceMask
 from .plan import PruningPlan, apply_plan
 from .priors import PRIORS, sorted_lamp_scores, threshold_allocation, uniform_allocation
+from .progress import progress
 from .recalibration import BatchNormRecalibration
 from .repair import REPAIRS, LeastSquaresRefit
 from .rewards import REWARDS, make_reward
@@ -965,7 +966,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
     snapshot = ModelSnapshot(model)
     env = recalibrate = recorder = refit = measured_latency = None
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), progress(verbose and leader):
             torch.manual_seed(int(seed))
             prepared = _prepare_search(model, layers, targets, data, reward, budget, structure, exclude,
                                        example_inputs, seed, calibration_samples, max_amount, importance_scores,

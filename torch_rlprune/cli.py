@@ -56,7 +56,7 @@ COMMAND_FORMAT_VERSION = 1
 BUILTIN_DATA = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}  # 1 x 28 x 28, 10 classes
 IMAGEFOLDER_DEFAULT_SIZE = 64
 TRAIN_BATCH = 128  # train_classifier's default batch size: --train-steps N uses N * 128 images
-FINETUNE_LR = 0.01  # the benchmark's fine-tune learning rate (README, `make bench`)
+FINETUNE_LR = 0.01  # the benchmark's fine-tune learning rate (docs/BENCHMARKS.md, `make bench`)
 
 EXIT_CODES_HELP = """\
 exit codes:
@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the full traceback when something fails")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     sub.required = True
+    parser.set_defaults(subcommands=sub.choices)  # main() reports a bad flag with its subcommand's usage
 
     # ---- prune
     p = sub.add_parser(
@@ -374,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- entry point
+def _reject_unknown(subparser: argparse.ArgumentParser, unknown: Sequence[str]) -> None:
+    """Exit 2 with the subcommand's usage, naming the unknown arguments and the closest flags."""
+    flags = [o for action in subparser._actions for o in action.option_strings]
+    hints = [f"{word} (did you mean {', '.join(close)}?)" if (close := difflib.get_close_matches(word.split("=")[0],
+             flags, n=2)) else word for word in unknown if word.startswith("-")]
+    subparser.error("unrecognized arguments: " + " ".join(unknown) + (f"; {'; '.join(hints)}" if hints else ""))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``rlprune`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     from .checkpoint import CheckpointError
@@ -382,7 +391,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # argparse would blame the top-level parser and print its usage, not the subcommand's
+            _reject_unknown(args.subcommands[args.command], unknown)
     except SystemExit as done:  # argparse's own errors (2) and --help/--version (0)
         return done.code if isinstance(done.code, int) else (EXIT_OK if done.code is None else EXIT_USAGE)
     args.argv = argv
@@ -964,7 +975,7 @@ def _run_prune(args, s: dict, model_spec: str, out: Path, console: _Console, lea
     is_timm_name = not Path(model_spec).is_file()
     if s["train_steps"] > 0:
         console.note(f"training {model_spec} for {s['train_steps']} steps on {len(x_pool)} images")
-        _train(model, x_pool, y_pool, s["train_steps"], seed, lr=None)
+        _train(model, x_pool, y_pool, s["train_steps"], seed, lr=None, verbose=not console.quiet)
     elif is_timm_name and s["checkpoint"] is None:
         console.warn(f"pruning an untrained {model_spec} (no --checkpoint, --train-steps 0): its plan says "
                      f"nothing about a trained model")
@@ -1018,7 +1029,8 @@ def _run_prune(args, s: dict, model_spec: str, out: Path, console: _Console, lea
             acc["after"] = evaluate_accuracy(pruned, *test)
         if s["finetune_steps"] > 0:
             console.note(f"fine-tuning{'' if t is None else f' target {t:g}'} for {s['finetune_steps']} steps")
-            _train(pruned, x_pool, y_pool, s["finetune_steps"], seed, lr=FINETUNE_LR)
+            _train(pruned, x_pool, y_pool, s["finetune_steps"], seed, lr=FINETUNE_LR, verbose=not console.quiet,
+                   desc="fine-tuning")
             if test is not None:
                 acc["after_finetune"] = evaluate_accuracy(pruned, *test)
         torch.save(pruned, out / f"model{suffix}.pt")
@@ -1087,7 +1099,8 @@ def _suffix(key: str) -> str:
     return "" if key == "plan" else f"_{key}"
 
 
-def _train(model: nn.Module, x, y, steps: int, seed: int, lr: Optional[float]) -> None:
+def _train(model: nn.Module, x, y, steps: int, seed: int, lr: Optional[float], verbose: bool = False,
+           desc: str = "training") -> None:
     from .training import train_classifier
 
     per_epoch = max(1, len(x) // TRAIN_BATCH)
@@ -1095,7 +1108,7 @@ def _train(model: nn.Module, x, y, steps: int, seed: int, lr: Optional[float]) -
     with torch.random.fork_rng(devices=[]):  # dropout & co draw from a seeded stream: resumable runs rebuild it
         torch.manual_seed(seed)
         train_classifier(model, x, y, epochs=math.ceil(steps / per_epoch), batch_size=TRAIN_BATCH, seed=seed,
-                         max_steps=steps, **kwargs)
+                         max_steps=steps, verbose=verbose, desc=desc, **kwargs)
     model.eval()
 
 

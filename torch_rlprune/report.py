@@ -26,7 +26,7 @@ from torch import nn
 
 from .plan import PlanError, PruningPlan
 
-__all__ = ["write_marked_section", "RUN_FILE", "RUN_FORMAT_VERSION", "summarize", "format_summary", "count_dense", "plot_amounts", "plot_search",
+__all__ = ["write_marked_section", "publish_section", "RUN_FILE", "RUN_FORMAT_VERSION", "summarize", "format_summary", "count_dense", "plot_amounts", "plot_search",
            "plot_tradeoff", "save_run", "load_run", "write_report", "search_stats"]
 
 RUN_FILE = "run.json"
@@ -390,6 +390,21 @@ def _quality_lines(record: dict) -> List[str]:
     return lines
 
 
+def _score_meaning(record: dict) -> str:
+    """One line saying what the score numbers are, for the reward the search used."""
+    reward = record.get("reward")
+    bn = ((record.get("plan") or {}).get("metadata") or {}).get("bn_recalibration")
+    unpruned = ("unpruned: the model before pruning, its BatchNorm statistics re-estimated as for every plan"
+                if bn else "unpruned: the model before pruning")
+    if reward == "fidelity":
+        what = "share of calibration inputs on which the model predicts the unpruned model's class"
+    elif reward == "accuracy":
+        what = "top-1 accuracy on the labelled calibration inputs"
+    else:
+        what = f"your reward {reward!r} on the calibration inputs"
+    return f"  (score: {what}; {unpruned})"
+
+
 def format_summary(record: dict) -> str:
     """The table ``result.summary()`` and the CLI print: settings, target vs achieved, score,
     MACs/params, test accuracy and timings, then one row per layer (or channel group)."""
@@ -398,7 +413,7 @@ def format_summary(record: dict) -> str:
     lines = [f"rl_prune: agent={record['agent']} reward={record['reward']} budget={record['budget']} "
              f"structure={record['structure']} episodes={record.get('episodes')} seed={record.get('seed')}",
              f"{_goal(record)}  achieved {_num(record['sparsity'])}  score {_num(record.get('score'))} "
-             f"(unpruned {_num(record.get('baseline_score'))})"]
+             f"(unpruned {_num(record.get('baseline_score'))})", _score_meaning(record)]
     lines += _quality_lines(record)
     lines += _cost_lines(record)
     lines.append(f"wall time {_num(record.get('wall_time'), '.1f')}s  "
@@ -557,6 +572,14 @@ def plot_amounts(record: dict, path) -> Path:
     return _save(fig, path)
 
 
+def _reward_axis(reward: Optional[str]) -> str:
+    if reward == "fidelity":
+        return "reward: agreement with the unpruned model"
+    if reward == "accuracy":
+        return "reward: calibration accuracy"
+    return "reward" if reward is None else f"reward ({reward})"
+
+
 def plot_search(records: Sequence[dict], path) -> Path:
     """Reward per episode (points) and best-so-far (line), one colour per record."""
     records = list(records)
@@ -577,7 +600,9 @@ def plot_search(records: Sequence[dict], path) -> Path:
     if not drawn:
         ax.text(0.5, 0.5, "no episodes recorded", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("episode")
-    ax.set_ylabel("reward (points), best so far (line)")
+    rewards = {str(r.get("reward")) for r in records}
+    ax.set_ylabel(_reward_axis(rewards.pop() if len(rewards) == 1 else None))
+    ax.set_title("Search: each plan's reward (dots), the best so far (line)", fontsize=10)
     if records:
         ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
@@ -616,6 +641,7 @@ def plot_tradeoff(records: Sequence[dict], path) -> Path:
         ax.text(0.5, 0.5, "nothing to plot", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel(f"achieved sparsity (fraction of {records[0]['budget'] if records else 'budget'} removed)")
     ax.set_ylabel(name)
+    ax.set_title(f"{name.capitalize()} against the fraction removed, per target", fontsize=10)
     if series or unpruned is not None:
         ax.legend(fontsize=8)
     return _save(fig, path)
@@ -849,6 +875,15 @@ def write_report(run_dir, records: Optional[Sequence[dict]] = None) -> Path:
     path = run_dir / REPORT_FILE
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def publish_section(root, name: str, markdown: str) -> List[Path]:
+    """Write ``markdown`` between ``name``'s markers in ``root``/README.md and every ``root``/docs/*.md
+    holding them (a table lives on one page; which page may change without touching its script).
+    Returns the files written."""
+    root = Path(root)
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    return [page for page in pages if page.is_file() and write_marked_section(page, name, markdown)]
 
 
 def write_marked_section(document, name: str, markdown: str) -> bool:

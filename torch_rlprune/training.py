@@ -10,14 +10,17 @@ from typing import Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 __all__ = ["train_classifier", "evaluate_accuracy"]
 
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: float = 1.0,
                      batch_size: int = 128, lr: float = 0.05, weight_decay: float = 5e-4,
-                     seed: int = 0, max_steps: Optional[int] = None) -> nn.Module:
-    """SGD with momentum and a cosine schedule over ``epochs`` passes of ``(x, y)``."""
+                     seed: int = 0, max_steps: Optional[int] = None, verbose: bool = False,
+                     desc: str = "training") -> nn.Module:
+    """SGD with momentum and a cosine schedule over ``epochs`` passes of ``(x, y)``; a progress
+    bar (named ``desc``, with the running loss) when ``verbose``."""
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = max(1, len(x) // batch_size)
     total = max(1, int(round(epochs * steps_per_epoch)))
@@ -27,6 +30,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
     model.train()
     step = 0
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not verbose, leave=False, dynamic_ncols=True)
     while step < total:
         order = torch.randperm(len(x), generator=generator)
         for i in range(steps_per_epoch):
@@ -39,6 +43,9 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
             opt.step()
             schedule.step()
             step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
     model.eval()
     return model
 

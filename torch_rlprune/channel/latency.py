@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..progress import progress_bar
 from ._util import batch_size, restore_training, run_model, training_flags
 from .recurrent import recurrent_weight_names, samples
 
@@ -522,6 +523,7 @@ class LatencyTable:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             generator = torch.Generator().manual_seed(0)
             self.measured_seconds = self._model_seconds(cached, model, example)
+            bar = progress_bar(total=len(entries), desc="latency table", unit="layer")
             for name, (e0, e1) in entries.items():
                 widths = self._grid_of(modules[name], e0, e1)
                 for shape, calls in shapes[name].items():
@@ -534,6 +536,8 @@ class LatencyTable:
                         table = self._time_grid(modules[name], widths, shape, generator)
                     raw[signature] = {"widths": [list(w) for w in widths], "seconds": table.tolist()}
                     self.layers.append(TimedLayer(name, shape, calls, (e0, e1), widths, _monotone(table)))
+                bar.update(1)
+            bar.close()
         if self.measurements:
             _write_cache(self.cache_path, key, self.measured_seconds, raw)
 

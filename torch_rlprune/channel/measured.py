@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..progress import progress_bar
 from ..threads import intra_op_threads
 from ._util import restore_training, run_model, training_flags
 
@@ -392,12 +393,14 @@ def close_on_measurement(space, env, key, target: float, rescore) -> dict:
     # measured several points apart).
     search_points, latency.calibration = latency.calibration.as_list(), MeasuredCalibration()
     rounds, plans = [], []
+    bar = progress_bar(total=spec.rounds + 1, desc="latency: measuring the plan after compact", unit="round")
     for round_ in range(spec.rounds + 1):
         counts = latency.table._resolve(k)
         predicted, raw = latency.fraction_removed(counts), latency.predicted_fraction(counts)
         measured = timer.fraction_removed(space.structure.plan(counts))
         latency.calibration.add(raw, measured)
         rounds.append({"table": raw, "predicted": predicted, "measured": measured})
+        bar.update(1)
         plans.append(k)
         if abs(measured - target) <= spec.tolerance or round_ == spec.rounds:
             break
@@ -406,6 +409,7 @@ def close_on_measurement(space, env, key, target: float, rescore) -> dict:
             break
         k = rescaled
         rescore(k)
+    bar.close()
     chosen = min(range(len(rounds)), key=lambda i: (abs(rounds[i]["measured"] - target), i))
     if chosen != len(rounds) - 1:
         rescore(plans[chosen])
@@ -421,6 +425,7 @@ def calibrate_before_search(space, env, targets: Sequence[float], uniform_plan) 
     """Two measured uniform plans per target (at most three targets): one at the table's own
     prediction, one at the target corrected by the first measurement (a secant step)."""
     latency, timer = space.latency, space.timer
+    bar = progress_bar(total=2 * len(list(targets)[:3]), desc="latency: measuring calibration plans", unit="plan")
     for target in list(targets)[:3]:
         for _ in range(2):
             counts = latency.table._resolve(uniform_plan(target * env.cost.total))
@@ -428,3 +433,5 @@ def calibrate_before_search(space, env, targets: Sequence[float], uniform_plan) 
                 break
             latency.calibration.add(latency.predicted_fraction(counts),
                                     timer.fraction_removed(space.structure.plan(counts)))
+            bar.update(1)
+    bar.close()
