@@ -53,7 +53,8 @@ def test_budget_met_and_masked_model_equals_compacted_model(resnet, budget, targ
     info = result.compact()
     with torch.inference_mode():
         compacted = resnet(x)
-    assert (masked - compacted).abs().max() < 1e-5
+    # float32 rounding of a reordered sum grows with the output's scale (1.03e-5 at |y| <= 1.7 on one CPU)
+    assert (masked - compacted).abs().max() < 1e-5 * max(1.0, float(masked.abs().max()))
     assert prune_hook_count(resnet) == 0
     after = count_macs_params(resnet, x[:2])
     assert after[which] == pytest.approx(masked_cost[which], rel=1e-3)

@@ -37,7 +37,7 @@ def _example():
                                                     ("channel", "purl", {"warmup": 2})])
 def test_two_processes_end_with_the_single_process_plan(structure, agent, config, data_root, tmp_path):
     common = ["--model", "resnet18", "--structure", structure, "--agent", agent, "--episodes", "6",
-              "--agent-config", json.dumps(config), "--calibration", "256", "--data-root", str(data_root), "--seed", "3"]
+              "--agent-config", json.dumps(config), "--calibration", "128", "--data-root", str(data_root), "--seed", "3"]
     run = _torchrun([EXAMPLE, *common, "--out", tmp_path / "two"], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     with torch.random.fork_rng(devices=[]):
