@@ -425,8 +425,9 @@ def calibrate_before_search(space, env, targets: Sequence[float], uniform_plan) 
     """Two measured uniform plans per target (at most three targets): one at the table's own
     prediction, one at the target corrected by the first measurement (a secant step)."""
     latency, timer = space.latency, space.timer
-    bar = progress_bar(total=2 * len(list(targets)[:3]), desc="latency: measuring calibration plans", unit="plan")
-    for target in list(targets)[:3]:
+    targets = list(targets)[:3]
+    bar = progress_bar(total=2 * len(targets), desc="latency: measuring calibration plans", unit="plan")
+    for target in targets:
         for _ in range(2):
             counts = latency.table._resolve(uniform_plan(target * env.cost.total))
             if not counts.any():
