@@ -10,11 +10,15 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from torch_rlprune.agents import Agent
+from torch_rlprune.channel import count_macs_params
+from torch_rlprune.channel.latency import LatencyTable
+from torch_rlprune.channel.measured import CompactedTimer
 
 BUDGET_TOLERANCE = 0.005  # the contract: achieved sparsity within 0.5 percentage points of the target
 HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
@@ -281,3 +285,53 @@ def latency_resnet():
 
     torch.manual_seed(0)
     return timm.create_model("resnet18", pretrained=False, in_chans=1, num_classes=10).eval()
+
+
+# --------------------------------------------------------------------------- deterministic timings
+OVERHEAD = 0.25  # of the unpruned model's MACs: time no pruning removes (what the table misjudges)
+
+
+def fake_fraction(example, dense, pruned, shift=0.0) -> float:
+    macs_dense, macs_pruned = count_macs_params(dense, example)[0], count_macs_params(pruned, example)[0]
+    return 1 - (OVERHEAD * macs_dense + macs_pruned) / ((1 + OVERHEAD) * macs_dense) + shift
+
+
+def fake_table(monkeypatch):
+    """Replace the latency table's timings too: a layer's seconds proportional to its MACs at
+    each grid point, the whole model the layers plus the same overhead. Real layer timings
+    on a shared machine made the rescaling's convergence, and so these tests, depend on load."""
+    def time_grid(self, module, widths, input_shape, generator):
+        self.measurements += 1
+        positions = math.prod(input_shape) / input_shape[1] if len(input_shape) > 2 else input_shape[0]
+        return np.outer(widths[0], widths[1]) * positions * 1e-9
+
+    measure_and_cache = LatencyTable._measure_and_cache
+
+    def layers_plus_overhead(self, *args):
+        measure_and_cache(self, *args)
+        self.measured_seconds = (1 + OVERHEAD) * sum(lay.calls * lay.dense_seconds for lay in self.layers)
+
+    monkeypatch.setattr(LatencyTable, "_time_grid", time_grid)
+    monkeypatch.setattr(LatencyTable, "_model_seconds", lambda self, cached, model, example: 0.0)
+    monkeypatch.setattr(LatencyTable, "_measure_and_cache", layers_plus_overhead)
+
+
+def fake_timing(monkeypatch, shift_after=None, shift=0.0, fail_after=None, drift=False):
+    """Replace the measurement (and the table's, see :func:`fake_table`): seconds proportional to MACs plus the overhead; after
+    ``shift_after`` measurements every plan reads ``shift`` less (a plan shape the calibration
+    misjudges; with ``drift``, ``shift`` more at every measurement, so no rescaling catches up);
+    after ``fail_after`` the measurement raises."""
+    calls = []
+
+    def paired_seconds(self, dense, pruned):
+        calls.append(1)
+        if fail_after is not None and len(calls) > fail_after:
+            raise RuntimeError("timer broke")
+        late = len(calls) - shift_after if shift_after is not None else 0
+        offset = -shift * (late if drift else 1) if late > 0 else 0.0
+        fraction = fake_fraction(self.example, dense, pruned, offset)
+        return 1.0, 1.0 - fraction
+
+    fake_table(monkeypatch)
+    monkeypatch.setattr(CompactedTimer, "paired_seconds", paired_seconds)
+    return calls

@@ -124,6 +124,9 @@ def test_distributed_needs_torchrun_and_a_splittable_reward(small_cnn_model, cnn
                  reward=lambda m: 1.0)
     with pytest.raises(TypeError, match="distributed must be True or False"):
         rl_prune(small_cnn_model, target=0.5, data=cnn_batch, distributed="yes", verbose=False)
+    with pytest.raises(ValueError, match="without distributed=True"):  # blocks are timed on one process
+        rl_prune(small_cnn_model, target=0.5, data=cnn_batch, distributed=True, verbose=False, agent="n2n",
+                 structure="channel", budget="latency")
     assert all(torch.equal(v, before[k]) for k, v in small_cnn_model.state_dict().items())
 
 

@@ -6,66 +6,20 @@ fixed overhead the table cannot see) wherever a test asserts on a value: the con
 not the machine. One test runs the real onnxruntime path and asserts nothing about its numbers."""
 import copy
 import importlib.util
-import math
 import warnings
 
 import numpy as np
 import pytest
-import torch
 
-from helpers import ModelState, inputs, latency_resnet, private_cache_one_thread  # noqa: F401
+from helpers import (ModelState, fake_fraction, fake_table, fake_timing, inputs,  # noqa: F401 - fixtures
+                     latency_resnet, private_cache_one_thread)
 from torch_rlprune import Latency, apply_plan, compact, rl_prune
 from torch_rlprune.budget import AdditiveBudget
-from torch_rlprune.channel import ChannelStructure, count_macs_params
+from torch_rlprune.channel import ChannelStructure
 from torch_rlprune.channel.latency import LatencyTable
-from torch_rlprune.channel.measured import CompactedTimer, MeasuredCalibration, scaled_plan
+from torch_rlprune.channel.measured import CompactedTimer, MeasuredCalibration, fit_fixed_rest, scaled_plan
 
 FAST = dict(structure="channel", agent="random", episodes=4, verbose=False, seed=0)
-OVERHEAD = 0.25  # of the unpruned model's MACs: time no pruning removes (what the table misjudges)
-
-
-def fake_fraction(example, dense, pruned, shift=0.0) -> float:
-    macs_dense, macs_pruned = count_macs_params(dense, example)[0], count_macs_params(pruned, example)[0]
-    return 1 - (OVERHEAD * macs_dense + macs_pruned) / ((1 + OVERHEAD) * macs_dense) + shift
-
-
-def fake_table(monkeypatch):
-    """Replace the latency table's timings too: a layer's seconds proportional to its MACs at
-    each grid point, the whole model the layers plus the same overhead. Real layer timings
-    on a shared machine made the rescaling's convergence, and so these tests, depend on load."""
-    def time_grid(self, module, widths, input_shape, generator):
-        self.measurements += 1
-        positions = math.prod(input_shape) / input_shape[1] if len(input_shape) > 2 else input_shape[0]
-        return np.outer(widths[0], widths[1]) * positions * 1e-9
-
-    measure_and_cache = LatencyTable._measure_and_cache
-
-    def layers_plus_overhead(self, *args):
-        measure_and_cache(self, *args)
-        self.measured_seconds = (1 + OVERHEAD) * sum(lay.calls * lay.dense_seconds for lay in self.layers)
-
-    monkeypatch.setattr(LatencyTable, "_time_grid", time_grid)
-    monkeypatch.setattr(LatencyTable, "_model_seconds", lambda self, cached, model, example: 0.0)
-    monkeypatch.setattr(LatencyTable, "_measure_and_cache", layers_plus_overhead)
-
-
-def fake_timing(monkeypatch, shift_after=None, shift=0.0, fail_after=None):
-    """Replace the measurement (and the table's, see :func:`fake_table`): seconds proportional to MACs plus the overhead; after
-    ``shift_after`` measurements every plan reads ``shift`` less (a plan shape the calibration
-    misjudges); after ``fail_after`` the measurement raises."""
-    calls = []
-
-    def paired_seconds(self, dense, pruned):
-        calls.append(1)
-        if fail_after is not None and len(calls) > fail_after:
-            raise RuntimeError("timer broke")
-        offset = -shift if shift_after is not None and len(calls) > shift_after else 0.0
-        fraction = fake_fraction(self.example, dense, pruned, offset)
-        return 1.0, 1.0 - fraction
-
-    fake_table(monkeypatch)
-    monkeypatch.setattr(CompactedTimer, "paired_seconds", paired_seconds)
-    return calls
 
 
 # --------------------------------------------------------------------------- the spec
@@ -108,6 +62,27 @@ def test_calibration_stays_monotone_under_noisy_points():
         calibration.add(float("nan"), 0.1)
 
 
+@pytest.mark.parametrize("share", [0.0, 0.4, 1.0])
+def test_the_fixed_share_of_the_rest_is_recovered_from_measured_plans(resnet, monkeypatch, share):
+    fake_table(monkeypatch)
+    x = inputs((4, 1, 32, 32))
+    structure = ChannelStructure(resnet, x[:2], round_to=8)
+    table = LatencyTable(structure, x[:2], batch=1)
+    rng = np.random.default_rng(0)
+    plans = [np.array([rng.integers(0, g.num_units // 2 + 1) for g in structure.groups]) for _ in range(3)]
+    table.fixed_rest = share
+    measured = [(k, table.fraction_removed(k)) for k in plans]  # what a model with that overhead measures
+    table.fixed_rest = 0.5
+    assert fit_fixed_rest(table, table.fraction_removed, measured) == pytest.approx(share, abs=1e-9)
+    assert table.fixed_rest == pytest.approx(share, abs=1e-9)
+    # a larger fixed share predicts less removed by the same plan: the overhead stays
+    table.fixed_rest = 0.0
+    shrinking = table.fraction_removed(plans[0])
+    table.fixed_rest = 1.0
+    assert table.fraction_removed(plans[0]) < shrinking
+    assert table.latency(np.zeros(len(structure.groups), dtype=np.int64)) == pytest.approx(table.dense_latency)
+
+
 def test_scaled_plan_keeps_the_plans_shape_and_lands_on_the_goal():
     budget = AdditiveBudget([100, 100, 100, 100], [1, 1, 1, 1], [0, 0, 0, 0], [90, 90, 90, 90])
     k = np.array([10, 20, 40, 0])
@@ -119,7 +94,7 @@ def test_scaled_plan_keeps_the_plans_shape_and_lands_on_the_goal():
 
 def test_a_measurement_is_the_median_of_its_blocks(resnet, monkeypatch):
     readings = iter([0.1, 0.5, 0.3])
-    monkeypatch.setattr(CompactedTimer, "compacted", lambda self, plan: self.reference)
+    monkeypatch.setattr(CompactedTimer, "compacted", lambda self, plan, removed_blocks=(): self.reference)
     monkeypatch.setattr(CompactedTimer, "paired_seconds", lambda self, dense, pruned: (1.0, 1.0 - next(readings)))
     timer = CompactedTimer(resnet, inputs((1, 1, 32, 32)), Latency(blocks=3, max_blocks=3))
     assert timer.fraction_removed({"layer1.0.conv1:out": 8}) == pytest.approx(0.3)
@@ -209,7 +184,7 @@ def test_a_runtime_pruning_cannot_speed_up_enough_is_refused_before_the_search(r
 
 
 def test_a_target_still_missed_after_every_round_warns_with_the_measurements(resnet, monkeypatch):
-    fake_timing(monkeypatch, shift_after=2, shift=0.3)  # the rescaled plans cannot catch up in one round
+    fake_timing(monkeypatch, shift_after=2, shift=0.25, drift=True)  # the rescaled plans cannot catch up
     with pytest.warns(UserWarning, match="measured after compact"):
         result = rl_prune(resnet, 0.3, budget=Latency(rounds=1, blocks=1), data=inputs((8, 1, 32, 32)), **FAST)
     record = result.plan.metadata["latency"]["measured"]

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .agents import Agent, get_agent_class, list_agents
 from .calibration import build_calibration, check_label, primary_output
 from .channel.measured import (CalibratedLatency, CompactedTimer, Latency, MeasuredCalibration, calibrate_before_search,
-                               close_on_measurement, latency_spec, measurement_cache_path)
+                               WidthPlans, close_on_measurement, latency_spec, measurement_cache_path)
 from .checkpoint import SearchRecorder, check_checkpoint_path, load_checkpoint
 from .distributed import (DistributedSearch, SplittableReward, all_ranks_succeed, check_same_calibration,
                           distributed_context, shard)
@@ -448,6 +448,9 @@ class _ChannelSpace:
         self.latency = CalibratedLatency(table, MeasuredCalibration())
         self.cost = LatencyBudget(self.structure, self.latency, max_amount)
 
+    def measured_plans(self, env) -> WidthPlans:
+        return WidthPlans(self, env)
+
     def plan_entries(self, k):
         groups = self.structure.groups
         metadata = {"input_shape": list(self.example.shape[1:]) if isinstance(self.example, torch.Tensor) else None,
@@ -620,7 +623,7 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
                                       max_amount, cost=space.cost, score_floor=floor)
         if getattr(space, "timer", None) is not None and targets:
             if distributed is None:
-                calibrate_before_search(space, env, targets, lambda goal: space.prior_plan("uniform", env.cost, goal))
+                calibrate_before_search(space, env, targets)
             else:  # every process would measure its own calibration, and their budgets must be equal
                 _share_latency_timings(space, env, distributed)
                 warnings.warn("rl_prune: budget=Latency under torch.distributed budgets the latency table's own "
@@ -633,7 +636,8 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
                                  f"({env.existing_fraction:.4f})")
             if env.max_fraction < t - tolerance:
                 raise ValueError(f"target {t} cannot be reached with at most max_amount={max_amount} of "
-                                 f"each layer removed (at most {env.max_fraction:.4f})")
+                                 f"each layer removed (at most {env.max_fraction:.4f})"
+                                 + _depth_hint(space, budget, depth))
             closest = env.achieved(env.closest_plan())
             if abs(closest - t) > tolerance:
                 raise ValueError(f"target {t} cannot be met within {tolerance * 100:g} percentage points: "
@@ -647,6 +651,22 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
         raise
     return _PreparedSearch(space, env, scorer, calibration, recalibrate, baseline, forward_seconds, floor,
                            quality, selector)
+
+
+def _depth_hint(space, budget: str, depth: bool) -> str:
+    """For a latency target that widths cannot reach: whether removing residual blocks could."""
+    if budget != "latency" or depth:
+        return ""
+    from .depth import find_removable_blocks
+
+    try:
+        blocks = find_removable_blocks(space.model, space.example)
+    except Exception:  # noqa: BLE001 - a hint only; the refusal stands either way
+        return ""
+    if not blocks:
+        return ""
+    return (f"; widths alone cannot remove the per-call overhead that dominates a small model's latency: "
+            f"agent='n2n' also removes whole residual blocks ({len(blocks)} removable here)")
 
 
 def _share_latency_timings(space, env, coordinator) -> None:
@@ -765,7 +785,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         episodes: episodes to run; ``None`` takes the agent's default.
         budget: ``"params"``, ``"macs"``, ``"latency"`` or a :class:`Latency`; default ``"params"``
             for unstructured and ``"macs"`` for channel pruning. ``"latency"`` (AMC's
-            latency-aware mode; ``structure="channel"`` only, not with ``agent="n2n"``) is
+            latency-aware mode; ``structure="channel"`` only) is
             ``Latency()``: the wall time of one inference at ``Latency(batch=1)`` on
             ``runtime="eager"`` (or ``"onnxruntime"``) with ``threads`` intra-op threads (default
             ``torch.get_num_threads()``). A :class:`~torch_rlprune.channel.latency.LatencyTable`
@@ -776,7 +796,10 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             ``Latency.tolerance`` (:mod:`~torch_rlprune.channel.measured`). Timings are cached
             (``$TORCH_RLPRUNE_CACHE`` or ``~/.cache/torch_rlprune/latency``); the plan's
             ``metadata["latency"]`` holds the predictions, the calibration and every measured round
-            (``["measured"]``); a plan still off target after ``Latency.rounds`` warns.
+            (``["measured"]``); a plan still off target after ``Latency.rounds`` warns. With
+            ``agent="n2n"`` whole residual blocks go too, each timed alone in the model
+            (:mod:`~torch_rlprune.depth_latency`): on small models at batch 1 the per-call
+            overhead, which only removing blocks cuts, is most of the latency.
         structure: ``"unstructured"`` (weights) or ``"channel"`` (torch-pruning dependency
             groups: whole channels, residual adds, concats and attention heads kept consistent).
         exclude: module names or modules to leave unpruned (with everything below them; for
@@ -877,9 +900,6 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
     if needs_depth and structure != "channel":
         raise ValueError(f"agent {agent_type.name!r} removes residual blocks and shrinks channels: "
                          f"use structure='channel'")
-    if needs_depth and budget == "latency":
-        raise ValueError(f"agent {agent_type.name!r} removes residual blocks, which the latency table does not "
-                         f"model: use budget='macs' or 'params'")
     if needs_depth and targets is not None and len(targets) > 1:
         raise ValueError(f"agent {agent_type.name!r} searches one target per call; call rl_prune once per target")
     if targets is not None and len(targets) > 1 and isinstance(agent, Agent) and not agent_type.multi_target:
@@ -930,6 +950,9 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             raise TypeError(f"{name} must be a file path, got {type(value).__name__}")
     if not isinstance(distributed, bool):
         raise TypeError(f"distributed must be True or False, got {type(distributed).__name__}")
+    if distributed and needs_depth and budget == "latency":
+        raise ValueError(f"agent {agent_type.name!r} with budget='latency' times residual blocks on one process: "
+                         "call it without distributed=True (or use budget='macs')")
     if distributed and reward not in REWARDS:
         raise ValueError(f"distributed=True splits the calibration set over processes: reward must be one of "
                          f"{REWARDS} (a sum over samples), got {reward!r}")

@@ -180,19 +180,33 @@ class DepthCost:
         return (self.group_in & np.asarray(removed, dtype=bool)[None, :]).any(axis=1)
 
 
+class CountedCost:
+    """The budget's measure of a depth-and-width plan when it is MACs or parameters: arithmetic
+    (:class:`DepthCost`). :class:`~torch_rlprune.depth_latency.DepthLatency` is its latency twin;
+    both give ``total``, ``remaining(removed, counts)`` and ``group_costs`` (a state feature)."""
+
+    def __init__(self, cost_model: DepthCost, budget: str):
+        self.cost_model, self.which = cost_model, {"macs": 0, "params": 1}[budget]
+        self.total = float(cost_model.dense[self.which])
+        self.group_costs = np.array([float(g.macs if self.which == 0 else g.params)
+                                     for g in cost_model.structure.groups], dtype=np.float64)
+
+    def remaining(self, removed, counts) -> float:
+        return float(self.cost_model.cost(removed, counts)[self.which])
+
+
 class _EpisodeBudget(Budget):
     """The channel budget with a fixed set of removed blocks: groups inside them stay at 0."""
 
-    def __init__(self, cost: DepthCost, removed: np.ndarray, which: int, k_max: np.ndarray, total: float):
-        self.cost_model, self.removed_blocks, self.which = cost, np.asarray(removed, dtype=bool), which
+    def __init__(self, cost: DepthCost, measure, removed: np.ndarray, k_max: np.ndarray):
+        self.budget_cost, self.removed_blocks = measure, np.asarray(removed, dtype=bool)
         self.k_min = np.zeros(len(k_max), dtype=np.int64)
         self.k_max = np.where(cost.inactive_groups(removed), 0, k_max).astype(np.int64)
-        self.total = float(total)
-        groups = cost.structure.groups
-        self.step_cost = np.array([float(g.macs if which == 0 else g.params) for g in groups])
+        self.total = float(measure.total)
+        self.step_cost = measure.group_costs
 
     def removed(self, k: np.ndarray) -> float:
-        return self.total - float(self.cost_model.cost(self.removed_blocks, k)[self.which])
+        return self.total - self.budget_cost.remaining(self.removed_blocks, k)
 
 
 # --------------------------------------------------------------------------- environment
@@ -205,7 +219,7 @@ class DepthWidthEnv(BestPlanResults):
         space: the :class:`DepthChannelSpace`.
         score_fn: scores the model as currently masked.
         target: fraction of the budget's cost to remove.
-        budget: ``"macs"`` or ``"params"``.
+        budget: ``"macs"``, ``"params"`` or ``"latency"`` (measured as ``space.budget_cost`` says).
         max_amount: the largest fraction of a group removable.
         baseline_score: the unpruned model's score (``score_0`` of rewards relative to it).
         tolerance: a plan is a result only if it lands this close to the target (fraction).
@@ -225,12 +239,12 @@ class DepthWidthEnv(BestPlanResults):
         self.score_fn = score_fn
         self.scoring_threads = torch.get_num_threads()  # the caller's; agents run on one (threads.py)
         self.budget = budget
-        self.which = {"macs": 0, "params": 1}[budget]
+        self.budget_cost = space.budget_cost
         groups = self.structure.groups
         self.n = np.array([g.num_units for g in groups], dtype=np.int64)
         self.k_max = np.array([min(g.max_removed, g.effective(int(max_amount * g.num_units))) for g in groups],
                               dtype=np.int64)
-        self.total_cost = float(self.cost_model.dense[self.which])
+        self.total_cost = float(self.budget_cost.total)
         self.baseline_score = float(baseline_score)
         self.tolerance = float(tolerance)
         self.reward_fn: Optional[Callable[[float, float], float]] = None
@@ -283,9 +297,9 @@ class DepthWidthEnv(BestPlanResults):
     def group_features(self) -> np.ndarray:
         """Per group (AMC's static embedding): index, kind, in/out channels, positions, stride,
         kernel, parameters, and the budget's cost it controls."""
+        costs = self.budget_cost.group_costs / (self.total_cost if self.total_cost > 0 else 1.0)
         rows = [[i, d.kind_code, d.in_channels, d.out_channels, d.in_positions, d.stride, d.kernel_size, d.numel,
-                 float(g.macs if self.which == 0 else g.params) / max(self.total_cost, 1.0)]
-                for i, (d, g) in enumerate(zip(self.space.steps, self.structure.groups))]
+                 float(costs[i])] for i, d in enumerate(self.space.steps)]
         x = np.asarray(rows, dtype=np.float64).reshape(len(rows), 9)
         return _normalise(x, keep=(8,)).astype(np.float32)
 
@@ -298,7 +312,7 @@ class DepthWidthEnv(BestPlanResults):
         return k[:self.num_blocks].astype(bool), k[self.num_blocks:]
 
     def removed_cost(self, removed, counts) -> float:
-        return self.total_cost - float(self.cost_model.cost(removed, counts)[self.which])
+        return self.total_cost - self.budget_cost.remaining(removed, counts)
 
     def achieved(self, k: Optional[np.ndarray] = None) -> float:
         """Fraction of the budget's cost the plan ``k`` removes."""
@@ -311,7 +325,7 @@ class DepthWidthEnv(BestPlanResults):
 
     def episode_budget(self, removed) -> _EpisodeBudget:
         """The channel budget once ``removed`` is decided (feasibility clipping and repair)."""
-        return _EpisodeBudget(self.cost_model, removed, self.which, self.k_max, self.total_cost)
+        return _EpisodeBudget(self.cost_model, self.budget_cost, removed, self.k_max)
 
     def block_options(self, removed, i: int) -> Tuple[bool, bool]:
         """``(may keep, may remove)`` block ``i``, blocks before it decided as in ``removed``, blocks
@@ -386,9 +400,25 @@ class DepthWidthEnv(BestPlanResults):
         return removed
 
     def closest_plan(self) -> np.ndarray:
-        """A plan as close to the budget as blocks and uniform widths reach (nothing evaluated)."""
+        """A plan as close to the budget as blocks and uniform widths reach (nothing evaluated):
+        blocks removed only where needed (:meth:`keep_first_removal`); when that misses by more
+        than the tolerance (a block worth several points of latency), the closest of the block
+        sets that remove the m cheapest or the m costliest blocks, for every m."""
         removed = self.keep_first_removal()
-        return self.join(removed, self.uniform_widths(removed))
+        best = self.join(removed, self.uniform_widths(removed))
+        if abs(self.achieved(best) - self.target) <= self.tolerance:
+            return best
+        none = np.zeros(self.num_blocks, dtype=bool)
+        saving = np.array([self.removed_cost(np.eye(self.num_blocks, dtype=bool)[i], np.zeros(self.num_groups))
+                           for i in range(self.num_blocks)])
+        for order in (np.argsort(saving, kind="stable"), np.argsort(-saving, kind="stable")):
+            for m in range(self.num_blocks + 1):
+                removed = none.copy()
+                removed[order[:m]] = True
+                k = self.join(removed, self.uniform_widths(removed))
+                if abs(self.achieved(k) - self.target) < abs(self.achieved(best) - self.target):
+                    best = k
+        return best
 
     @property
     def existing_fraction(self) -> float:
@@ -505,6 +535,21 @@ class DepthChannelSpace:
                 warnings.warn(f"rl_prune: the cost model and the block counter disagree on {b.name!r} "
                               f"({self.cost_model.dense[0] - macs} vs {b.macs} MACs); budgets may be off",
                               RuntimeWarning, stacklevel=2)
+        # budget="latency": the channel space's calibrated table, with every block timed alone
+        self.latency_spec, self.timer = channel_space.latency_spec, channel_space.timer
+        self.latency = channel_space.latency
+        if self.latency is not None:
+            from .depth_latency import DepthLatency, time_blocks
+
+            seconds = time_blocks(self.latency.table, self.blocks, self.latency_spec.thread_count)
+            self.budget_cost = DepthLatency(self.latency, self.blocks, seconds)
+        else:
+            self.budget_cost = CountedCost(self.cost_model, self.budget)
+
+    def measured_plans(self, env):
+        from .depth_latency import DepthPlans
+
+        return DepthPlans(self, env)
 
     def make_env(self, score_fn, target: float, max_amount: float, baseline_score: float,
                  tolerance: float) -> DepthWidthEnv:
@@ -519,6 +564,8 @@ class DepthChannelSpace:
         counts = np.where(self.cost_model.inactive_groups(removed), 0, counts)
         amounts, numels, metadata = self.channel.plan_entries(counts)
         metadata = dict(metadata)
+        if self.latency is not None:  # the table's prediction with the blocks gone
+            metadata["latency"] = {**metadata["latency"], "planned_ms": self.budget_cost.predicted(removed, counts) * 1e3}
         metadata["removed_blocks"] = [b.name for b, r in zip(self.blocks, removed) if r]
         metadata["removable_blocks"] = [b.name for b in self.blocks]
         return amounts, numels, metadata
@@ -532,5 +579,9 @@ class DepthChannelSpace:
         by_name = {b.name: b for b in self.blocks}
         for name in plan.metadata.get("removed_blocks", ()):
             mask_block(by_name[name])
+        if self.latency is not None:  # calibrated on measurements, as the width-only space
+            removed = np.array([b.name in plan.metadata.get("removed_blocks", ()) for b in self.blocks], dtype=bool)
+            counts = self.structure.resolve_plan(plan.counts())
+            return self.budget_cost.fraction_removed(removed, np.where(self.cost_model.inactive_groups(removed), 0, counts))
         which = 0 if self.budget == "macs" else 1
         return 1.0 - count_macs_params_removed(self.model, self.example)[which] / self.dense[which]

@@ -465,6 +465,8 @@ class LatencyTable:
         measured_seconds: the whole model's measured median latency.
         rest_seconds: ``measured_seconds`` minus the layers' dense latencies (negative when
             the layers alone measure slower than the whole model: noise, or a model that fuses).
+        fixed_rest: the fraction of the rest that pruning does not shrink (per-call overhead);
+            0 until fitted to measured models (:func:`~torch_rlprune.channel.measured.fit_fixed_rest`).
         dense_latency: the prediction for the unpruned model (equals ``measured_seconds``).
         measurements: timings taken while building (0 when everything came from the cache).
         cache_path: the JSON file of this model / input / batch / device / torch version /
@@ -503,6 +505,7 @@ class LatencyTable:
         self.measurements = 0
         self._measure_and_cache(model, example, entries, modules, shapes, key)
         self.rest_seconds = self.measured_seconds - sum(lay.calls * lay.dense_seconds for lay in self.layers)
+        self.fixed_rest = 0.0
         self._activation_terms = _activation_terms(structure)
         self._dense_activations = self._activations(np.zeros(len(structure.groups), dtype=np.int64))
         self.dense_latency = self._latency(np.zeros(len(structure.groups), dtype=np.int64))
@@ -588,10 +591,13 @@ class LatencyTable:
 
     def rest_at(self, counts: np.ndarray) -> float:
         """The unmodelled rest (norms, activations, adds, pooling) for ``counts``: it works on the
-        layers' outputs, so it shrinks in proportion to the activation elements they produce."""
+        layers' outputs, so it shrinks in proportion to the activation elements they produce, but
+        for its :attr:`fixed_rest` share, the per-call overhead no width removes (most of a small
+        model's time in torch eager at batch 1)."""
         if self.rest_seconds <= 0 or self._dense_activations <= 0:
             return self.rest_seconds
-        return self.rest_seconds * self._activations(counts) / self._dense_activations
+        shrinking = self._activations(counts) / self._dense_activations
+        return self.rest_seconds * (self.fixed_rest + (1.0 - self.fixed_rest) * shrinking)
 
     def _latency(self, counts: np.ndarray) -> float:
         alive = _alive_sizes(self.structure, counts).tolist()
@@ -631,7 +637,8 @@ class LatencyTable:
 
     def summary(self) -> dict:
         """JSON-ready facts of the table, for plans and reports."""
-        return {"dense_ms": self.dense_latency * 1e3, "rest_ms": self.rest_seconds * 1e3, "batch": self.batch,
+        return {"dense_ms": self.dense_latency * 1e3, "rest_ms": self.rest_seconds * 1e3,
+                "fixed_rest": self.fixed_rest, "batch": self.batch,
                 "threads": self.threads, "device": str(self.device), "layers": len(self.layers),
                 "untimed": dict(self.untimed)}
 
