@@ -144,11 +144,13 @@ def test_the_returned_plan_is_measured_after_compact_and_rescaled_onto_the_targe
     # the scores are the rescaled plan's: the held-out selection was measured on it again
     selection = result.plan.metadata["selection"]
     assert selection["search_score"] == result.plan.score
-    assert len(calls) == 2 + len(record["rounds"])
+    assert record["rounds"][-1]["confirmed"] == record["rounds"][-1]["measured"]  # chosen among rounds: confirmed
+    assert len(calls) == 2 + len(record["rounds"]) + 1
 
 
 def test_when_a_rescaling_lands_further_off_the_closest_measured_plan_is_returned(resnet, monkeypatch):
-    offsets = iter([0.0, 0.0, -0.06, 0.25])  # two calibrations, the search's plan low, its rescaling far too high
+    # two calibrations, the search's plan low, its rescaling far too high, the search's plan confirmed
+    offsets = iter([0.0, 0.0, -0.06, 0.25, -0.05])
     measured_plans = []
 
     def paired_seconds(self, dense, pruned):
@@ -156,9 +158,9 @@ def test_when_a_rescaling_lands_further_off_the_closest_measured_plan_is_returne
 
     original = CompactedTimer.fraction_removed
 
-    def recording(self, plan):
+    def recording(self, plan, *args, **kwargs):
         measured_plans.append(dict(plan))
-        return original(self, plan)
+        return original(self, plan, *args, **kwargs)
 
     fake_table(monkeypatch)
     monkeypatch.setattr(CompactedTimer, "paired_seconds", paired_seconds)
@@ -168,10 +170,36 @@ def test_when_a_rescaling_lands_further_off_the_closest_measured_plan_is_returne
         result = rl_prune(resnet, 0.3, budget=Latency(rounds=1, blocks=1), data=x, **FAST)
     record = result.plan.metadata["latency"]["measured"]
     assert len(record["rounds"]) == 2 and record["chosen"] == 0
-    assert result.sparsity == record["rounds"][0]["measured"]
+    assert result.sparsity == record["rounds"][0]["confirmed"] != record["rounds"][0]["measured"]
     structure = ChannelStructure(twin, x[:2], round_to=8)  # the units each plan removes, rounded as applied
-    returned, first, rescaled = (structure.resolve_plan(p) for p in (result.plan.counts(), *measured_plans[2:]))
+    returned, first, rescaled, confirmed = (structure.resolve_plan(p)
+                                            for p in (result.plan.counts(), *measured_plans[2:]))
     assert np.array_equal(returned, first) and not np.array_equal(first, rescaled)  # the search's own plan
+    assert np.array_equal(confirmed, first)
+
+
+def test_a_plan_that_landed_on_a_lucky_reading_reports_its_fresh_measurement(resnet, monkeypatch):
+    # the search's plan reads 10 points low, so it is rescaled to remove more; that plan happens to
+    # read exactly the target (a lucky reading); measured again it reads what it removes: chosen
+    # among several readings, it is measured once more and the second reading is what is reported
+    calls = []
+
+    def paired_seconds(self, dense, pruned):
+        calls.append(1)
+        truth = fake_fraction(self.example, dense, pruned)
+        reading = {3: truth - 0.1, 4: 0.3}.get(len(calls), truth)
+        return 1.0, 1.0 - reading
+
+    fake_table(monkeypatch)
+    monkeypatch.setattr(CompactedTimer, "paired_seconds", paired_seconds)
+    with pytest.warns(UserWarning, match="measured after compact"):
+        result = rl_prune(resnet, 0.3, budget=Latency(rounds=3, blocks=1), data=inputs((8, 1, 32, 32)), **FAST)
+    record = result.plan.metadata["latency"]["measured"]
+    chosen = record["rounds"][record["chosen"]]
+    assert len(record["rounds"]) == 2 and record["chosen"] == 1 and chosen["measured"] == pytest.approx(0.3)
+    assert chosen["confirmed"] > 0.3 + 0.02, "the rescaled plan removes more than the target"
+    assert result.sparsity == record["measured_fraction"] == chosen["confirmed"] and not record["met"]
+    assert len(calls) == 5
 
 
 def test_a_runtime_pruning_cannot_speed_up_enough_is_refused_before_the_search(resnet, monkeypatch):

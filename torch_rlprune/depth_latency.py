@@ -185,9 +185,10 @@ class DepthPlans:
         removed, _ = self._parts(k)
         return {"removed_blocks": [b.name for b, r in zip(self.space.blocks, removed) if r]}
 
-    def measure(self, k) -> float:
+    def measure(self, k, confirm: bool = False) -> float:
         removed, counts = self._parts(k)
-        return self.space.timer.fraction_removed(self.space.structure.plan(counts), self.describe(k)["removed_blocks"])
+        return self.space.timer.fraction_removed(self.space.structure.plan(counts), self.describe(k)["removed_blocks"],
+                                                 confirm=confirm)
 
     def rescaled(self, k, target: float) -> np.ndarray:
         """Widths scaled onto ``target``; when no width reaches it with these blocks (a block is
