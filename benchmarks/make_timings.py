@@ -45,8 +45,8 @@ def _timed(args, cwd: Path, env: dict) -> float:
     return time.perf_counter() - tick
 
 
-def _head() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+def _head(repo: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
                           check=True).stdout.strip()
 
 
@@ -58,18 +58,19 @@ def run(quick: bool) -> dict:
             subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
             setup = _timed(["make", "install", "data"], clone, env)
             own = 0.0 if quick else _timed(["make", command], clone, env)
-            rows.append({"command": f"make {command}", "setup_seconds": setup, "command_seconds": own})
-    return {"rows": rows, "cpus": os.cpu_count(), "commit": _head(), "quick": quick}
+            rows.append({"command": f"make {command}", "setup_seconds": setup, "command_seconds": own,
+                         "commit": _head(clone)})  # each clone is of HEAD when it was made
+    return {"rows": rows, "cpus": os.cpu_count(), "quick": quick}
 
 
 def to_markdown(report: dict, command: str) -> str:
-    lines = [f"Reproduce: `{command}` ({report['cpus']} CPUs, commit {report['commit']}): each command on its own "
-             "fresh clone, the set-up (`make install data`) timed apart from the rest.", "",
-             "| command | what it does | set-up min | the rest min | total min |", "|---|---|---|---|---|"]
+    lines = [f"Reproduce: `{command}` ({report['cpus']} CPUs): each command on its own fresh clone, the set-up "
+             "(`make install data`) timed apart from the rest.", "",
+             "| command | what it does | commit | set-up min | the rest min | total min |", "|---|---|---|---|---|---|"]
     for r in report["rows"]:
         name = r["command"].split()[-1]
         total = r["setup_seconds"] + r["command_seconds"]
-        lines.append(f"| `{r['command']}` | {WHAT[name]} | {r['setup_seconds'] / 60:.1f} | "
+        lines.append(f"| `{r['command']}` | {WHAT[name]} | {r['commit']} | {r['setup_seconds'] / 60:.1f} | "
                      f"{r['command_seconds'] / 60:.1f} | **{total / 60:.1f}** |")
     return "\n".join(lines) + "\n"
 
