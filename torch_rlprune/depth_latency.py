@@ -31,13 +31,10 @@ import torch
 from .channel._util import restore_training, run_model, training_flags
 from .channel.latency import _alive_sizes, _device_of, _median_seconds
 from .depth import RemovableBlock
+from .depth_search import _inside
 from .threads import intra_op_threads
 
 __all__ = ["DepthLatency", "time_blocks"]
-
-
-def _inside(name: str, block: str) -> bool:
-    return name == block or name.startswith(block + ".")
 
 
 def _block_inputs(model, blocks: Sequence[RemovableBlock], example) -> Dict[str, torch.Tensor]:
@@ -180,14 +177,16 @@ class DepthPlans:
     def predicted(self, k) -> float:
         return self.cost.fraction_removed(*self._parts(k))
 
+    def _names(self, removed) -> list:
+        return [b.name for b, r in zip(self.space.blocks, removed) if r]
+
     def describe(self, k) -> dict:
         """What a measured round records beside its numbers: the blocks the plan removes."""
-        removed, _ = self._parts(k)
-        return {"removed_blocks": [b.name for b, r in zip(self.space.blocks, removed) if r]}
+        return {"removed_blocks": self._names(self.env.split(k)[0])}
 
     def measure(self, k, confirm: bool = False) -> float:
         removed, counts = self._parts(k)
-        return self.space.timer.fraction_removed(self.space.structure.plan(counts), self.describe(k)["removed_blocks"],
+        return self.space.timer.fraction_removed(self.space.structure.plan(counts), self._names(removed),
                                                  confirm=confirm)
 
     def rescaled(self, k, target: float) -> np.ndarray:
@@ -206,9 +205,9 @@ class DepthPlans:
             candidates = np.nonzero(removed if low > goal else ~removed)[0]
             if not len(candidates):
                 break
+            now = self.cost.remaining(removed, budget.k_min)
             moved = [self._toggled(removed, i) for i in candidates]
-            removed = min(moved, key=lambda r: abs(self.cost.remaining(r, budget.k_min)
-                                                   - self.cost.remaining(removed, budget.k_min)))
+            removed = min(moved, key=lambda r: abs(self.cost.remaining(r, budget.k_min) - now))
         counts = np.where(self.space.cost_model.inactive_groups(removed), 0, counts)
         budget = self.env.episode_budget(removed)
         return self.env.join(removed, scaled_plan(budget, counts, goal))

@@ -198,12 +198,12 @@ class CountedCost:
 class _EpisodeBudget(Budget):
     """The channel budget with a fixed set of removed blocks: groups inside them stay at 0."""
 
-    def __init__(self, cost: DepthCost, measure, removed: np.ndarray, k_max: np.ndarray):
-        self.budget_cost, self.removed_blocks = measure, np.asarray(removed, dtype=bool)
+    def __init__(self, cost: DepthCost, budget_cost, removed: np.ndarray, k_max: np.ndarray):
+        self.budget_cost, self.removed_blocks = budget_cost, np.asarray(removed, dtype=bool)
         self.k_min = np.zeros(len(k_max), dtype=np.int64)
         self.k_max = np.where(cost.inactive_groups(removed), 0, k_max).astype(np.int64)
-        self.total = float(measure.total)
-        self.step_cost = measure.group_costs
+        self.total = float(budget_cost.total)
+        self.step_cost = budget_cost.group_costs
 
     def removed(self, k: np.ndarray) -> float:
         return self.total - self.budget_cost.remaining(self.removed_blocks, k)
@@ -406,18 +406,18 @@ class DepthWidthEnv(BestPlanResults):
         sets that remove the m cheapest or the m costliest blocks, for every m."""
         removed = self.keep_first_removal()
         best = self.join(removed, self.uniform_widths(removed))
-        if abs(self.achieved(best) - self.target) <= self.tolerance:
+        miss = abs(self.achieved(best) - self.target)
+        if miss <= self.tolerance:
             return best
-        none = np.zeros(self.num_blocks, dtype=bool)
         saving = np.array([self.removed_cost(np.eye(self.num_blocks, dtype=bool)[i], np.zeros(self.num_groups))
                            for i in range(self.num_blocks)])
         for order in (np.argsort(saving, kind="stable"), np.argsort(-saving, kind="stable")):
             for m in range(self.num_blocks + 1):
-                removed = none.copy()
+                removed = np.zeros(self.num_blocks, dtype=bool)
                 removed[order[:m]] = True
                 k = self.join(removed, self.uniform_widths(removed))
-                if abs(self.achieved(k) - self.target) < abs(self.achieved(best) - self.target):
-                    best = k
+                if abs(self.achieved(k) - self.target) < miss:
+                    best, miss = k, abs(self.achieved(k) - self.target)
         return best
 
     @property

@@ -44,7 +44,8 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs:
             schedule.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if verbose:  # .item() waits for the step: only when someone reads it
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     model.eval()
     return model
