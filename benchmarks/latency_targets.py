@@ -77,7 +77,8 @@ def one_run(name: str, runtime: str, batch: int, target: float) -> dict:
     row["warned"] = [str(w.message)[:200] for w in caught if "measured after compact" in str(w.message)]
     record = result.plan.metadata["latency"]["measured"]
     first, last = record["rounds"][0], record["rounds"][record["chosen"]]
-    row.update(table_predicted=last["table"], first_measured=first["measured"], measured=last["measured"],
+    row.update(table_predicted=last["table"], first_measured=first["measured"], chosen_reading=last["measured"],
+               measured=record["measured_fraction"], confirmed="confirmed" in last,
                rounds=len(record["rounds"]), measurements=record["measurements"])
     # independent check: compact what rl_prune returned and time it against the unpruned model afresh
     example = x[:batch] if batch <= len(x) else torch.cat([x] * (batch // len(x) + 1))[:batch]
@@ -163,8 +164,9 @@ def to_markdown(report: dict, command: str) -> str:
              "and says so; "
              "table: the latency table's own prediction for the returned plan; first: the search's plan measured "
              "after compact (the budget calibrated on two measured plans, uniform widths and for n2n the fewest blocks "
-             "that reach the target, the table's share of fixed per-call overhead fitted to them); final: the returned plan as measured "
-             "by rl_prune (the round closest to the target, of the measured rounds); "
+             "that reach the target, the table's share of fixed per-call overhead fitted to them); final: what rl_prune "
+             "reports for the returned plan (the round closest to the target, of the measured rounds; chosen among "
+             "several, that plan measured once more, marked *, and that second reading reported); "
              "check: the returned model compacted again and timed against the unpruned one afresh (median of "
              "interleaved blocks until it settles, as rl_prune's own), the number to trust. "
              f"**Within {WITHIN * 100:.0f} points on the check, every accepted target at both batches: "
@@ -189,7 +191,7 @@ def to_markdown(report: dict, command: str) -> str:
         else:
             agent = r.get("agent", "prior") + (f" ({r['removed_blocks']})" if r.get("agent") == "n2n" else "")
             lines.append(f"{head} {agent} | {_pct(r['table_predicted'])} | {_pct(r['first_measured'])} | "
-                         f"{_pct(r['measured'])} ({r['rounds']}) | **{_pct(r['check'])}** | {r['dense_ms']:.2f} | "
+                         f"{_pct(r['measured'])}{'*' if r.get('confirmed') else ''} ({r['rounds']}) | **{_pct(r['check'])}** | {r['dense_ms']:.2f} | "
                          f"x{r['macs_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 

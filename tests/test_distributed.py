@@ -36,7 +36,7 @@ def _example():
 @pytest.mark.parametrize("structure,agent,config", [("unstructured", "amc", {"warmup": 3}),
                                                     ("channel", "purl", {"warmup": 2})])
 def test_two_processes_end_with_the_single_process_plan(structure, agent, config, data_root, tmp_path):
-    common = ["--model", "resnet18", "--structure", structure, "--agent", agent, "--episodes", "6",
+    common = ["--model", "test_resnet", "--structure", structure, "--agent", agent, "--episodes", "6",
               "--agent-config", json.dumps(config), "--calibration", "128", "--data-root", str(data_root), "--seed", "3"]
     run = _torchrun([EXAMPLE, *common, "--out", tmp_path / "two"], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -121,6 +121,24 @@ def test_a_noisy_measurement_takes_more_blocks_until_its_median_settles(resnet, 
     assert fraction == pytest.approx(float(np.median(readings[:blocks_taken])))
 
 
+def test_an_onnxruntime_measurement_exports_each_model_once_not_once_per_block(resnet, monkeypatch):
+    import torch_rlprune.channel.measured as measured
+    import torch_rlprune.deploy as deploy
+
+    exported = []
+    monkeypatch.setattr(measured, "_export_for_timing", lambda model, example, path: exported.append(model))
+    monkeypatch.setattr(deploy, "onnx_latency_ms", lambda paths, example, repeats, threads: [1.0, 0.7])
+    monkeypatch.setattr(CompactedTimer, "compacted", lambda self, plan, removed_blocks=(): copy.deepcopy(self.reference))
+    spec = Latency(blocks=3, max_blocks=3)
+    object.__setattr__(spec, "runtime", "onnxruntime")  # no onnxruntime is run: its timings are replaced
+    timer = CompactedTimer(resnet, inputs((1, 1, 32, 32)), spec)
+    assert timer.fraction_removed({"layer1.0.conv1:out": 8}) == pytest.approx(0.3)
+    assert len(exported) == 2 and exported[0] is timer.reference  # 3 blocks, the two models exported once
+    assert timer.fraction_removed({"layer1.0.conv1:out": 4}) == pytest.approx(0.3)
+    assert len(exported) == 3 and exported[2] is not exported[1]  # a new candidate is exported, the unpruned is not
+    timer.close()
+
+
 # --------------------------------------------------------------------------- rl_prune
 def test_the_returned_plan_is_measured_after_compact_and_rescaled_onto_the_target(resnet, monkeypatch):
     calls = fake_timing(monkeypatch, shift_after=2, shift=0.08)  # the calibration runs 2 measurements first

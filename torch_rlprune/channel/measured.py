@@ -216,7 +216,7 @@ class CompactedTimer:
         self.cache_path, self._cache = cache_path, {}
         self.load_cache()
         self.measurements = 0
-        self._workdir = None
+        self._workdir, self._exported = None, {}
 
     # --------------------------------------------------------------- cache
     def load_cache(self) -> None:
@@ -340,8 +340,9 @@ class CompactedTimer:
         paths = []
         for name, model in (("unpruned", dense), ("candidate", pruned)):
             path = Path(self._workdir.name) / f"{name}.onnx"
-            if name == "candidate" or not path.exists():
+            if self._exported.get(name) is not model:  # one export per model, not one per block
                 _export_for_timing(model, self.example, path)
+                self._exported[name] = model  # held, so that `is` cannot match a new model at a reused id
             paths.append(path)
         ms = onnx_latency_ms(paths, self.example, repeats=self.spec.repeats, threads=self.spec.thread_count)
         return ms[0] / 1e3, ms[1] / 1e3
@@ -349,7 +350,7 @@ class CompactedTimer:
     def close(self) -> None:
         if self._workdir is not None:
             self._workdir.cleanup()
-            self._workdir = None
+            self._workdir, self._exported = None, {}
 
 
 def _export_for_timing(model: nn.Module, example, path: Path) -> None:
