@@ -30,8 +30,10 @@ data: $(STAMP)
 	$(PY) -m torch_rlprune.data --root data
 
 # OMP_WAIT_POLICY=PASSIVE: busy-waiting OpenMP threads slow 2-thread torch ~6x under contention.
+# Two pytest-xdist workers, a test file per worker (module fixtures are built once): on 2 cores the suite
+# took 13.5 min against 19.7 min in one process (1010 tests, measured back to back).
 test: $(STAMP) data
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q --durations=15 tests
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 demo: $(STAMP) data
 	OMP_WAIT_POLICY=PASSIVE $(PY) examples/demo.py

@@ -28,7 +28,7 @@ setup(
     entry_points={"console_scripts": ["rlprune=torch_rlprune_console:main"]},
     extras_require={
         # transformers in the tests: BERT, GPT-2, T5, ViT and Whisper built from small configs (no download)
-        "test": ["pytest>=7", "hypothesis>=6", "gymnasium>=0.29", "transformers>=4.40",
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "gymnasium>=0.29", "transformers>=4.40",
                  "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],
         # export to a deployment runtime (torch_rlprune.export): ONNX files run and checked in onnxruntime
         "deploy": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"],

@@ -2,6 +2,7 @@
 
     python benchmarks/make_timings.py          # ~35 min on 2 cores; writes benchmarks/results/make_timings.{json,md}
     python benchmarks/make_timings.py --quick  # only the set-up part of one clone (~2 min)
+    python benchmarks/make_timings.py --only test  # one command; the other's row kept from the last run
 
 Each command gets its own fresh ``git clone`` of this checkout's HEAD (no .venv, no data, no checkpoint),
 so each pays for its own set-up, as on a fresh machine. The set-up part (``make install data``: the venv,
@@ -12,6 +13,8 @@ machine, with pip's cache warm), so a first install elsewhere downloads for long
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import subprocess
 import sys
@@ -50,9 +53,19 @@ def _head(repo: Path) -> str:
                           check=True).stdout.strip()
 
 
-def run(quick: bool) -> dict:
+def _kept_rows(commands) -> list:
+    """The last run's rows of the commands not timed now (each row names the commit it timed)."""
+    try:
+        last = json.loads((HERE / "results" / "make_timings.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [r for r in last.get("rows", []) if r.get("command", "").split()[-1] not in commands]
+
+
+def run(quick: bool, only=None) -> dict:
     env, rows = _clean_env(), []
-    for command in COMMANDS[:1] if quick else COMMANDS:
+    commands = COMMANDS[:1] if quick else (only or COMMANDS)
+    for command in commands:
         with tempfile.TemporaryDirectory(prefix=f"make-{command}-") as tmp:
             clone = Path(tmp) / "clone"
             subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
@@ -60,6 +73,8 @@ def run(quick: bool) -> dict:
             own = 0.0 if quick else _timed(["make", command], clone, env)
             rows.append({"command": f"make {command}", "setup_seconds": setup, "command_seconds": own,
                          "commit": _head(clone)})  # each clone is of HEAD when it was made
+    if only and not quick:
+        rows = sorted(rows + _kept_rows(commands), key=lambda r: COMMANDS.index(r["command"].split()[-1]))
     return {"rows": rows, "cpus": os.cpu_count(), "quick": quick}
 
 
@@ -76,4 +91,7 @@ def to_markdown(report: dict, command: str) -> str:
 
 
 if __name__ == "__main__":
-    study_main("make_timings", __doc__.splitlines()[0], run, to_markdown)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--only", choices=COMMANDS, action="append")
+    known, rest = pre.parse_known_args()
+    study_main("make_timings", __doc__.splitlines()[0], lambda quick: run(quick, known.only), to_markdown, rest)
