@@ -79,6 +79,7 @@ def one_run(name: str, runtime: str, batch: int, target: float) -> dict:
     first, last = record["rounds"][0], record["rounds"][record["chosen"]]
     row.update(table_predicted=last["table"], first_measured=first["measured"], chosen_reading=last["measured"],
                measured=record["measured_fraction"], confirmed="confirmed" in last,
+               rereadings=last.get("rereadings", []),
                rounds=len(record["rounds"]), measurements=record["measurements"])
     # independent check: compact what rl_prune returned and time it against the unpruned model afresh
     example = x[:batch] if batch <= len(x) else torch.cat([x] * (batch // len(x) + 1))[:batch]
@@ -166,7 +167,8 @@ def to_markdown(report: dict, command: str) -> str:
              "after compact (the budget calibrated on two measured plans, uniform widths and for n2n the fewest blocks "
              "that reach the target, the table's share of fixed per-call overhead fitted to them); final: what rl_prune "
              "reports for the returned plan (the round closest to the target, of the measured rounds; chosen among "
-             "several, that plan measured once more, marked *, and that second reading reported); "
+             "several, that plan measured again, marked *: that reading, or the median of three when it disagreed "
+             "with the first by more than the tolerance); "
              "check: the returned model compacted again and timed against the unpruned one afresh (median of "
              "interleaved blocks until it settles, as rl_prune's own), the number to trust. "
              f"**Within {WITHIN * 100:.0f} points on the check, every accepted target at both batches: "

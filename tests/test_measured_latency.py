@@ -196,16 +196,18 @@ def test_when_a_rescaling_lands_further_off_the_closest_measured_plan_is_returne
     assert np.array_equal(confirmed, first)
 
 
-def test_a_plan_that_landed_on_a_lucky_reading_reports_its_fresh_measurement(resnet, monkeypatch):
+@pytest.mark.parametrize("second", [None, 0.7])
+def test_a_plan_that_landed_on_a_lucky_reading_reports_its_fresh_measurements(resnet, monkeypatch, second):
     # the search's plan reads 10 points low, so it is rescaled to remove more; that plan happens to
-    # read exactly the target (a lucky reading); measured again it reads what it removes: chosen
-    # among several readings, it is measured once more and the second reading is what is reported
+    # read exactly the target (a lucky reading). Chosen among several readings, it is measured again;
+    # the two disagree, so a third reading is taken and the median of the three reported: what the
+    # plan removes, whether the second reading was right (None) or an outlier of its own (0.7)
     calls = []
 
     def paired_seconds(self, dense, pruned):
         calls.append(1)
         truth = fake_fraction(self.example, dense, pruned)
-        reading = {3: truth - 0.1, 4: 0.3}.get(len(calls), truth)
+        reading = {3: truth - 0.1, 4: 0.3, 5: second}.get(len(calls)) or truth
         return 1.0, 1.0 - reading
 
     fake_table(monkeypatch)
@@ -215,9 +217,11 @@ def test_a_plan_that_landed_on_a_lucky_reading_reports_its_fresh_measurement(res
     record = result.plan.metadata["latency"]["measured"]
     chosen = record["rounds"][record["chosen"]]
     assert len(record["rounds"]) == 2 and record["chosen"] == 1 and chosen["measured"] == pytest.approx(0.3)
+    assert len(chosen["rereadings"]) == 2 and len(calls) == 6
     assert chosen["confirmed"] > 0.3 + 0.02, "the rescaled plan removes more than the target"
+    # the third reading is the plan's own (what it removes): the median, whichever of the others is off
+    assert chosen["confirmed"] != 0.7 and chosen["confirmed"] == pytest.approx(chosen["rereadings"][-1])
     assert result.sparsity == record["measured_fraction"] == chosen["confirmed"] and not record["met"]
-    assert len(calls) == 5
 
 
 def test_a_runtime_pruning_cannot_speed_up_enough_is_refused_before_the_search(resnet, monkeypatch):

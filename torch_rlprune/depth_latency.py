@@ -184,10 +184,10 @@ class DepthPlans:
         """What a measured round records beside its numbers: the blocks the plan removes."""
         return {"removed_blocks": self._names(self.env.split(k)[0])}
 
-    def measure(self, k, confirm: bool = False) -> float:
+    def measure(self, k, reading: int = 0) -> float:
         removed, counts = self._parts(k)
         return self.space.timer.fraction_removed(self.space.structure.plan(counts), self._names(removed),
-                                                 confirm=confirm)
+                                                 reading=reading)
 
     def rescaled(self, k, target: float) -> np.ndarray:
         """Widths scaled onto ``target``; when no width reaches it with these blocks (a block is

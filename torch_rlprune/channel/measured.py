@@ -268,14 +268,14 @@ class CompactedTimer:
         return candidate.eval()
 
     def fraction_removed(self, plan: Dict[str, int], removed_blocks: Sequence[str] = (),
-                         confirm: bool = False) -> float:
+                         reading: int = 0) -> float:
         """1 - measured latency of the plan's compacted model / the unpruned model's (cached).
-        ``confirm``: a second, independent measurement of the plan (cached apart from the first)."""
+        ``reading``: 1, 2, ... are further independent measurements of the plan, each cached apart."""
         key = json.dumps(sorted((k, int(v)) for k, v in plan.items() if int(v) > 0))
         if removed_blocks:
             key = json.dumps([key, sorted(removed_blocks)])
-        if confirm:
-            key = json.dumps(["confirmed", key])
+        if reading:
+            key = json.dumps(["reading", int(reading), key])
         if key in self._cache:
             return self._cache[key]
         if not any(int(v) > 0 for v in plan.values()) and not removed_blocks:
@@ -407,9 +407,9 @@ class WidthPlans:
     def predicted(self, k) -> float:
         return self.latency.fraction_removed(self.latency.table._resolve(k))
 
-    def measure(self, k, confirm: bool = False) -> float:
+    def measure(self, k, reading: int = 0) -> float:
         return self.space.timer.fraction_removed(self.space.structure.plan(self.latency.table._resolve(k)),
-                                                 confirm=confirm)
+                                                 reading=reading)
 
     def rescaled(self, k, target: float) -> np.ndarray:
         return scaled_plan(self.env.cost, k, target * self.env.cost.total)
@@ -428,8 +428,8 @@ def close_on_measurement(space, env, key, target: float, rescore) -> dict:
     by more than the spec's tolerance, rescale it onto the target as calibrated by this plan's own
     measurements, ``rescore(k)`` it (the caller makes it the best plan, with scores measured on it)
     and measure again. The plan returned is the measured one closest to the target (a noisy
-    measurement can send a rescaling past it), measured once more when it was chosen among several
-    (``"confirmed"``, the number reported); its measured point is what the budget then predicts for
+    measurement can send a rescaling past it), measured again when it was chosen among several
+    (``"confirmed"``, the number reported: :func:`confirmed_reading`); its measured point is what the budget then predicts for
     it. Returns the record for ``plan.metadata["latency"]``."""
     spec, timer, latency = space.latency_spec, space.timer, space.latency
     measured_plans = space.measured_plans(env)
@@ -457,10 +457,7 @@ def close_on_measurement(space, env, key, target: float, rescore) -> dict:
     bar.close()
     chosen = min(range(len(rounds)), key=lambda i: (abs(rounds[i]["measured"] - target), i))
     if len(rounds) > 1:
-        # chosen for landing closest among noisy readings, its reading is biased towards the target
-        # (regnetx_002 in onnxruntime, 1 ms at batch 1: a plan chosen at 30.2% of 4 rounds re-measured
-        # at 2.8%): what is reported is a fresh measurement of it
-        rounds[chosen]["confirmed"] = measured_plans.measure(plans[chosen], confirm=True)
+        rounds[chosen]["confirmed"] = confirmed_reading(measured_plans, plans[chosen], rounds[chosen], spec.tolerance)
     if chosen != len(rounds) - 1:
         rescore(plans[chosen])
     measured = rounds[chosen].get("confirmed", rounds[chosen]["measured"])
@@ -470,6 +467,20 @@ def close_on_measurement(space, env, key, target: float, rescore) -> dict:
     return {"spec": spec.as_dict(), "rounds": rounds, "chosen": chosen, "measured_fraction": measured,
             "met": abs(measured - target) <= spec.tolerance, "measurements": timer.measurements,
             "search_calibration": search_points}
+
+
+def confirmed_reading(measured_plans, k, round_: dict, tolerance: float) -> float:
+    """What to report for a plan chosen as the closest to the target among several measured rounds.
+    Its reading is biased towards the target (regnetx_002 in onnxruntime, 1 ms at batch 1: chosen
+    at 30.2% of 4 rounds, re-measured at 2.8%), so the plan is measured again; when the two readings
+    disagree by more than ``tolerance``, once more, and the median of the three is reported. One
+    re-reading alone is as noisy as the first (regnetx_002, onnxruntime, batch 16: read 44.0%, then
+    51.1%, the benchmark's independent check 42.4%). The re-readings are recorded in ``round_``."""
+    readings = [measured_plans.measure(k, reading=1)]
+    if abs(readings[0] - round_["measured"]) > tolerance:
+        readings.append(measured_plans.measure(k, reading=2))
+    round_["rereadings"] = readings
+    return readings[0] if len(readings) == 1 else statistics.median([round_["measured"], *readings])
 
 
 def fit_fixed_rest(table, raw, measured: Sequence[Tuple[np.ndarray, float]]) -> float:
