@@ -192,8 +192,9 @@ def to_markdown(report: dict, command: str) -> str:
                          "| | | | | | |")
         else:
             agent = r.get("agent", "prior") + (f" ({r['removed_blocks']})" if r.get("agent") == "n2n" else "")
+            final = _pct(r["measured"]) + ("*" if r.get("confirmed") else "")
             lines.append(f"{head} {agent} | {_pct(r['table_predicted'])} | {_pct(r['first_measured'])} | "
-                         f"{_pct(r['measured'])}{'*' if r.get('confirmed') else ''} ({r['rounds']}) | **{_pct(r['check'])}** | {r['dense_ms']:.2f} | "
+                         f"{final} ({r['rounds']}) | **{_pct(r['check'])}** | {r['dense_ms']:.2f} | "
                          f"x{r['macs_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -128,7 +128,8 @@ def test_an_onnxruntime_measurement_exports_each_model_once_not_once_per_block(r
     exported = []
     monkeypatch.setattr(measured, "_export_for_timing", lambda model, example, path: exported.append(model))
     monkeypatch.setattr(deploy, "onnx_latency_ms", lambda paths, example, repeats, threads: [1.0, 0.7])
-    monkeypatch.setattr(CompactedTimer, "compacted", lambda self, plan, removed_blocks=(): copy.deepcopy(self.reference))
+    monkeypatch.setattr(CompactedTimer, "compacted",
+                        lambda self, plan, removed_blocks=(): copy.deepcopy(self.reference))
     spec = Latency(blocks=3, max_blocks=3)
     object.__setattr__(spec, "runtime", "onnxruntime")  # no onnxruntime is run: its timings are replaced
     timer = CompactedTimer(resnet, inputs((1, 1, 32, 32)), spec)

@@ -416,8 +416,9 @@ class DepthWidthEnv(BestPlanResults):
                 removed = np.zeros(self.num_blocks, dtype=bool)
                 removed[order[:m]] = True
                 k = self.join(removed, self.uniform_widths(removed))
-                if abs(self.achieved(k) - self.target) < miss:
-                    best, miss = k, abs(self.achieved(k) - self.target)
+                off = abs(self.achieved(k) - self.target)
+                if off < miss:
+                    best, miss = k, off
         return best
 
     @property

@@ -429,8 +429,8 @@ def close_on_measurement(space, env, key, target: float, rescore) -> dict:
     measurements, ``rescore(k)`` it (the caller makes it the best plan, with scores measured on it)
     and measure again. The plan returned is the measured one closest to the target (a noisy
     measurement can send a rescaling past it), measured again when it was chosen among several
-    (``"confirmed"``, the number reported: :func:`confirmed_reading`); its measured point is what the budget then predicts for
-    it. Returns the record for ``plan.metadata["latency"]``."""
+    (``"confirmed"``, the number reported: :func:`confirmed_reading`); its measured point is what
+    the budget then predicts for it. Returns the record for ``plan.metadata["latency"]``."""
     spec, timer, latency = space.latency_spec, space.timer, space.latency
     measured_plans = space.measured_plans(env)
     k = np.asarray(env.best_by_target[key].k, dtype=np.int64)
