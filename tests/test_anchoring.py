@@ -101,27 +101,6 @@ def test_without_a_prior_actions_are_amounts():
     assert list(a.plan.amounts.values())[0] == pytest.approx(0.5, abs=0.01)
 
 
-@pytest.mark.parametrize("episodes,warmup", [(40, 7), (300, 50), (6, 1), (1, 0)])
-def test_amc_warmup_and_noise_scale_with_episodes(episodes, warmup):
-    from torch_rlprune.agents.amc import AMCAgent
-
-    agent = AMCAgent(seed=0)
-    w, decay = agent.schedule(episodes)
-    assert w == warmup
-    if episodes - w > 1:
-        assert agent.config.init_delta * decay ** (episodes - w - 1) == pytest.approx(agent.config.final_delta)
-    assert AMCAgent({"warmup": 3, "delta_decay": 0.9}).schedule(40) == (3, 0.9)
-
-
-def test_a_short_amc_search_is_not_random_search():
-    """With a fixed 50-episode warm-up, 40 episodes returned exactly the random agent's plan."""
-    x = inputs((48, 1, 16, 16))
-    kwargs = dict(data=x, episodes=40, verbose=False, selection=0.0, protect_first_last=False, seed=0)
-    amc = rl_prune(seeded(small_cnn, 0), 0.8, agent="amc", **kwargs)
-    phases = [h["phase"] for h in amc.history]
-    assert phases.count("warmup") == 7 and phases.count("explore") == 33
-
-
 # --------------------------------------------------------------------------- the search pays on held-out data
 # Measured on this fixture (test accuracy of 2000 test images, AMC default config at 60 episodes vs the
 # prior alone, seeds 0-2): 80% 79.2/78.8/79.5 vs 77.4/77.0/77.5; 90% 67.4/67.6/68.1 vs 66.3/65.5/66.4;

@@ -1,13 +1,11 @@
 """rl_prune and global_rl_unstructured: the public contract, end to end."""
-import statistics
-
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import (AS_PUBLISHED, CallOrderNet, ConstantAgent, ModelState, assert_binary_masks, assert_budget_met, inputs, mask_sparsity, seeded,
+from helpers import (CallOrderNet, ModelState, assert_binary_masks, assert_budget_met, inputs, mask_sparsity, seeded,
                      small_cnn)
 from torch_rlprune import PruneResult, PruningPlan, global_rl_unstructured, list_agents, rl_prune
 
@@ -316,47 +314,6 @@ def test_same_seed_same_search_bit_for_bit(search, cnn_batch):
     first = run(0)
     assert run(0) == first
     assert any(run(seed) != first for seed in (1, 2, 3)), "the seed has no effect"
-
-
-# --------------------------------------------------------------------------- AMC learns
-LEARNING_TARGET = 0.85
-LEARNING_SEARCH = dict(agent="amc", episodes=300, agent_config={"warmup": 50}, **AS_PUBLISHED)
-# Measured with this fixture (hard top-1 fidelity, AMC lr_actor 1e-3, delta_decay 0.99), seeds 0-5:
-#   warm-up mean 0.427-0.484 (std 0.19-0.24), warm-up max 0.727-0.766
-#   last-20 explore mean 0.738 0.734 0.640 0.733 0.735 0.736   -> gain over warm-up mean +0.157..+0.307
-#   best explore plan    0.770 0.777 0.758 0.766 0.772 0.770   -> above the warm-up max in 6 of 6 seeds
-# A policy saturated at amount 0 (what a collapsed sigmoid actor plays) scores 0.514, a "gain" of only
-# 0.03-0.09; at 1 it scores 0.109. The margin 0.1 separates learning from that collapse, which is
-# what 150 episodes produced for 3 of 6 seeds (last-20 mean 0.51 = the saturated plan).
-LEARNING_MARGIN = 0.1
-
-
-@pytest.fixture(scope="module")
-def saturated_policy_scores(_trained_fmnist_cnn, fmnist_train_split):
-    import copy
-
-    _, (x_cal, y_cal) = fmnist_train_split
-    return {action: rl_prune(copy.deepcopy(_trained_fmnist_cnn), LEARNING_TARGET, data=(x_cal, y_cal),
-                             agent=ConstantAgent({"action": action}), verbose=False, **AS_PUBLISHED).plan.score
-            for action in (0.0, 1.0)}
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_amc_learns_plans_better_than_its_random_warmup(seed, trained_fmnist_cnn, fmnist_train_split,
-                                                        saturated_policy_scores):
-    _, (x_cal, y_cal) = fmnist_train_split
-    result = rl_prune(trained_fmnist_cnn, LEARNING_TARGET, data=(x_cal, y_cal), reward="fidelity", seed=seed,
-                      verbose=False, **LEARNING_SEARCH)
-    warmup = [h["reward"] for h in result.history if h["phase"] == "warmup"]
-    explore = [h["reward"] for h in result.history if h["phase"] == "explore"]
-    assert len(warmup) == 50 and len(explore) == 250
-    learned = statistics.mean(explore[-20:])
-    assert learned > statistics.mean(warmup) + LEARNING_MARGIN, (learned, statistics.mean(warmup))
-    assert learned > max(saturated_policy_scores.values()), (learned, saturated_policy_scores)
-    # >=, not >: on one CPU seed 2's best warm-up plan (0.7617 agreement) was not beaten, though the policy
-    # learned (the two asserts above); what must hold is that the search never loses it
-    assert result.plan.score >= max(warmup), "the search returned a plan worse than its best warm-up plan"
-    assert_budget_met(mask_sparsity(trained_fmnist_cnn), LEARNING_TARGET)
 
 
 # --------------------------------------------------------------------------- progress

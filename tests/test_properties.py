@@ -133,6 +133,9 @@ def reachable_target(model, x, budget, wanted) -> float:
 def search_or_refusal(model, x, target, budget, **search):
     """Run rl_prune; the result when a plan can meet ``target``, None after a clean refusal when none can."""
     gap = reachable_gap(model, x, budget, target)
+    # between 0.4 and 0.6 points rl_prune's closest plan (built greedily) may or may not find the exact
+    # knapsack's plan: no single outcome is right there, so such examples are not drawn
+    assume(not 0.004 < gap <= 0.006)
     state = ModelState.of(model)
     if gap > 0.006:
         with pytest.raises(ValueError, match="target"):
@@ -143,10 +146,8 @@ def search_or_refusal(model, x, target, budget, **search):
     try:
         return rl_prune(model, target, data=x, budget=budget, max_amount=MAX_AMOUNT, verbose=False, **ALL_LAYERS,
                         **search)
-    except ValueError:
-        assert gap > 0.004, f"refused a target {gap:.5f} away from a reachable plan"
-        state.assert_unchanged(model)
-        return None
+    except ValueError as error:
+        raise AssertionError(f"refused a target {gap:.5f} away from a reachable plan: {error}") from None
 
 
 def check_pruned(model, arch, x, target, budget, out_shape):

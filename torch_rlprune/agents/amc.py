@@ -147,10 +147,14 @@ class AMCAgent(Agent):
 
     def _build(self, state_dim: int, num_layers: int) -> None:
         c = self.config
-        self.actor = Actor(state_dim, c.hidden, c.init_w)
-        self.critic = Critic(state_dim, c.hidden, c.init_w)
-        self.actor_target = Actor(state_dim, c.hidden, c.init_w)
-        self.critic_target = Critic(state_dim, c.hidden, c.init_w)
+        # initialisation drawn from the agent's seed, not from whatever the global stream holds (rl_prune
+        # seeds that stream with the same seed, so its searches are the ones they were before)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.actor = Actor(state_dim, c.hidden, c.init_w)
+            self.critic = Critic(state_dim, c.hidden, c.init_w)
+            self.actor_target = Actor(state_dim, c.hidden, c.init_w)
+            self.critic_target = Critic(state_dim, c.hidden, c.init_w)
         self.actor_target.load_state_dict(self.actor.state_dict())
         self.critic_target.load_state_dict(self.critic.state_dict())
         # fused Adam: on CPU the per-tensor loop of the default implementation took a third of an update
