@@ -4,11 +4,10 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,12 +18,13 @@ from .agents import Agent, get_agent_class, list_agents
 from .calibration import build_calibration, check_label, primary_output
 from .channel.measured import (CalibratedLatency, CompactedTimer, Latency, MeasuredCalibration, calibrate_before_search,
                                WidthPlans, close_on_measurement, latency_spec, measurement_cache_path)
+from .compaction import compact
 from .checkpoint import SearchRecorder, check_checkpoint_path, load_checkpoint
 from .distributed import (DistributedSearch, SplittableReward, all_ranks_succeed, check_same_calibration,
                           distributed_context, shard)
 from .env import LayerwisePruningEnv, check_budget
 from .importance import IMPORTANCES, activation_scores
-from .inputs import as_example, batch_tensors, describe_shape, recorded_example, run_model
+from .inputs import as_example, batch_tensors, describe_shape, run_model
 from .threads import agent_threads, intra_op_threads, one_search_at_a_time
 from .masking import InPlaceMask
 from .plan import PruningPlan, apply_plan
@@ -32,6 +32,7 @@ from .priors import PRIORS, sorted_lamp_scores, threshold_allocation, uniform_al
 from .progress import progress
 from .recalibration import BatchNormRecalibration
 from .repair import REPAIRS, LeastSquaresRefit
+from .results import MultiTargetResult, PruneResult, pruned_fraction
 from .rewards import REWARDS, make_reward
 from .safety import ModelSnapshot
 from .selection import seed_priors, select_plans, split_calibration
@@ -41,160 +42,6 @@ __all__ = ["rl_prune", "global_rl_unstructured", "compact", "PruneResult", "Mult
            "pruned_fraction"]
 
 STRUCTURES = ("unstructured", "channel")
-
-
-@dataclass
-class PruneResult:
-    """What :func:`rl_prune` returns.
-
-    Attributes:
-        model: the same module object that was passed in, now pruned in place.
-        plan: the :class:`PruningPlan` that was applied.
-        sparsity: achieved fraction of the budget's cost removed, read back from the masks
-            (``budget="latency"``: the fraction of latency removed as measured after compact on
-            the runtime, ``plan.metadata["latency"]["measured"]``).
-        history: one dict per episode: reward, score, sparsity, best_reward, phase, seconds, target,
-            violation, evaluations (plans scored so far) and amounts (the fraction of each step removed).
-        baseline_score: the unpruned model's score under the same reward.
-        wall_time: seconds for the whole call.
-        forward_seconds: seconds of one scoring pass of the unpruned model (an episode's floor).
-        search_seconds: seconds the agent's search took (episodes, learning and scoring; without
-            the set-up before it and applying the plan after it).
-    """
-
-    model: nn.Module
-    plan: PruningPlan
-    sparsity: float
-    history: List[dict]
-    baseline_score: float
-    wall_time: float
-    forward_seconds: float
-    layers: List[PrunableTensor] = field(repr=False, default_factory=list)
-    example_inputs: Any = field(repr=False, default=None)  # a tensor; a tuple or dict for several inputs
-    search_seconds: float = math.nan
-
-    def compact(self) -> dict:
-        """Physically remove the masked channels (``structure="channel"``); see :func:`compact`."""
-        if self.plan.structure != "channel":
-            raise ValueError("compact() removes channels; this result pruned unstructured weights "
-                             "(use prune.remove to make them permanent)")
-        info = compact(self.model, self.example_inputs)
-        self._honest_after_compact(info)
-        return info
-
-    def _honest_after_compact(self, info: dict) -> None:
-        """When ``compact`` could not remove every planned group, ``sparsity`` becomes what it
-        really removed (of the dense model's MACs or params, per the budget)."""
-        dense = self.plan.metadata.get("dense") or {}
-        which = "params" if self.plan.budget == "params" else "macs"
-        if not (info.get("failed") or info.get("partial")) or not dense.get(which):
-            return
-        planned, self.sparsity = self.sparsity, 1.0 - info[f"{which}_after"] / dense[which]
-        info["sparsity"] = self.sparsity
-        warnings.warn(f"compact: result.sparsity is now {self.sparsity:.4f} of the dense model's {which} "
-                      f"(planned {planned:.4f}); the groups in info['failed'] stay masked at full size",
-                      UserWarning, stacklevel=3)
-
-    @property
-    def score(self) -> float:
-        return self.plan.score
-
-    @property
-    def episode_seconds(self) -> float:
-        """Median wall time of one episode (agent work included)."""
-        return statistics.median(h["seconds"] for h in self.history) if self.history else float("nan")
-
-    def summary(self) -> str:
-        """The table ``rlprune prune`` prints: per-layer amounts, achieved sparsity, MACs and params
-        before and after, score, wall time (:func:`torch_rlprune.report.format_summary`)."""
-        from .report import format_summary, summarize
-
-        return format_summary(summarize(self))
-
-
-class MultiTargetResult(Mapping):
-    """What :func:`rl_prune` returns for a list of targets: ``{target: PruneResult}``.
-
-    The model is left unpruned (every plan was searched on the same masks); apply one with
-    :meth:`apply`, which also re-estimates BatchNorm statistics as the search scored the plan
-    (``bn_recalibration`` batches). Each :class:`PruneResult`'s ``sparsity`` is its plan's planned sparsity and
-    its ``history`` holds the episodes spent on that target.
-    """
-
-    def __init__(self, model: nn.Module, results: Dict[float, PruneResult], agent: str, wall_time: float,
-                 history: List[dict], latency=None, bn_batches: Sequence[torch.Tensor] = (),
-                 refit_batches: Sequence = ()):
-        self.model, self._results, self.agent, self.wall_time, self.history = model, results, agent, wall_time, \
-            history
-        self.latency = latency  # the search's LatencyTable (budget="latency")
-        self.bn_batches = list(bn_batches)  # what the search re-estimated BatchNorm on before each score
-        self.refit_batches = list(refit_batches)  # repair="lstsq": what apply() refits the layers on
-
-    def __getitem__(self, target: float) -> PruneResult:
-        return self._results[self._key(target)]
-
-    def __iter__(self) -> Iterator[float]:
-        return iter(self._results)
-
-    def __len__(self) -> int:
-        return len(self._results)
-
-    def _key(self, target) -> float:
-        for t in self._results:
-            if isinstance(target, numbers.Real) and abs(float(target) - t) < 1e-9:
-                return t
-        raise KeyError(f"target must be one of {sorted(self._results)}, got {target!r}")
-
-    @property
-    def plans(self) -> Dict[float, PruningPlan]:
-        return {t: r.plan for t, r in self._results.items()}
-
-    def apply(self, model: Optional[nn.Module] = None, target: Optional[float] = None) -> float:
-        """Prune ``model`` (default: the searched model) with the plan for ``target``; returns
-        the sparsity achieved, read back from the masks (``budget="latency"``: predicted by the
-        search's latency table)."""
-        if target is None:
-            raise ValueError(f"apply() needs target=, one of {sorted(self._results)}")
-        result = self[target]
-        model = self.model if model is None else model
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        refit = LeastSquaresRefit(model, self.refit_batches, seed=result.plan.seed) if self.refit_batches else None
-        achieved = self._apply(model, result)
-        if refit is not None:
-            result.plan.metadata["repair"] = refit().as_dict()
-        recalibrate = BatchNormRecalibration(model, self.bn_batches)
-        if recalibrate:
-            recalibrate()
-        return achieved
-
-    def _apply(self, model: nn.Module, result: PruneResult) -> float:
-        if result.plan.budget == "latency":  # the calibrated prediction, as during the search
-            apply_plan(model, result.plan)
-            return self.latency.fraction_removed(result.plan.counts())
-        if result.plan.structure == "channel":
-            from .channel import count_macs_params
-
-            dense = count_macs_params(model, result.example_inputs)
-            apply_plan(model, result.plan, example_inputs=result.example_inputs)
-            which = 0 if result.plan.budget == "macs" else 1
-            return 1.0 - count_macs_params(model, result.example_inputs)[which] / dense[which]
-        apply_plan(model, result.plan)
-        names = set(result.plan.amounts)
-        layers = [lay for lay in find_prunable(model, None) if lay.name in names]
-        if result.plan.budget == "macs":  # a weight's MACs come from a traced forward (feature-map sizes)
-            def run():
-                with torch.inference_mode():
-                    run_model(model, result.example_inputs)
-            layers, _ = trace_execution(model, layers, run)
-        return pruned_fraction(layers, result.plan.budget)
-
-    def summary(self) -> str:
-        lines = [f"rl_prune: agent={self.agent}, {len(self)} targets, wall time {self.wall_time:.1f}s",
-                 f"{'target':>8} {'planned':>8} {'score':>8} {'episodes':>8}"]
-        for t, r in self._results.items():
-            lines.append(f"{t:>8.4f} {r.sparsity:>8.4f} {r.score:>8.4f} {r.plan.episodes:>8}")
-        return "\n".join(lines)
 
 
 def _check_targets(target, max_drop) -> Optional[List[float]]:
@@ -274,18 +121,6 @@ def _importance_by_name(importance_scores, layers: List[PrunableTensor]) -> Dict
     if unknown:
         raise ValueError(f"importance_scores: unknown tensor(s) {sorted(unknown)}")
     return by_key
-
-
-def pruned_fraction(layers: List[PrunableTensor], budget: str = "params") -> float:
-    """Fraction of the layers' cost (params, or MACs) that their prune masks remove."""
-    removed = total = 0.0
-    for layer in layers:
-        mask = layer.existing_mask
-        cost = 1 if budget == "params" else layer.macs_per_weight
-        total += layer.numel * cost
-        if mask is not None:
-            removed += float((mask == 0).sum()) * cost
-    return removed / total
 
 
 TOLERANCE = {"unstructured": 0.005, "channel": 0.02}
@@ -1156,37 +991,6 @@ def _search_fingerprint(agent, targets, max_drop, structure, budget, scorer, see
                   "weights": _digest(p for p in model.parameters()),
                   "calibration": _digest(t for batch in calibration.inputs for t in batch_tensors(batch)),
                   "steps": [f"{layer.name}:{getattr(layer, 'numel', '')}" for layer in space.steps]})
-
-
-def compact(model: nn.Module, example_inputs=None) -> dict:
-    """Physically remove every channel the model's masks remove (same model object, no prune
-    hooks left) with torch-pruning; returns MACs/params before and after.
-
-    Residual blocks masked whole (:func:`~torch_rlprune.depth.mask_block`, e.g. by
-    ``agent="n2n"``) are replaced by identities first (listed in ``removed_blocks``; the MACs and
-    params "before" are counted after that), then the channels of the remaining model go.
-
-    Args:
-        model: a model pruned with ``structure="channel"`` (by :func:`rl_prune` or
-            :func:`apply_plan`), or one whose masked state_dict was loaded back.
-        example_inputs: one input batch; default: shaped like the one the model was pruned with
-            (recorded by :func:`rl_prune` / :func:`apply_plan`), else from timm's ``pretrained_cfg``.
-    """
-    from .calibration import infer_input_shape
-    from .channel import compact as _compact
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if example_inputs is None:
-        example_inputs = recorded_example(model)  # the one rl_prune / apply_plan pruned it with
-    if example_inputs is None:
-        example_inputs = torch.randn(2, *infer_input_shape(model), generator=torch.Generator().manual_seed(0))
-    from .depth import remove_masked_blocks
-
-    removed = remove_masked_blocks(model)  # blocks first: the channel graph is built on what remains
-    info = _compact(model, example_inputs)
-    info["removed_blocks"] = removed
-    return info
 
 
 def global_rl_unstructured(parameters, target: float, importance_scores=None, *, model: nn.Module,

@@ -929,7 +929,7 @@ def _cmd_prune(args) -> int:
 
 def _run_prune(args, s: dict, model_spec: str, out: Path, console: _Console, leader: bool) -> int:
     from . import rl_prune
-    from .api import PruneResult
+    from .results import PruneResult
     from .training import evaluate_accuracy
 
     seed = int(s["seed"])

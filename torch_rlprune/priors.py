@@ -22,7 +22,7 @@ functional twins at the bottom apply the unstructured heuristics through
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch

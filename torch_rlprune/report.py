@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .plan import PlanError, PruningPlan
+from .results import PruneResult
 
 __all__ = ["write_marked_section", "publish_section", "RUN_FILE", "RUN_FORMAT_VERSION", "summarize", "format_summary", "count_dense", "plot_amounts", "plot_search",
            "plot_tradeoff", "save_run", "load_run", "write_report", "search_stats"]
@@ -63,8 +64,6 @@ def summarize(result, *, test_accuracy: Optional[dict] = None, count: bool = Tru
         no longer has the architecture the plan was made for (after ``compact()``). Non-finite numbers
         become None.
     """
-    from .api import PruneResult
-
     if not isinstance(result, PruneResult):
         if hasattr(result, "plans") and hasattr(result, "apply"):
             raise TypeError("summarize takes one PruneResult; for a MultiTargetResult summarize each member: "

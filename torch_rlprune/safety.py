@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 from torch import nn
 
 __all__ = ["ModelSnapshot"]

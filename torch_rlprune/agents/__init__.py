@@ -6,7 +6,7 @@ True
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Type
+from typing import Dict, List, Type
 
 from .base import Agent
 

@@ -221,7 +221,6 @@ class AMCAgent(Agent):
         return warmup, float((c.final_delta / c.init_delta) ** (1.0 / learning)) if c.init_delta > 0 else 1.0
 
     def search(self, env, episodes: int) -> None:
-        c = self.config
         self._build(self._state_dim(env), env.num_steps)
         warmup_episodes, decay = self.schedule(episodes)
         for episode in range(episodes):

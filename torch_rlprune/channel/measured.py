@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..compaction import compact
 from ..progress import progress_bar
 from ..threads import intra_op_threads
 from ._util import restore_training, run_model, training_flags
@@ -255,7 +256,6 @@ class CompactedTimer:
     def compacted(self, plan: Dict[str, int], removed_blocks: Sequence[str] = ()) -> nn.Module:
         """A copy of the reference with ``plan`` ({group key: units}) applied, the residual blocks
         named in ``removed_blocks`` replaced by identities, and compacted."""
-        from ..api import compact
         from ..depth import RemovedBlock
         from .apply import apply_channel_plan
 

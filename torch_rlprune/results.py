@@ -1,0 +1,186 @@
+"""What ``rl_prune`` returns: one :class:`PruneResult`, or a :class:`MultiTargetResult` of them."""
+from __future__ import annotations
+
+import math
+import numbers
+import statistics
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .channel.counting import count_macs_params
+from .compaction import compact
+from .inputs import run_model
+from .plan import PruningPlan, apply_plan
+from .recalibration import BatchNormRecalibration
+from .repair import LeastSquaresRefit
+from .structure import PrunableTensor, find_prunable, trace_execution
+
+__all__ = ["PruneResult", "MultiTargetResult", "pruned_fraction"]
+
+
+@dataclass
+class PruneResult:
+    """What :func:`rl_prune` returns.
+
+    Attributes:
+        model: the same module object that was passed in, now pruned in place.
+        plan: the :class:`PruningPlan` that was applied.
+        sparsity: achieved fraction of the budget's cost removed, read back from the masks
+            (``budget="latency"``: the fraction of latency removed as measured after compact on
+            the runtime, ``plan.metadata["latency"]["measured"]``).
+        history: one dict per episode: reward, score, sparsity, best_reward, phase, seconds, target,
+            violation, evaluations (plans scored so far) and amounts (the fraction of each step removed).
+        baseline_score: the unpruned model's score under the same reward.
+        wall_time: seconds for the whole call.
+        forward_seconds: seconds of one scoring pass of the unpruned model (an episode's floor).
+        search_seconds: seconds the agent's search took (episodes, learning and scoring; without
+            the set-up before it and applying the plan after it).
+    """
+
+    model: nn.Module
+    plan: PruningPlan
+    sparsity: float
+    history: List[dict]
+    baseline_score: float
+    wall_time: float
+    forward_seconds: float
+    layers: List[PrunableTensor] = field(repr=False, default_factory=list)
+    example_inputs: Any = field(repr=False, default=None)  # a tensor; a tuple or dict for several inputs
+    search_seconds: float = math.nan
+
+    def compact(self) -> dict:
+        """Physically remove the masked channels (``structure="channel"``); see :func:`compact`."""
+        if self.plan.structure != "channel":
+            raise ValueError("compact() removes channels; this result pruned unstructured weights "
+                             "(use prune.remove to make them permanent)")
+        info = compact(self.model, self.example_inputs)
+        self._honest_after_compact(info)
+        return info
+
+    def _honest_after_compact(self, info: dict) -> None:
+        """When ``compact`` could not remove every planned group, ``sparsity`` becomes what it
+        really removed (of the dense model's MACs or params, per the budget)."""
+        dense = self.plan.metadata.get("dense") or {}
+        which = "params" if self.plan.budget == "params" else "macs"
+        if not (info.get("failed") or info.get("partial")) or not dense.get(which):
+            return
+        planned, self.sparsity = self.sparsity, 1.0 - info[f"{which}_after"] / dense[which]
+        info["sparsity"] = self.sparsity
+        warnings.warn(f"compact: result.sparsity is now {self.sparsity:.4f} of the dense model's {which} "
+                      f"(planned {planned:.4f}); the groups in info['failed'] stay masked at full size",
+                      UserWarning, stacklevel=3)
+
+    @property
+    def score(self) -> float:
+        return self.plan.score
+
+    @property
+    def episode_seconds(self) -> float:
+        """Median wall time of one episode (agent work included)."""
+        return statistics.median(h["seconds"] for h in self.history) if self.history else float("nan")
+
+    def summary(self) -> str:
+        """The table ``rlprune prune`` prints: per-layer amounts, achieved sparsity, MACs and params
+        before and after, score, wall time (:func:`torch_rlprune.report.format_summary`)."""
+        from .report import format_summary, summarize
+
+        return format_summary(summarize(self))
+
+
+class MultiTargetResult(Mapping):
+    """What :func:`rl_prune` returns for a list of targets: ``{target: PruneResult}``.
+
+    The model is left unpruned (every plan was searched on the same masks); apply one with
+    :meth:`apply`, which also re-estimates BatchNorm statistics as the search scored the plan
+    (``bn_recalibration`` batches). Each :class:`PruneResult`'s ``sparsity`` is its plan's planned sparsity and
+    its ``history`` holds the episodes spent on that target.
+    """
+
+    def __init__(self, model: nn.Module, results: Dict[float, PruneResult], agent: str, wall_time: float,
+                 history: List[dict], latency=None, bn_batches: Sequence[torch.Tensor] = (),
+                 refit_batches: Sequence = ()):
+        self.model, self._results, self.agent, self.wall_time, self.history = model, results, agent, wall_time, \
+            history
+        self.latency = latency  # the search's LatencyTable (budget="latency")
+        self.bn_batches = list(bn_batches)  # what the search re-estimated BatchNorm on before each score
+        self.refit_batches = list(refit_batches)  # repair="lstsq": what apply() refits the layers on
+
+    def __getitem__(self, target: float) -> PruneResult:
+        return self._results[self._key(target)]
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self._results)
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def _key(self, target) -> float:
+        for t in self._results:
+            if isinstance(target, numbers.Real) and abs(float(target) - t) < 1e-9:
+                return t
+        raise KeyError(f"target must be one of {sorted(self._results)}, got {target!r}")
+
+    @property
+    def plans(self) -> Dict[float, PruningPlan]:
+        return {t: r.plan for t, r in self._results.items()}
+
+    def apply(self, model: Optional[nn.Module] = None, target: Optional[float] = None) -> float:
+        """Prune ``model`` (default: the searched model) with the plan for ``target``; returns
+        the sparsity achieved, read back from the masks (``budget="latency"``: predicted by the
+        search's latency table)."""
+        if target is None:
+            raise ValueError(f"apply() needs target=, one of {sorted(self._results)}")
+        result = self[target]
+        model = self.model if model is None else model
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        refit = LeastSquaresRefit(model, self.refit_batches, seed=result.plan.seed) if self.refit_batches else None
+        achieved = self._apply(model, result)
+        if refit is not None:
+            result.plan.metadata["repair"] = refit().as_dict()
+        recalibrate = BatchNormRecalibration(model, self.bn_batches)
+        if recalibrate:
+            recalibrate()
+        return achieved
+
+    def _apply(self, model: nn.Module, result: PruneResult) -> float:
+        if result.plan.budget == "latency":  # the calibrated prediction, as during the search
+            apply_plan(model, result.plan)
+            return self.latency.fraction_removed(result.plan.counts())
+        if result.plan.structure == "channel":
+            dense = count_macs_params(model, result.example_inputs)
+            apply_plan(model, result.plan, example_inputs=result.example_inputs)
+            which = 0 if result.plan.budget == "macs" else 1
+            return 1.0 - count_macs_params(model, result.example_inputs)[which] / dense[which]
+        apply_plan(model, result.plan)
+        names = set(result.plan.amounts)
+        layers = [lay for lay in find_prunable(model, None) if lay.name in names]
+        if result.plan.budget == "macs":  # a weight's MACs come from a traced forward (feature-map sizes)
+            def run():
+                with torch.inference_mode():
+                    run_model(model, result.example_inputs)
+            layers, _ = trace_execution(model, layers, run)
+        return pruned_fraction(layers, result.plan.budget)
+
+    def summary(self) -> str:
+        lines = [f"rl_prune: agent={self.agent}, {len(self)} targets, wall time {self.wall_time:.1f}s",
+                 f"{'target':>8} {'planned':>8} {'score':>8} {'episodes':>8}"]
+        for t, r in self._results.items():
+            lines.append(f"{t:>8.4f} {r.sparsity:>8.4f} {r.score:>8.4f} {r.plan.episodes:>8}")
+        return "\n".join(lines)
+
+
+def pruned_fraction(layers: List[PrunableTensor], budget: str = "params") -> float:
+    """Fraction of the layers' cost (params, or MACs) that their prune masks remove."""
+    removed = total = 0.0
+    for layer in layers:
+        mask = layer.existing_mask
+        cost = 1 if budget == "params" else layer.macs_per_weight
+        total += layer.numel * cost
+        if mask is not None:
+            removed += float((mask == 0).sum()) * cost
+    return removed / total
