@@ -15,7 +15,7 @@ from torch import nn
 
 from helpers import ModelState, RaisingReward, inputs, latency_resnet, private_cache_one_thread, seeded  # noqa: F401
 from torch_rlprune import PlanError, PruningPlan, apply_plan, rl_prune
-from torch_rlprune.api import LATENCY_ROUND_TO
+from torch_rlprune.options import LATENCY_ROUND_TO
 from torch_rlprune.channel import ChannelStructure
 from torch_rlprune.channel.latency import LatencyTable, _fresh_layer, _monotone
 from torch_rlprune.channel_steps import LatencyBudget

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import numbers
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -14,51 +12,33 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .agents import Agent, get_agent_class, list_agents
-from .calibration import build_calibration, check_label, primary_output
+from .agents import Agent
+from .calibration import build_calibration, primary_output
 from .channel.measured import (CalibratedLatency, CompactedTimer, Latency, MeasuredCalibration, calibrate_before_search,
-                               WidthPlans, close_on_measurement, latency_spec, measurement_cache_path)
+                               WidthPlans, close_on_measurement, measurement_cache_path)
 from .compaction import compact
 from .checkpoint import SearchRecorder, check_checkpoint_path, load_checkpoint
 from .distributed import (DistributedSearch, SplittableReward, all_ranks_succeed, check_same_calibration,
                           distributed_context, shard)
-from .env import LayerwisePruningEnv, check_budget
-from .importance import IMPORTANCES, activation_scores
+from .env import LayerwisePruningEnv
+from .importance import activation_scores
 from .inputs import as_example, batch_tensors, describe_shape, run_model
 from .threads import agent_threads, intra_op_threads, one_search_at_a_time
 from .masking import InPlaceMask
 from .plan import PruningPlan, apply_plan
+from .options import STRUCTURE_DEFAULTS, STRUCTURES, PruneOptions, SearchQuality, check_budget
 from .priors import PRIORS, sorted_lamp_scores, threshold_allocation, uniform_allocation
 from .progress import progress
 from .recalibration import BatchNormRecalibration
-from .repair import REPAIRS, LeastSquaresRefit
+from .repair import LeastSquaresRefit
 from .results import MultiTargetResult, PruneResult, pruned_fraction
-from .rewards import REWARDS, make_reward
+from .rewards import make_reward
 from .safety import ModelSnapshot
 from .selection import seed_priors, select_plans, split_calibration
 from .structure import PrunableTensor, find_prunable, left_out_weights, trace_execution
 
 __all__ = ["rl_prune", "global_rl_unstructured", "compact", "PruneResult", "MultiTargetResult", "STRUCTURES",
            "pruned_fraction"]
-
-STRUCTURES = ("unstructured", "channel")
-
-
-def _check_targets(target, max_drop) -> Optional[List[float]]:
-    """``None`` (accuracy-guaranteed search) or the sorted distinct targets."""
-    if target is None:
-        if max_drop is None:
-            raise ValueError("target=None searches for the smallest model within max_drop of the unpruned "
-                             "score: give max_drop= (e.g. 0.01)")
-        return None
-    if isinstance(target, (list, tuple)):
-        if not target:
-            raise ValueError("target: the list of targets is empty")
-        values = sorted({_check_fraction(t, "target") for t in target})
-        if len(values) != len(target):
-            raise ValueError(f"target: the list has repeated values: {list(target)}")
-        return values
-    return [_check_fraction(target, "target")]
 
 
 def _measured_repair(report, prepared: "_PreparedSearch", coordinator, model: nn.Module) -> dict:
@@ -70,40 +50,6 @@ def _measured_repair(report, prepared: "_PreparedSearch", coordinator, model: nn
     if coordinator is None:
         record["search_score"] = float(prepared.scorer(model))
     return record
-
-
-def _check_repair(repair, structure: str) -> str:
-    """The repair to run after the search (``None``: the structure's default)."""
-    repair = DEFAULT_REPAIR[structure] if repair is None else repair
-    if not isinstance(repair, str) or repair not in REPAIRS:
-        raise ValueError(f"repair must be one of {REPAIRS} or None (the structure's default), got {repair!r}")
-    if repair == "lstsq" and structure != "channel":
-        raise ValueError("repair='lstsq' refits layers that lost whole input channels: it needs structure='channel' "
-                         "(unstructured pruning takes repair='none')")
-    return repair
-
-
-def _check_quality(prior, selection, select_top, structure: str, protect_first_last=True,
-                   parameters_given=False) -> SearchQuality:
-    allowed = ("best", *PRIORS[structure], "none")
-    if not isinstance(prior, str) or prior not in allowed:
-        raise ValueError(f"prior must be one of {allowed} with structure={structure!r}, got {prior!r}")
-    if isinstance(selection, bool) or not isinstance(selection, numbers.Real) or not 0.0 <= selection < 1.0:
-        raise ValueError(f"selection must be the fraction of calibration samples held out, in [0, 1), "
-                         f"got {selection!r}")
-    if isinstance(select_top, bool) or not isinstance(select_top, numbers.Integral) or select_top < 1:
-        raise ValueError(f"select_top must be a positive integer, got {select_top!r}")
-    if not isinstance(protect_first_last, bool):
-        raise TypeError(f"protect_first_last must be True or False, got {type(protect_first_last).__name__}")
-    return SearchQuality(prior, float(selection), int(select_top), protect_first_last, bool(parameters_given))
-
-
-def _check_fraction(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float in (0, 1), got {type(value).__name__}")
-    if not 0.0 < float(value) < 1.0:
-        raise ValueError(f"{name} must be in (0, 1) (the fraction of prunable weights removed), got {value!r}")
-    return float(value)
 
 
 def _importance_by_name(importance_scores, layers: List[PrunableTensor]) -> Dict[str, torch.Tensor]:
@@ -121,16 +67,6 @@ def _importance_by_name(importance_scores, layers: List[PrunableTensor]) -> Dict
     if unknown:
         raise ValueError(f"importance_scores: unknown tensor(s) {sorted(unknown)}")
     return by_key
-
-
-TOLERANCE = {"unstructured": 0.005, "channel": 0.02}
-DEFAULT_BUDGET = {"unstructured": "params", "channel": "macs"}
-# AMC's channel search keeps at least 20% of a layer (its lbound); weights may go to 98%.
-DEFAULT_MAX_AMOUNT = {"unstructured": 0.98, "channel": 0.8}
-# Measured (docstring of rl_prune, benchmarks/ablation.py): the largest single gain of all.
-DEFAULT_BN_RECALIBRATION = {"unstructured": 4, "channel": 4}
-DEFAULT_REPAIR = {"unstructured": "none", "channel": "lstsq"}
-LATENCY_ROUND_TO = 8   # channel widths a latency search leaves (see rl_prune's round_to)
 
 
 PROTECT_MAX_SHARE = 0.1
@@ -324,23 +260,6 @@ class _ChannelSpace:
 
 
 @dataclass
-class SearchQuality:
-    """What makes a search beat the one-shot heuristics (measured: benchmarks/ablation.py).
-
-    prior: the heuristic the agents act around, scored first (:data:`~torch_rlprune.priors.PRIOR_CHOICES`).
-    selection: fraction of the calibration samples held out to choose the result (0: off).
-    select_top: how many of the search's best plans the held-out part compares.
-    protect_first_last: unstructured pruning leaves the first layer and the classifier dense.
-    """
-
-    prior: str = "best"
-    selection: float = 0.25
-    select_top: int = 5
-    protect_first_last: bool = False
-    parameters_given: bool = False  # global_rl_unstructured / parameters=: exactly those tensors
-
-
-@dataclass
 class _PreparedSearch:
     space: object
     env: LayerwisePruningEnv
@@ -383,7 +302,7 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
     every target checked for feasibility. Masks are touched only from here on: the caller holds
     a :class:`ModelSnapshot`."""
     check_budget(budget, structure)
-    tolerance = TOLERANCE[structure]
+    tolerance = STRUCTURE_DEFAULTS[structure].tolerance
     quality = SearchQuality(prior="none", selection=0.0) if quality is None else quality
     model.eval()
     calibration = build_calibration(model, data, example_inputs, int(calibration_samples), seed=int(seed),
@@ -545,7 +464,7 @@ def _seed_priors(prepared: _PreparedSearch, structure: str, targets) -> None:
     else:
         def plan_of(method: str) -> np.ndarray:
             return space.prior_plan(method, env.cost, env.goal)
-    prepared.priors = seed_priors(env, plan_of, structure, quality.prior, targets, TOLERANCE[structure])
+    prepared.priors = seed_priors(env, plan_of, structure, quality.prior, targets, STRUCTURE_DEFAULTS[structure].tolerance)
 
 
 def _run_search(agent_obj: Agent, agent_cls, agent_config, seed, prepared: _PreparedSearch, structure: str,
@@ -706,91 +625,20 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
     # ---- validate everything before any weight is touched
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    targets = _check_targets(target, max_drop)
-    if max_drop is not None:
-        if targets is not None:
-            raise ValueError("max_drop applies to target=None (accuracy-guaranteed search) only")
-        if isinstance(max_drop, bool) or not isinstance(max_drop, numbers.Real) or not 0 <= max_drop < 1:
-            raise ValueError(f"max_drop must be a number in [0, 1), got {max_drop!r}")
-    if structure not in STRUCTURES:
-        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
-    budget = DEFAULT_BUDGET[structure] if budget is None else budget
-    latency = latency_spec(budget)   # budget=Latency(...) or "latency": measured on a runtime
-    budget = "latency" if latency is not None else budget
-    check_budget(budget, structure)
+    options = PruneOptions(
+        target=target, max_drop=max_drop, structure=structure, budget=budget, agent=agent, reward=reward,
+        episodes=episodes, seed=seed, calibration_samples=calibration_samples, max_amount=max_amount,
+        importance=importance, importance_scores=importance_scores, parameters=parameters, round_to=round_to,
+        bn_recalibration=bn_recalibration, repair=repair, prior=prior, selection=selection, select_top=select_top,
+        protect_first_last=protect_first_last, label=label, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+        resume=resume, distributed=distributed).checked()
+    targets, budget, latency, quality = options.targets, options.budget, options.latency, options.quality
+    max_amount, round_to, bn_recalibration, repair = (options.max_amount, options.round_to,
+                                                      options.bn_recalibration, options.repair)
+    agent_cls = options.agent_type
+    needs_depth = options.needs_depth
     if isinstance(agent, Agent):
         agent_obj = agent
-    else:
-        if not isinstance(agent, str):
-            raise TypeError(f"agent must be a name from {list_agents()} or an Agent instance")
-        agent_cls = get_agent_class(agent)
-    agent_type = type(agent) if isinstance(agent, Agent) else agent_cls
-    if targets is None and not agent_type.supports_guarantee:
-        raise ValueError(f"agent {agent_type.name!r} does not support target=None (accuracy-guaranteed search); "
-                         f"agents that do: {[a for a in list_agents() if get_agent_class(a).supports_guarantee]}")
-    if getattr(agent_type, "needs_prior", False) and (prior == "none" or targets is None):
-        raise ValueError(f"agent {agent_type.name!r} returns the prior's plan: give a target and a prior "
-                         f"(one of {('best', *PRIORS[structure])}), not prior='none' or target=None")
-    needs_depth = bool(getattr(agent_type, "needs_depth", False))
-    if needs_depth and structure != "channel":
-        raise ValueError(f"agent {agent_type.name!r} removes residual blocks and shrinks channels: "
-                         f"use structure='channel'")
-    if needs_depth and targets is not None and len(targets) > 1:
-        raise ValueError(f"agent {agent_type.name!r} searches one target per call; call rl_prune once per target")
-    if targets is not None and len(targets) > 1 and isinstance(agent, Agent) and not agent_type.multi_target:
-        raise ValueError("a list of targets with an Agent instance needs a multi-target agent (e.g. 'cacp'); "
-                         "pass the agent's name to run one search per target")
-    quality = _check_quality(prior, selection, select_top, structure, protect_first_last, parameters is not None)
-    check_label(label)
-    if not (callable(reward) or reward in REWARDS):
-        raise ValueError(f"reward must be one of {REWARDS} or a callable(model) -> float, got {reward!r}")
-    if episodes is not None and (isinstance(episodes, bool) or not isinstance(episodes, numbers.Integral)
-                                 or episodes < 1):
-        raise ValueError(f"episodes must be a positive integer or None, got {episodes!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
-    if isinstance(calibration_samples, bool) or not isinstance(calibration_samples, numbers.Integral) \
-            or calibration_samples < 1:
-        raise ValueError(f"calibration_samples must be a positive integer, got {calibration_samples!r}")
-    max_amount = DEFAULT_MAX_AMOUNT[structure] if max_amount is None else max_amount
-    if isinstance(max_amount, bool) or not isinstance(max_amount, numbers.Real) or not 0 < max_amount <= 1:
-        raise ValueError(f"max_amount must be in (0, 1], got {max_amount!r}")
-    if structure == "channel":
-        for name, value in (("importance_scores", importance_scores), ("parameters", parameters)):
-            if value is not None:
-                raise ValueError(f"{name} applies to structure='unstructured' only; for channels pass importance=")
-        if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
-            raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
-        if round_to is None and budget == "latency":
-            round_to = LATENCY_ROUND_TO
-    else:
-        if round_to is not None:
-            raise ValueError("round_to= applies to structure='channel' (what remains of a channel group)")
-        if importance is not None and (not isinstance(importance, str) or importance not in IMPORTANCES):
-            raise ValueError(f"importance must be one of {IMPORTANCES} with structure='unstructured' (or None: "
-                             f"magnitude), got {importance!r}; torch-pruning importances apply to structure='channel'")
-        if importance == "activation" and importance_scores is not None:
-            raise ValueError("importance='activation' computes its own scores: pass importance_scores= or "
-                             "importance='activation', not both")
-    bn_recalibration = DEFAULT_BN_RECALIBRATION[structure] if bn_recalibration is None else bn_recalibration
-    if isinstance(bn_recalibration, bool) or not isinstance(bn_recalibration, numbers.Integral) \
-            or bn_recalibration < 0:
-        raise ValueError(f"bn_recalibration must be a number of batches >= 0, got {bn_recalibration!r}")
-    repair = _check_repair(repair, structure)
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, numbers.Integral) \
-            or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
-    for name, value in (("checkpoint", checkpoint), ("resume", resume)):
-        if value is not None and not isinstance(value, (str, os.PathLike)):
-            raise TypeError(f"{name} must be a file path, got {type(value).__name__}")
-    if not isinstance(distributed, bool):
-        raise TypeError(f"distributed must be True or False, got {type(distributed).__name__}")
-    if distributed and needs_depth and budget == "latency":
-        raise ValueError(f"agent {agent_type.name!r} with budget='latency' times residual blocks on one process: "
-                         "call it without distributed=True (or use budget='macs')")
-    if distributed and reward not in REWARDS:
-        raise ValueError(f"distributed=True splits the calibration set over processes: reward must be one of "
-                         f"{REWARDS} (a sum over samples), got {reward!r}")
     leader = True
     coordinator = None
     if distributed:
@@ -810,7 +658,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
     if not isinstance(agent, Agent):
         agent_obj = agent_cls(agent_config, seed=int(seed))
     episodes = int(episodes if episodes is not None else agent_obj.config.episodes)
-    tolerance = TOLERANCE[structure]
+    tolerance = STRUCTURE_DEFAULTS[structure].tolerance
 
     layers = find_prunable(model, exclude, parameters)
     if not layers:

@@ -45,6 +45,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .options import PruneOptions, Spelling
+
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_USAGE", "EXIT_INPUT", "EXIT_FAILED", "EXIT_INTERRUPTED"]
 
 EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
@@ -705,37 +707,36 @@ def _budget(s: dict):
                    runtime=s.get("latency_runtime") or "eager")
 
 
-def _validate_prune(s: dict) -> None:
-    """Usage errors, before anything is read or written; message names the flag and allowed values."""
-    from .agents import get_agent_class, list_agents
-    from .api import STRUCTURES
-    from .env import STRUCTURE_BUDGETS
+class _Flags(Spelling):
+    """``rlprune prune``'s spelling of rl_prune's arguments in the shared checks' messages."""
 
-    targets = s["target"]
-    if not targets:
+    RENAMED = {"calibration_samples": "--calibration", "protect_first_last": "--no-protect"}
+
+    def __call__(self, argument: str) -> str:
+        return self.RENAMED.get(argument, "--" + argument.replace("_", "-"))
+
+    def allowed(self, values) -> str:
+        return ", ".join(map(str, values))
+
+    def given(self, argument: str, value) -> str:
+        return f"{self(argument)} {value}"
+
+
+def _validate_prune(s: dict) -> None:
+    """Usage errors, before anything is read or written; message names the flag and allowed values.
+    rl_prune's own checks (:class:`~torch_rlprune.options.PruneOptions`) first, then the flags that
+    only the command line has."""
+    if not s["target"]:
         raise _usage("--target needs at least one value in (0, 1)")
-    for t in targets:
-        if not (isinstance(t, (int, float)) and 0.0 < t < 1.0):
-            raise _usage(f"--target must be a number in (0, 1) (exclusive), got {t!r}")
-    if len(set(targets)) != len(targets):
-        raise _usage(f"--target values must be distinct, got {' '.join(f'{t:g}' for t in targets)}")
-    if s["structure"] not in STRUCTURES:
-        raise _one_of("--structure", STRUCTURES, s["structure"])
-    if s["agent"] not in list_agents():
-        raise _one_of("--agent", list_agents(), s["agent"])
-    if s["budget"] is not None:
-        allowed = STRUCTURE_BUDGETS[s["structure"]]
-        if s["budget"] not in allowed:
-            raise _usage(f"--budget must be one of {', '.join(allowed)} with --structure {s['structure']}, "
-                         f"got {s['budget']!r}")
+    try:
+        PruneOptions(target=list(s["target"]), structure=s["structure"], agent=s["agent"], budget=s["budget"],
+                     reward=s["reward"], episodes=s["episodes"], seed=s["seed"], max_amount=s["max_amount"],
+                     calibration_samples=s["calibration"], checkpoint_every=s["checkpoint_every"],
+                     prior=s["prior"], selection=s["selection"], importance=s["importance"], repair=s["repair"],
+                     protect_first_last=s["protect_first_last"], distributed=s["distributed"]).checked(_Flags())
+    except (ValueError, TypeError) as error:
+        raise _usage(str(error)) from None
     _validate_latency(s)
-    if s["reward"] not in ("fidelity", "accuracy"):
-        raise _one_of("--reward", ("fidelity", "accuracy"), s["reward"])
-    _positive("--episodes", s["episodes"])
-    if s["max_amount"] is not None and not 0.0 < s["max_amount"] <= 1.0:
-        raise _usage(f"--max-amount must be a number in (0, 1], got {s['max_amount']!r}")
-    _positive("--calibration", s["calibration"])
-    _positive("--checkpoint-every", s["checkpoint_every"])
     for flag, key in (("--test-samples", "test_samples"), ("--train-steps", "train_steps"),
                       ("--finetune-steps", "finetune_steps")):
         _positive(flag, s[key], zero=True)
@@ -743,20 +744,6 @@ def _validate_prune(s: dict) -> None:
     if s["compact"] and s["structure"] != "channel":
         raise _usage("--compact needs --structure channel (unstructured pruning keeps every shape; make its "
                      "zeros permanent with torch.nn.utils.prune.remove)")
-    from .importance import IMPORTANCES
-    from .priors import PRIORS
-
-    priors = ("best", *PRIORS[s["structure"]], "none")
-    if s["prior"] not in priors:
-        raise _usage(f"--prior must be one of {', '.join(priors)} with --structure {s['structure']}, "
-                     f"got {s['prior']!r}")
-    if not (isinstance(s["selection"], (int, float)) and 0.0 <= s["selection"] < 1.0):
-        raise _usage(f"--selection must be a fraction in [0, 1), got {s['selection']!r}")
-    if s["importance"] is not None:
-        if s["structure"] != "unstructured":
-            raise _usage("--importance applies to --structure unstructured")
-        if s["importance"] not in IMPORTANCES:
-            raise _one_of("--importance", IMPORTANCES, s["importance"])
     if s["export"] is not None:
         from .deploy import EXPORT_FORMATS
 
@@ -765,21 +752,6 @@ def _validate_prune(s: dict) -> None:
         if not s["compact"]:
             raise _usage("--export needs --compact (--structure channel): a masked model runs at dense speed; an "
                          "unstructured model's gain is its size (model_sparse.pt)")
-    if s["repair"] is not None:
-        from .repair import REPAIRS
-
-        if s["repair"] not in REPAIRS:
-            raise _one_of("--repair", REPAIRS, s["repair"])
-        if s["repair"] == "lstsq" and s["structure"] != "channel":
-            raise _usage("--repair lstsq refits layers that lost whole input channels: it needs --structure channel")
-    agent_cls = get_agent_class(s["agent"])
-    if getattr(agent_cls, "needs_prior", False) and s["prior"] == "none":
-        raise _usage(f"--agent {s['agent']} returns the prior's plan: it needs a --prior other than none")
-    if getattr(agent_cls, "needs_depth", False):
-        if s["structure"] != "channel":
-            raise _usage(f"--agent {s['agent']} removes residual blocks and channels: it needs --structure channel")
-        if len(targets) > 1:
-            raise _usage(f"--agent {s['agent']} searches one target at a time: give one --target")
 
 
 def _reject_constant(name: str):

@@ -23,14 +23,10 @@ from .masking import InPlaceMask
 from .structure import PrunableTensor
 from .threads import intra_op_threads
 
-__all__ = ["LayerwisePruningEnv", "EpisodeRecord", "BUDGETS", "STRUCTURE_BUDGETS", "check_budget",
-           "STATE_FEATURES", "ANCHORED_STATE_FEATURES", "CONSTRAINTS", "anchored_amount", "anchored_action",
-           "PRIOR_SPREAD"]
+__all__ = ["LayerwisePruningEnv", "EpisodeRecord", "BUDGETS", "STATE_FEATURES", "ANCHORED_STATE_FEATURES",
+           "CONSTRAINTS", "anchored_amount", "anchored_action", "PRIOR_SPREAD"]
 
-BUDGETS = ("params", "macs", "latency")
-# Latency is predicted from layers timed at narrower widths (channel.latency.LatencyTable):
-# only removing channels makes a layer narrower; zeroed weights run as fast as dense ones.
-STRUCTURE_BUDGETS = {"unstructured": ("params", "macs"), "channel": ("params", "macs", "latency")}
+BUDGETS = ("params", "macs", "latency")   # which structure takes which: options.STRUCTURE_DEFAULTS
 # "clip": AMC's action clipping keeps every episode on budget. "free": actions are only kept
 # inside each layer's range; the agent sees the violation and must learn the budget itself
 # (CRL's Lagrangian); the plans kept as results are projected onto the budget.
@@ -73,16 +69,6 @@ def anchored_action(amount: float, prior: float, spread: float = PRIOR_SPREAD) -
     if spread <= 0:
         return 0.5
     return min(max(0.5 + (_logit(amount) - _logit(prior)) / (2.0 * spread), 0.0), 1.0)
-
-
-def check_budget(budget, structure: str) -> None:
-    """Raise a ValueError naming ``budget`` and the values allowed for ``structure``."""
-    allowed = STRUCTURE_BUDGETS.get(structure, BUDGETS)
-    if budget in allowed:
-        return
-    takers = [name for name, budgets in STRUCTURE_BUDGETS.items() if budget in budgets]
-    why = f" ({budget!r} needs structure={' or '.join(map(repr, takers))})" if takers else ""
-    raise ValueError(f"budget must be one of {allowed} with structure={structure!r}, got {budget!r}{why}")
 
 
 @dataclass

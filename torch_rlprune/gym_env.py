@@ -29,11 +29,11 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("torch_rlprune.gym_env needs gymnasium: pip install 'torch_rlprune[gym]'") from err
 
-from .api import (DEFAULT_BN_RECALIBRATION, DEFAULT_BUDGET, DEFAULT_MAX_AMOUNT, STRUCTURES, PruneResult,
-                  _check_quality, _check_targets, _prepare_search, _seed_priors)
-from .calibration import check_label
-from .env import BUDGETS, CONSTRAINTS
+from .api import _prepare_search, _seed_priors
+from .env import CONSTRAINTS
+from .options import PruneOptions
 from .plan import PruningPlan
+from .results import PruneResult
 from .safety import ModelSnapshot
 from .structure import find_prunable
 
@@ -70,18 +70,15 @@ class PruningGymEnv(gymnasium.Env):
                  prior: str = "best", label=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        targets = _check_targets(target, None)
-        if structure not in STRUCTURES:
-            raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
-        budget = DEFAULT_BUDGET[structure] if budget is None else budget
-        if budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
         if constraint not in CONSTRAINTS:
             raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
-        quality = _check_quality(prior, 0.0, 1, structure, protect_first_last=False)
-        check_label(label)
-        max_amount = DEFAULT_MAX_AMOUNT[structure] if max_amount is None else max_amount
-        bn_recalibration = DEFAULT_BN_RECALIBRATION[structure] if bn_recalibration is None else bn_recalibration
+        # rl_prune's checks and defaults; the held-out choice and the protected layers are a search's business
+        options = PruneOptions(target=target, structure=structure, budget=budget, agent="random", reward=reward,
+                               seed=seed, calibration_samples=calibration_samples, max_amount=max_amount,
+                               bn_recalibration=bn_recalibration, prior=prior, selection=0.0, select_top=1,
+                               protect_first_last=False, label=label).checked()
+        targets, structure, budget, quality = options.targets, options.structure, options.budget, options.quality
+        max_amount, bn_recalibration = options.max_amount, options.bn_recalibration
         layers = find_prunable(model, exclude, None)
         if not layers:
             raise ValueError("the model has no prunable layers (Conv/Linear weights) left after 'exclude'")
