@@ -16,6 +16,7 @@ from .agents import Agent
 from .calibration import build_calibration, primary_output
 from .channel.measured import (CalibratedLatency, CompactedTimer, Latency, MeasuredCalibration, calibrate_before_search,
                                WidthPlans, close_on_measurement, measurement_cache_path)
+from .channel.counting import macs_or_params
 from .compaction import compact
 from .checkpoint import SearchRecorder, check_checkpoint_path, load_checkpoint
 from .distributed import (DistributedSearch, SplittableReward, all_ranks_succeed, check_same_calibration,
@@ -255,8 +256,8 @@ class _ChannelSpace:
         apply_channel_plan(self.model, plan.counts(), structure=self.structure)
         if self.latency is not None:  # calibrated on measurements (the returned plan's own, see close_on_measurement)
             return self.latency.fraction_removed(plan.counts())
-        which = 0 if self.budget == "macs" else 1
-        return 1.0 - self._count(self.model, self.example)[which] / self.dense[which]
+        after = self._count(self.model, self.example)
+        return 1.0 - macs_or_params(after, self.budget) / macs_or_params(self.dense, self.budget)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import numpy as np
 from torch import nn
 
 from .budget import Budget
+from .channel.counting import macs_or_params
 from .structure import PRUNABLE_TYPES, RECURRENT_TYPES, PrunableTensor, _describe
 
 __all__ = ["GroupMask", "ChannelBudget", "LatencyBudget", "group_descriptors"]
@@ -45,14 +46,14 @@ class ChannelBudget(Budget):
 
     def __init__(self, structure, budget: str, max_amount: float):
         self.structure = structure
-        self.which = {"macs": 0, "params": 1}[budget]
+        self.budget = budget
         groups = structure.groups
         self.k_min, self.k_max = _count_range(groups, max_amount)
-        self.total = float(structure.cost(np.zeros(len(groups), dtype=np.int64))[self.which])
-        self.step_cost = np.array([float(g.macs if self.which == 0 else g.params) for g in groups])
+        self.total = float(macs_or_params(structure.cost(np.zeros(len(groups), dtype=np.int64)), budget))
+        self.step_cost = np.array([float(macs_or_params((g.macs, g.params), budget)) for g in groups])
 
     def removed(self, k: np.ndarray) -> float:
-        return self.total - float(self.structure.cost(np.asarray(k, dtype=np.int64))[self.which])
+        return self.total - float(macs_or_params(self.structure.cost(np.asarray(k, dtype=np.int64)), self.budget))
 
 
 class LatencyBudget(Budget):

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .budget import Budget
-from .channel.counting import count_macs_params
+from .channel.counting import count_macs_params, macs_or_params
 from .depth import _TAG, RemovableBlock, RemovedBlock, find_removable_blocks, mask_block, unmask_block
 from .env import BestPlan, BestPlanResults, EpisodeRecord
 
@@ -186,13 +186,13 @@ class CountedCost:
     both give ``total``, ``remaining(removed, counts)`` and ``group_costs`` (a state feature)."""
 
     def __init__(self, cost_model: DepthCost, budget: str):
-        self.cost_model, self.which = cost_model, {"macs": 0, "params": 1}[budget]
-        self.total = float(cost_model.dense[self.which])
-        self.group_costs = np.array([float(g.macs if self.which == 0 else g.params)
+        self.cost_model, self.budget = cost_model, budget
+        self.total = float(macs_or_params(cost_model.dense, budget))
+        self.group_costs = np.array([float(macs_or_params((g.macs, g.params), budget))
                                      for g in cost_model.structure.groups], dtype=np.float64)
 
     def remaining(self, removed, counts) -> float:
-        return float(self.cost_model.cost(removed, counts)[self.which])
+        return float(macs_or_params(self.cost_model.cost(removed, counts), self.budget))
 
 
 class _EpisodeBudget(Budget):
@@ -584,5 +584,5 @@ class DepthChannelSpace:
             removed = np.array([b.name in plan.metadata.get("removed_blocks", ()) for b in self.blocks], dtype=bool)
             counts = self.structure.resolve_plan(plan.counts())
             return self.budget_cost.fraction_removed(removed, np.where(self.cost_model.inactive_groups(removed), 0, counts))
-        which = 0 if self.budget == "macs" else 1
-        return 1.0 - count_macs_params_removed(self.model, self.example)[which] / self.dense[which]
+        removed = count_macs_params_removed(self.model, self.example)
+        return 1.0 - macs_or_params(removed, self.budget) / macs_or_params(self.dense, self.budget)

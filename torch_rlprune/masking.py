@@ -33,17 +33,17 @@ class InPlaceMask:
         existing = layer.existing_mask
         # With an existing prune hook, the forward recomputes weight = weight_orig * weight_mask,
         # so the mask buffer is what must change; otherwise the weight itself.
-        self.target = existing if existing is not None else getattr(layer.module, layer.param_name)
-        self.saved = self.target.detach().clone()
+        self.written = existing if existing is not None else getattr(layer.module, layer.param_name)
+        self.saved = self.written.detach().clone()
         scores = layer.original if importance_scores is None else importance_scores
-        if scores.shape != self.target.shape:
+        if scores.shape != self.written.shape:
             raise ValueError(f"importance_scores for {layer.name!r} have shape {tuple(scores.shape)}, "
-                             f"expected {tuple(self.target.shape)}")
+                             f"expected {tuple(self.written.shape)}")
         scores = scores.detach().abs().float().reshape(-1)
         if existing is not None:
             scores = scores.masked_fill(existing.reshape(-1) == 0, -1.0)
-        self.order = torch.argsort(scores, stable=True).to(self.target.device)
-        self.numel = self.target.numel()
+        self.order = torch.argsort(scores, stable=True).to(self.written.device)
+        self.numel = self.written.numel()
         self.k_min = 0 if existing is None else int((existing == 0).sum())
         self.applied = self.k_min
 
@@ -51,17 +51,17 @@ class InPlaceMask:
     # 3x slower on 600k scattered entries of a 2.4M tensor (4.6 vs 1.6 ms zeroing, 20 vs 6.4 ms
     # restoring), which made writing an episode's masks ~15% of a 256-image forward pass.
     def _zero(self, idx: torch.Tensor) -> None:
-        if self.target.is_contiguous():
-            self.target.data.view(-1).index_fill_(0, idx, 0)
+        if self.written.is_contiguous():
+            self.written.data.view(-1).index_fill_(0, idx, 0)
         else:
-            self.target.data[torch.unravel_index(idx, self.target.shape)] = 0
+            self.written.data[torch.unravel_index(idx, self.written.shape)] = 0
 
     def _put_back(self, idx: torch.Tensor) -> None:
         values = self.saved.reshape(-1).index_select(0, idx)
-        if self.target.is_contiguous():
-            self.target.data.view(-1).index_copy_(0, idx, values)
+        if self.written.is_contiguous():
+            self.written.data.view(-1).index_copy_(0, idx, values)
         else:
-            self.target.data[torch.unravel_index(idx, self.target.shape)] = values
+            self.written.data[torch.unravel_index(idx, self.written.shape)] = values
 
     @torch.no_grad()
     def set_k(self, k: int) -> None:
@@ -78,5 +78,5 @@ class InPlaceMask:
     @torch.no_grad()
     def restore(self) -> None:
         """Put back exactly the values the tensor had when this object was made."""
-        self.target.data.copy_(self.saved)
+        self.written.data.copy_(self.saved)
         self.applied = self.k_min

@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .channel.counting import count_macs_params
+from .channel.counting import count_macs_params, macs_or_params
 from .compaction import compact
 from .inputs import run_model
 from .plan import PruningPlan, apply_plan
@@ -65,12 +65,12 @@ class PruneResult:
         """When ``compact`` could not remove every planned group, ``sparsity`` becomes what it
         really removed (of the dense model's MACs or params, per the budget)."""
         dense = self.plan.metadata.get("dense") or {}
-        which = "params" if self.plan.budget == "params" else "macs"
-        if not (info.get("failed") or info.get("partial")) or not dense.get(which):
+        counted = "params" if self.plan.budget == "params" else "macs"
+        if not (info.get("failed") or info.get("partial")) or not dense.get(counted):
             return
-        planned, self.sparsity = self.sparsity, 1.0 - info[f"{which}_after"] / dense[which]
+        planned, self.sparsity = self.sparsity, 1.0 - info[f"{counted}_after"] / dense[counted]
         info["sparsity"] = self.sparsity
-        warnings.warn(f"compact: result.sparsity is now {self.sparsity:.4f} of the dense model's {which} "
+        warnings.warn(f"compact: result.sparsity is now {self.sparsity:.4f} of the dense model's {counted} "
                       f"(planned {planned:.4f}); the groups in info['failed'] stay masked at full size",
                       UserWarning, stacklevel=3)
 
@@ -154,8 +154,8 @@ class MultiTargetResult(Mapping):
         if result.plan.structure == "channel":
             dense = count_macs_params(model, result.example_inputs)
             apply_plan(model, result.plan, example_inputs=result.example_inputs)
-            which = 0 if result.plan.budget == "macs" else 1
-            return 1.0 - count_macs_params(model, result.example_inputs)[which] / dense[which]
+            after = count_macs_params(model, result.example_inputs)
+            return 1.0 - macs_or_params(after, result.plan.budget) / macs_or_params(dense, result.plan.budget)
         apply_plan(model, result.plan)
         names = set(result.plan.amounts)
         layers = [lay for lay in find_prunable(model, None) if lay.name in names]

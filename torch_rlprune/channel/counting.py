@@ -29,7 +29,13 @@ from .alive import alive_sizes, attention_call_macs
 from .groups import countable_attention
 from .recurrent import recurrent_weight_names, samples, time_steps
 
-__all__ = ["count_macs_params", "alive_sizes"]
+__all__ = ["count_macs_params", "alive_sizes", "macs_or_params"]
+
+
+def macs_or_params(macs_params: Tuple[int, int], budget: str) -> int:
+    """The entry of a ``(MACs, params)`` pair that ``budget`` ("macs" or "params") counts."""
+    macs, params = macs_params
+    return macs if budget == "macs" else params
 
 
 @torch.no_grad()

@@ -34,16 +34,16 @@ class _TensorState:
     """In-place zeroing of one tensor along one or more dims, with reference counts per dim so that
     reviving a column does not revive an entry whose row another group still removes."""
 
-    __slots__ = ("target", "saved", "dead", "module", "name", "computed")
+    __slots__ = ("written", "saved", "dead", "module", "name", "computed")
 
     def __init__(self, module: nn.Module, name: str):
         mask = module._buffers.get(name + "_mask") if hasattr(module, "_buffers") else None
         if isinstance(mask, torch.Tensor):
-            target = mask          # pruned through torch: the forward computes orig * mask
+            written = mask          # pruned through torch: the forward computes orig * mask
         else:
-            target = getattr(module, name)
-        self.target = target
-        self.saved = target.detach().clone()
+            written = getattr(module, name)
+        self.written = written
+        self.saved = written.detach().clone()
         self.dead: Dict[int, torch.Tensor] = {}
         # the weight a prune hook last computed: a forward under our zeros replaces it, and it
         # must read as before once the mask is put back (no forward may follow to recompute it)
@@ -55,11 +55,11 @@ class _TensorState:
             return
         cnt = self.dead.get(dim)
         if cnt is None:
-            cnt = self.dead[dim] = torch.zeros(self.target.shape[dim], dtype=torch.int32)
+            cnt = self.dead[dim] = torch.zeros(self.written.shape[dim], dtype=torch.int32)
         fresh = pos[cnt[pos] == 0]
         cnt[pos] += 1
         if fresh.numel():
-            self.target.data.index_fill_(dim, fresh.to(self.target.device), 0)
+            self.written.data.index_fill_(dim, fresh.to(self.written.device), 0)
 
     def revive(self, dim: int, pos: torch.Tensor) -> None:
         if pos.numel() == 0:
@@ -68,17 +68,17 @@ class _TensorState:
         cnt[pos] -= 1
         back = pos[cnt[pos] == 0]
         if back.numel():
-            dev = back.to(self.target.device)
+            dev = back.to(self.written.device)
             vals = self.saved.index_select(dim, dev)
             for d2, c2 in self.dead.items():
                 if d2 != dim:
                     other = (c2 > 0).nonzero().flatten()
                     if other.numel():
                         vals.index_fill_(d2, other.to(vals.device), 0)
-            self.target.data.index_copy_(dim, dev, vals)
+            self.written.data.index_copy_(dim, dev, vals)
 
     def restore(self) -> None:
-        self.target.data.copy_(self.saved)
+        self.written.data.copy_(self.saved)
         self.dead.clear()
         if self.computed is not None:
             self.module.__dict__[self.name] = self.computed
