@@ -294,20 +294,19 @@ class _PreparedSearch:
         return float(self.selector(self.space.model))
 
 
-def _prepare_search(model, layers, targets, data, reward, budget, structure, exclude, example_inputs, seed,
-                    calibration_samples, max_amount, importance_scores, importance, round_to, bn_recalibration,
-                    max_drop, depth: bool = False, distributed=None,
-                    quality: Optional[SearchQuality] = None, label=None,
-                    latency: Optional[Latency] = None) -> _PreparedSearch:
+def prepare_search(model: nn.Module, layers, options: PruneOptions, data, exclude=None, example_inputs=None,
+                   distributed=None) -> _PreparedSearch:
     """Calibration data, the search space (weights or channel groups), the reward and the MDP,
-    every target checked for feasibility. Masks are touched only from here on: the caller holds
-    a :class:`ModelSnapshot`."""
+    every target checked for feasibility, for :meth:`PruneOptions.checked` options. Masks are
+    touched only from here on: the caller holds a :class:`ModelSnapshot`."""
+    o = options
+    targets, reward, budget, structure, seed, max_amount, round_to, importance, quality = (
+        o.targets, o.reward, o.budget, o.structure, o.seed, o.max_amount, o.round_to, o.importance, o.quality)
+    depth, latency, tolerance = o.needs_depth, o.latency, o.tolerance
     check_budget(budget, structure)
-    tolerance = STRUCTURE_DEFAULTS[structure].tolerance
-    quality = SearchQuality(prior="none", selection=0.0) if quality is None else quality
     model.eval()
-    calibration = build_calibration(model, data, example_inputs, int(calibration_samples), seed=int(seed),
-                                    label=label)
+    calibration = build_calibration(model, data, example_inputs, int(o.calibration_samples), seed=int(seed),
+                                    label=o.label)
     # a callable reward scores on its own data, and the guarantee's criterion is not the score
     selecting = quality.selection > 0 and not callable(reward) and targets is not None
     calibration, selection_part = split_calibration(calibration, quality.selection if selecting else 0.0, int(seed))
@@ -320,7 +319,7 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
     # The first forward both checks that the data fits and records execution order and shapes.
     try:
         if structure == "unstructured":
-            space = _UnstructuredSpace(model, layers, run_first_batch, importance_scores, budget, max_amount,
+            space = _UnstructuredSpace(model, layers, run_first_batch, o.importance_scores, budget, max_amount,
                                        protect=quality.protect_first_last and not quality.parameters_given,
                                        importance=importance or "magnitude", batches=calibration.inputs)
         else:
@@ -356,7 +355,7 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
     if selection_part is not None:  # every rank holds the whole set: each selects alone, identically
         selector = make_reward(reward, selection_part)
         selector.prepare(model)
-    recalibrate = BatchNormRecalibration(model, calibration.inputs[:int(bn_recalibration)])
+    recalibrate = BatchNormRecalibration(model, calibration.inputs[:int(o.bn_recalibration)])
 
     def score() -> float:
         if recalibrate:
@@ -370,7 +369,7 @@ def _prepare_search(model, layers, targets, data, reward, budget, structure, exc
         if recalibrate:
             baseline = float(score())
 
-        floor = baseline - float(max_drop) if targets is None else None
+        floor = baseline - float(o.max_drop) if targets is None else None
         if depth:
             env = space.make_env(score, targets[0], max_amount, baseline, tolerance)
         else:
@@ -455,7 +454,7 @@ def _warn_latency_missed(record: dict, target: float) -> None:
                       "plan.metadata['latency']['measured'] has every round", UserWarning, stacklevel=3)
 
 
-def _seed_priors(prepared: _PreparedSearch, structure: str, targets) -> None:
+def score_priors(prepared: _PreparedSearch, structure: str, targets) -> None:
     """The prior plans of every target, scored before any agent acts (see :mod:`.selection`)."""
     quality, space, env = prepared.quality, prepared.space, prepared.env
     if quality.prior == "none" or not targets:
@@ -474,7 +473,7 @@ def _run_search(agent_obj: Agent, agent_cls, agent_config, seed, prepared: _Prep
     env = prepared.env
     try:
         with agent_threads():  # scoring switches back to the caller's threads (threads.py)
-            _seed_priors(prepared, structure, targets)
+            score_priors(prepared, structure, targets)
             if one_search:
                 agent_obj.search(env, episodes)
             else:  # one fresh agent per target, one search after the other
@@ -633,11 +632,9 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         bn_recalibration=bn_recalibration, repair=repair, prior=prior, selection=selection, select_top=select_top,
         protect_first_last=protect_first_last, label=label, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
         resume=resume, distributed=distributed).checked()
-    targets, budget, latency, quality = options.targets, options.budget, options.latency, options.quality
-    max_amount, round_to, bn_recalibration, repair = (options.max_amount, options.round_to,
-                                                      options.bn_recalibration, options.repair)
+    targets, budget, max_amount, round_to, repair = (options.targets, options.budget, options.max_amount,
+                                                     options.round_to, options.repair)
     agent_cls = options.agent_type
-    needs_depth = options.needs_depth
     if isinstance(agent, Agent):
         agent_obj = agent
     leader = True
@@ -675,10 +672,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
     try:
         with torch.random.fork_rng(devices=[]), progress(verbose and leader):
             torch.manual_seed(int(seed))
-            prepared = _prepare_search(model, layers, targets, data, reward, budget, structure, exclude,
-                                       example_inputs, seed, calibration_samples, max_amount, importance_scores,
-                                       importance, round_to, bn_recalibration, max_drop, depth=needs_depth,
-                                       distributed=coordinator, quality=quality, label=label, latency=latency)
+            prepared = prepare_search(model, layers, options, data, exclude, example_inputs, distributed=coordinator)
             space, env, scorer, calibration, recalibrate = (prepared.space, prepared.env, prepared.scorer,
                                                             prepared.calibration, prepared.recalibrate)
             baseline, forward_seconds, floor = prepared.baseline, prepared.forward_seconds, prepared.floor
@@ -687,9 +681,8 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
 
             with all_ranks_succeed(coordinator, "checking the checkpoint"):
                 if checkpoint is not None or resumed is not None:
-                    fingerprint = _search_fingerprint(agent_obj, targets, max_drop, structure, budget, scorer,
-                                                      seed, episodes, max_amount, calibration, bn_recalibration,
-                                                      round_to, importance, space, baseline, model, quality)
+                    fingerprint = _search_fingerprint(agent_obj, options, episodes, scorer, calibration, space,
+                                                      baseline, model)
                     recorder = SearchRecorder(checkpoint, checkpoint_every, fingerprint, resumed, existing)
                     recorder.attach(env, agent_obj)
             bar = tqdm(total=total_episodes, desc=f"rl_prune[{agent_obj.name}]", disable=not verbose,
@@ -745,7 +738,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
                                    metadata={"agent_config": agent_obj.hyperparameters(),
                                              "calibration_samples": prepared.calibration_samples,
                                              "synthetic_calibration": calibration.synthetic,
-                                             "max_amount": max_amount, "bn_recalibration": int(bn_recalibration),
+                                             "max_amount": max_amount, "bn_recalibration": int(options.bn_recalibration),
                                              **({"left_out": left_out} if left_out else {}),
                                              **mode, **extra})
 
@@ -809,9 +802,8 @@ def _digest(tensors) -> List[float]:
     return [first, second]
 
 
-def _search_fingerprint(agent, targets, max_drop, structure, budget, scorer, seed, episodes, max_amount,
-                        calibration, bn_recalibration, round_to, importance, space, baseline, model,
-                        quality=None) -> dict:
+def _search_fingerprint(agent, options: PruneOptions, episodes: int, scorer, calibration, space, baseline,
+                        model) -> dict:
     """What a resumed search must share with the checkpointed one (plain data, compared with ==).
     The weights and the calibration data are in it as digests: the replay answers plans from the
     record, so a changed model or data would otherwise go unnoticed."""
@@ -826,15 +818,16 @@ def _search_fingerprint(agent, targets, max_drop, structure, budget, scorer, see
             return [plain(v) for v in value]
         return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
 
-    return plain({"agent": agent.name, "agent_config": agent.hyperparameters(), "targets": targets,
-                  "max_drop": max_drop, "structure": structure, "budget": budget, "reward": scorer.name,
+    o, importance = options, options.importance
+    return plain({"agent": agent.name, "agent_config": agent.hyperparameters(), "targets": o.targets,
+                  "max_drop": o.max_drop, "structure": o.structure, "budget": o.budget, "reward": scorer.name,
                   "latency": getattr(space, "latency_spec", None) and space.latency_spec.as_dict(),
-                  "seed": int(seed), "episodes": int(episodes), "max_amount": float(max_amount),
+                  "seed": int(o.seed), "episodes": int(episodes), "max_amount": float(o.max_amount),
                   "calibration_samples": calibration.num_samples, "synthetic_calibration": calibration.synthetic,
-                  "bn_recalibration": int(bn_recalibration), "round_to": round_to,
+                  "bn_recalibration": int(o.bn_recalibration), "round_to": o.round_to,
                   "importance": importance if importance is None or isinstance(importance, str)
                   else type(importance).__name__,
-                  "quality": asdict(quality),
+                  "quality": asdict(o.quality),
                   "importance_scores": dict(sorted(getattr(space, "scores", {}).items())) or None,
                   "baseline_score": float(baseline),
                   "weights": _digest(p for p in model.parameters()),

@@ -29,7 +29,7 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("torch_rlprune.gym_env needs gymnasium: pip install 'torch_rlprune[gym]'") from err
 
-from .api import _prepare_search, _seed_priors
+from .api import prepare_search, score_priors
 from .env import CONSTRAINTS
 from .options import PruneOptions
 from .plan import PruningPlan
@@ -77,8 +77,8 @@ class PruningGymEnv(gymnasium.Env):
                                seed=seed, calibration_samples=calibration_samples, max_amount=max_amount,
                                bn_recalibration=bn_recalibration, prior=prior, selection=0.0, select_top=1,
                                protect_first_last=False, label=label).checked()
-        targets, structure, budget, quality = options.targets, options.structure, options.budget, options.quality
-        max_amount, bn_recalibration = options.max_amount, options.bn_recalibration
+        options.latency = None  # budget="latency": the latency table's prediction, no measured closing step
+        targets, structure, budget = options.targets, options.structure, options.budget
         layers = find_prunable(model, exclude, None)
         if not layers:
             raise ValueError("the model has no prunable layers (Conv/Linear weights) left after 'exclude'")
@@ -90,10 +90,8 @@ class PruningGymEnv(gymnasium.Env):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int(seed))
                 model.eval()
-                self._search = _prepare_search(model, layers, targets, data, reward, budget, structure, exclude,
-                                               example_inputs, seed, calibration_samples, max_amount, None, None,
-                                               None, bn_recalibration, None, quality=quality, label=label)
-                _seed_priors(self._search, structure, targets)  # scored first, as in rl_prune
+                self._search = prepare_search(model, layers, options, data, exclude, example_inputs)
+                score_priors(self._search, structure, targets)  # scored first, as in rl_prune
         except BaseException:
             self._snapshot.restore()
             raise
