@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -37,10 +36,11 @@ import torch_pruning as tp
 from torch_pruning import ops as tp_ops
 
 from ..structure import is_row_layer, is_transposed_linear
-from ._util import ChannelPruningError, ChannelTimeoutError, Deadline, batch_size, run_model, time_limit
+from ._util import ChannelTimeoutError, Deadline, batch_size, run_model, time_limit
 from .alive import attention_call_macs
+from .graph import RNN_TYPES, Dependency, Group, build_graph, group_item, hybrid_indices, update_index_mapping
 from .norms import norm_kind
-from .recurrent import (RecurrentPruner, hidden_unit_tensors, input_column_tensors, samples, time_steps,
+from .recurrent import (hidden_unit_tensors, input_column_tensors, samples, time_steps,
                         unsupported_reason)
 
 __all__ = ["TensorSlice", "ChannelGroup", "ExcludedGroup", "GroupDiscovery", "discover_groups",
@@ -48,7 +48,6 @@ __all__ = ["TensorSlice", "ChannelGroup", "ExcludedGroup", "GroupDiscovery", "di
 
 OPT = tp_ops.OPTYPE
 _PASSIVE = {OPT.CONCAT, OPT.SPLIT, OPT.ELEMENTWISE, OPT.RESHAPE, OPT.UNBIND, OPT.EXPAND, OPT.SLICE}
-_RNN_TYPES = (nn.RNNBase,)
 
 
 # --------------------------------------------------------------------------- data
@@ -276,140 +275,6 @@ def find_attention_blocks(model: nn.Module, excluded: Callable[[str], bool]) -> 
     return found
 
 
-# --------------------------------------------------------------------------- RNNs trace as one node
-class _Passthrough(torch.autograd.Function):
-    """``value`` (computed without a graph) attached to ``source`` by one autograd node."""
-
-    @staticmethod
-    def forward(ctx, source, value):
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return None, grad
-
-
-def _opaque_rnn_forward(module: nn.Module):
-    """The module's forward as one autograd node from its input to its output sequence.
-
-    On CPU an LSTM traces as one node but a GRU as many small ops torch-pruning would read as
-    layers of their own (FIELD-NOTES). The final states (``h_n``, ``c_n``) are attached to the
-    output sequence, so a head that reads ``h_n`` is coupled to the module's output features
-    too: exactly right for a unidirectional module (``h_n[-1]`` has the hidden units in the
-    output's order); for a bidirectional one the indices do not line up and the group is
-    excluded (out of range) instead of pruned wrongly.
-    """
-    original = module.forward
-
-    def forward(input, *args, **kwargs):
-        with torch.no_grad():
-            out = original(input, *args, **kwargs)
-        if not (isinstance(input, torch.Tensor) and isinstance(out, tuple) and isinstance(out[0], torch.Tensor)):
-            return out
-        # the model's own input carries no graph: hang the output on the module's first weight
-        # (torch-pruning ignores a layer's own parameters, as for a first conv)
-        source = input if input.requires_grad else getattr(module, module._flat_weights_names[0])
-        sequence = _Passthrough.apply(source, out[0])
-
-        def attach(state):
-            if isinstance(state, torch.Tensor):
-                return _Passthrough.apply(sequence, state)
-            if isinstance(state, tuple):
-                return tuple(attach(s) for s in state)
-            return state
-
-        return (sequence,) + tuple(attach(s) for s in out[1:])
-
-    return forward
-
-
-_INDEX_MAPPING_UPDATES = {
-    "CONCAT": "update_concat_index_mapping", "SPLIT": "update_split_index_mapping",
-    "RESHAPE": "update_reshape_index_mapping", "UNBIND": "update_unbind_index_mapping",
-    "EXPAND": "update_expand_index_mapping", "SLICE": "update_slice_index_mapping",
-}
-
-
-def update_index_mapping(DG) -> Dict[int, str]:
-    """torch-pruning's ``update_index_mapping``, one node at a time.
-
-    torch-pruning derives the index mapping of each concat/split/reshape/... from inferred
-    channel counts and crashes the whole graph when one of them is unknown (CspNet's and
-    CoaT's concats: ``None`` channels; SHViT's reshapes: division by zero). Here a node whose
-    mapping cannot be derived is recorded in ``DG.unmappable`` (node id -> reason) instead, and
-    any group that reaches it is excluded with that reason, so the rest of the model still prunes.
-    """
-    from torch_pruning.dependency import index_mapping
-
-    unmappable: Dict[int, str] = {}
-    for node in DG.module2node.values():
-        fn_name = _INDEX_MAPPING_UPDATES.get(getattr(node.type, "name", ""))
-        if fn_name is None:
-            continue
-        try:
-            getattr(index_mapping, fn_name)(DG, node)
-        except Exception as e:  # noqa: BLE001 - recorded; groups through this node are excluded
-            unmappable[id(node)] = (f"torch-pruning cannot map channel indices through {node.type.name.lower()} "
-                                    f"'{node.name}' ({type(e).__name__}: {str(e)[:80]})")
-    DG.unmappable = unmappable
-    return unmappable
-
-
-class _TolerantIndexMapping:
-    """While building the graph, torch-pruning calls :func:`update_index_mapping` instead of its own."""
-
-    def __enter__(self):
-        from torch_pruning.dependency import index_mapping
-        self._module, self._original = index_mapping, index_mapping.update_index_mapping
-        index_mapping.update_index_mapping = update_index_mapping
-        return self
-
-    def __exit__(self, *exc):
-        self._module.update_index_mapping = self._original
-        return False
-
-
-def build_graph(model: nn.Module, example_inputs, seconds: Optional[float] = None):
-    """torch-pruning's dependency graph, built safely; returns ``(DG, grad_fns of the outputs)``.
-
-    LSTM/GRU/RNN modules are one node each, pruned by our :class:`RecurrentPruner`; tracing runs
-    with gradients enabled and our own ``forward_fn``, warnings are silenced, the call is
-    time-limited, and a crash becomes a :class:`ChannelPruningError` naming the model.
-    """
-    model_name = type(model).__name__
-    rnns = [m for m in model.modules() if isinstance(m, _RNN_TYPES)]
-    pruner = RecurrentPruner()
-    customized = {cls: pruner for cls in {type(m) for m in rnns}}
-    for m in rnns:
-        m.forward = _opaque_rnn_forward(m)
-    output_fns: Set[Any] = set()
-
-    def forward_fn(m, x):
-        out = run_model(m, x)
-        for o in tp.utils.flatten_as_list(out):
-            if isinstance(o, torch.Tensor) and o.grad_fn is not None:
-                output_fns.add(o.grad_fn)
-        return out
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with torch.enable_grad(), _TolerantIndexMapping(), \
-                    time_limit(seconds, f"torch-pruning dependency graph of {model_name}"):
-                DG = tp.DependencyGraph().build_dependency(
-                    model, example_inputs, forward_fn=forward_fn,
-                    customized_pruners=customized or None, verbose=False)
-    except ChannelTimeoutError:
-        raise
-    except Exception as e:
-        raise ChannelPruningError(f"torch-pruning could not build the dependency graph of {model_name}: "
-                                  f"{type(e).__name__}: {e}") from e
-    finally:
-        for m in rnns:
-            m.__dict__.pop("forward", None)
-    return DG, output_fns
-
-
 # --------------------------------------------------------------------------- discovery
 @dataclass
 class LayerTrace:
@@ -461,7 +326,7 @@ def _trace_layers(model, example_inputs, attention: Dict[str, nn.Module]) -> Dic
                 return
             if isinstance(module, nn.Embedding):  # a lookup: order only, no MACs
                 return
-            if isinstance(module, _RNN_TYPES):  # every matrix runs once per time step
+            if isinstance(module, RNN_TYPES):  # every matrix runs once per time step
                 tr.packed |= isinstance(inputs[0] if inputs else None, nn.utils.rnn.PackedSequence)
                 tr.positions += time_steps(module, inputs[0] if inputs else None)
                 recurrent_batches.append(samples(module, inputs[0] if inputs else None))
@@ -491,7 +356,7 @@ def _trace_layers(model, example_inputs, attention: Dict[str, nn.Module]) -> Dic
         if isinstance(m, nn.MultiheadAttention):
             traces[name] = tr = LayerTrace(name, m)
             handles.append(m.register_forward_hook(multihead_hook(tr), with_kwargs=True))
-        elif isinstance(m, conv_linear + _RNN_TYPES + (nn.Embedding,)) or name in attention or \
+        elif isinstance(m, conv_linear + RNN_TYPES + (nn.Embedding,)) or name in attention or \
                 is_transposed_linear(m):
             tr = LayerTrace(name, m, attention=name in attention)
             traces[name] = tr
@@ -619,7 +484,7 @@ def _member_tensors(DG, node, is_out: bool, model, names, exact_norms: bool = Tr
         return [(owner_name, owner, attr, dim, "param")], notes, None
     if t == OPT.OUTPUT:
         raise _Reject("changes the model's output (the group reaches the output unchanged)")
-    if isinstance(m, _RNN_TYPES):
+    if isinstance(m, RNN_TYPES):
         why = unsupported_reason(m)
         if why:
             raise _Reject(f"touches {type(m).__name__} '{name}': {why}")
@@ -669,15 +534,11 @@ def enumerate_group(DG, module: nn.Module, pruning_fn, idxs: Sequence[int]):
     as GhostNet's ``cat([x1, dw(x1)])``, where removing channel ``j`` of ``x1`` also removes
     channel ``j`` of the depthwise half.
     """
-    from torch_pruning import _helpers
-    from torch_pruning.dependency.dependency import Dependency
-    from torch_pruning.dependency.group import Group
-
     if module not in DG.module2node:
         raise ValueError(f"module {module} is not in the dependency graph")
     if isinstance(module, tp_ops.TORCH_CONV) and module.groups == module.out_channels and module.out_channels > 1:
         pruning_fn = tp.pruner.function.prune_depthwise_conv_out_channels
-    hidx = list(dict.fromkeys(_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs))
+    hidx = list(dict.fromkeys(hybrid_indices(idxs)))
     unmappable = update_index_mapping(DG)
     root_node = DG.module2node[module]
     root_dep = Dependency(pruning_fn, pruning_fn, source=root_node, target=root_node)
@@ -729,8 +590,7 @@ def enumerate_group(DG, module: nn.Module, pruning_fn, idxs: Sequence[int]):
         for h in pairs:
             table.setdefault(h.idx, set()).add(h.root_idx)
             first_root.setdefault(h.idx, h.root_idx)
-        item = _helpers.GroupItem(dep, list(first_root))
-        item.root_idxs = list(first_root.values())
+        item = group_item(dep, list(first_root), list(first_root.values()))
         merged.add_dep(dep, None)
         merged[len(merged) - 1] = item
     merged._DG = DG
@@ -794,7 +654,7 @@ def _build_group(DG, tp_group, roots_of, model, names, root_name: str, excluded_
             continue
         tensors, notes, grouped = _member_tensors(DG, node, is_out, model, names, exact_norms, norms)
         mname = names.get(id(node.module), None)
-        if is_out and isinstance(node.module, _RNN_TYPES):
+        if is_out and isinstance(node.module, RNN_TYPES):
             recurrent_out.append((mname, node.module))
             if excluded_out(mname or "\0"):
                 raise _Reject(f"contains excluded layer '{mname}' (its hidden units are kept)")
@@ -830,7 +690,7 @@ def _build_group(DG, tp_group, roots_of, model, names, root_name: str, excluded_
             members.append((tname_mod, tmod, tname, dim, role, idxs, roots, grouped))
         if mname is not None:
             role = "out" if is_out and node.type in (OPT.CONV, OPT.LINEAR) else (
-                ("hidden" if is_out else "in") if isinstance(node.module, _RNN_TYPES) else
+                ("hidden" if is_out else "in") if isinstance(node.module, RNN_TYPES) else
                 "in" if node.type in (OPT.CONV, OPT.LINEAR) else
                 ("norm" if node.type in (OPT.BN, OPT.LN, OPT.GN, OPT.IN) else "param"))
             if node.type == OPT.DEPTHWISE_CONV:
@@ -1087,7 +947,7 @@ def discover_groups(model: nn.Module, example_inputs, *, importance=None, exclud
         why = ("heads=False" if not heads else
                f"{type(a).__name__} layout not prunable by whole heads (num_heads={a.num_heads})")
         excluded.append(ExcludedGroup(f"{name}:heads", f"attention heads left alone: {why}", [f"{name}.qkv"]))
-    roots = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding) + _RNN_TYPES
+    roots = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding) + RNN_TYPES
     visited: Set[int] = set()
     specs: List[dict] = []
     stuck_at: Optional[str] = None
@@ -1145,7 +1005,7 @@ def discover_groups(model: nn.Module, example_inputs, *, importance=None, exclud
             excluded.append(ExcludedGroup(f"{key_name}:out", str(r), sorted({names.get(id(o), "?") for o in outs})))
             continue
         # torch-pruning's importances skip recurrent tensors: rank hidden units by their own magnitude
-        spec["tp_group"] = None if isinstance(m, _RNN_TYPES) else g
+        spec["tp_group"] = None if isinstance(m, RNN_TYPES) else g
         spec["root_module"] = m
         spec["root_handler"] = pruner.prune_out_channels
         spec["root_name"] = name
