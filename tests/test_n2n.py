@@ -268,3 +268,38 @@ def test_n2n_needs_the_channel_structure_and_one_target():
         rl_prune(model, TARGET, data=x, agent="n2n", episodes=1, verbose=False)
     with pytest.raises(ValueError, match="one target"):
         rl_prune(model, [0.3, 0.5], data=x, structure="channel", agent="n2n", episodes=1, verbose=False)
+
+
+class _MDPOnly:
+    """The depth-and-width environment as an agent may see it: no model side, nothing to set but
+    the phase label."""
+
+    MODEL_SIDE = {"structure", "space", "cost_model", "blocks", "budget_cost", "score_fn"}
+
+    def __init__(self, env):
+        object.__setattr__(self, "_env", env)
+
+    def __getattr__(self, name):
+        assert name not in self.MODEL_SIDE, f"the agent read env.{name}"
+        return getattr(self._env, name)
+
+    def __setattr__(self, name, value):
+        assert name == "phase", f"the agent set env.{name}"
+        setattr(self._env, name, value)
+
+
+class _GuardedN2N(N2NAgent):
+    def search(self, env, episodes):
+        super().search(_MDPOnly(env), episodes)
+
+
+def test_n2n_sees_only_the_mdp_and_its_reward_is_set_by_whoever_builds_the_environment():
+    x = data_for("resnet18")
+    result = rl_prune(timm_model("resnet18"), TARGET, data=x, structure="channel", agent=_GuardedN2N(seed=3), seed=3,
+                      episodes=6, verbose=False)
+    baseline = result.baseline_score
+    for h in result.history:
+        assert h["reward"] == pytest.approx(n2n_reward(h["score"], baseline, h["sparsity"]))
+    plain = rl_prune(timm_model("resnet18"), TARGET, data=x, structure="channel", agent="n2n", episodes=6, seed=3,
+                     verbose=False)
+    assert [h["reward"] for h in plain.history] == [h["reward"] for h in result.history]

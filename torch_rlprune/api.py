@@ -371,7 +371,8 @@ def prepare_search(model: nn.Module, layers, options: PruneOptions, data, exclud
 
         floor = baseline - float(o.max_drop) if targets is None else None
         if depth:
-            env = space.make_env(score, targets[0], max_amount, baseline, tolerance)
+            env = space.make_env(score, targets[0], max_amount, baseline, tolerance,
+                                 reward=getattr(o.agent_type, "episode_reward", None))
         else:
             env = LayerwisePruningEnv(space.steps, space.masks, score, targets[0] if targets else 0.0, budget,
                                       max_amount, cost=space.cost, score_floor=floor)

@@ -224,14 +224,18 @@ class DepthWidthEnv(BestPlanResults):
         baseline_score: the unpruned model's score (``score_0`` of rewards relative to it).
         tolerance: a plan is a result only if it lands this close to the target (fraction).
 
-    What an agent sets: ``reward_fn(score, compression) -> reward`` (default: the score), used
-    for the history and for choosing the best plan; ``phase`` (a label in the history).
+        reward: ``reward(score, baseline_score, compression) -> reward`` (None: the score), used for the
+            history and for choosing the best plan: whoever builds the environment sets it (rl_prune
+            takes the agent's ``episode_reward``), agents only read rewards.
+
+    What an agent sets: ``phase`` (a label in the history).
     """
 
     supports_depth = True
 
     def __init__(self, space: "DepthChannelSpace", score_fn: Callable[[], float], target: float, budget: str,
-                 max_amount: float, baseline_score: float, tolerance: float = 0.02):
+                 max_amount: float, baseline_score: float, tolerance: float = 0.02,
+                 reward: Optional[Callable[[float, float, float], float]] = None):
         self.space = space
         self.structure = space.structure
         self.blocks = space.blocks
@@ -247,7 +251,7 @@ class DepthWidthEnv(BestPlanResults):
         self.total_cost = float(self.budget_cost.total)
         self.baseline_score = float(baseline_score)
         self.tolerance = float(tolerance)
-        self.reward_fn: Optional[Callable[[float, float], float]] = None
+        self.episode_reward = reward
         self.history: List[EpisodeRecord] = []
         self.best_by_target: Dict[Optional[float], BestPlan] = {}
         self.callbacks: List[Callable[[EpisodeRecord], None]] = []
@@ -459,7 +463,16 @@ class DepthWidthEnv(BestPlanResults):
 
     # ----------------------------------------------------------------- results
     def reward(self, score: float, compression: float) -> float:
-        return float(score) if self.reward_fn is None else float(self.reward_fn(score, compression))
+        if self.episode_reward is None:
+            return float(score)
+        return float(self.episode_reward(score, self.baseline_score, compression))
+
+    def unit_options(self, budget: "_EpisodeBudget", t: int, keep_scales: Sequence[float]) -> np.ndarray:
+        """Units of group ``t`` removed when it keeps each of ``keep_scales`` of its units: counts the
+        group can take (a head group removes whole heads), at most what ``budget`` allows it."""
+        group, n = self.structure.groups[t], int(self.n[t])
+        return np.array([min(group.effective(int(round((1.0 - s) * n))), int(budget.k_max[t])) for s in keep_scales],
+                        dtype=np.int64)
 
     def finish(self, removed, counts, repair: bool = True) -> EpisodeRecord:
         """End an episode: repair the counts onto the budget, score (cached), reward, record.
@@ -553,8 +566,8 @@ class DepthChannelSpace:
         return DepthPlans(self, env)
 
     def make_env(self, score_fn, target: float, max_amount: float, baseline_score: float,
-                 tolerance: float) -> DepthWidthEnv:
-        return DepthWidthEnv(self, score_fn, target, self.budget, max_amount, baseline_score, tolerance)
+                 tolerance: float, reward=None) -> DepthWidthEnv:
+        return DepthWidthEnv(self, score_fn, target, self.budget, max_amount, baseline_score, tolerance, reward)
 
     def split(self, k) -> Tuple[np.ndarray, np.ndarray]:
         k = np.asarray(k, dtype=np.int64)

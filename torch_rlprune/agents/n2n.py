@@ -131,6 +131,8 @@ class N2NAgent(Agent):
     Config = N2NConfig
     needs_depth = True
     """rl_prune gives this agent the depth-and-width environment (blocks + channel groups)."""
+    episode_reward = staticmethod(n2n_reward)
+    """The environment rl_prune builds for this agent rewards an episode with N2N's reward."""
 
     def _check(self, env) -> None:
         if not getattr(env, "supports_depth", False):
@@ -147,7 +149,6 @@ class N2NAgent(Agent):
     def search(self, env, episodes: int) -> None:
         self._check(env)
         c = self.config
-        env.reward_fn = lambda score, compression: n2n_reward(score, env.baseline_score, compression)
         self.block_x = torch.from_numpy(env.block_features())
         self.group_x = env.group_features()
         self.scales = np.array(sorted({float(s) for s in c.keep_scales}), dtype=np.float64)
@@ -222,7 +223,6 @@ class N2NAgent(Agent):
     def _shrink_rollout(self, env):
         removed = self.removed
         budget = env.episode_budget(removed)
-        groups = env.structure.groups
         k = np.zeros(env.num_groups, dtype=np.int64)
         active = [t for t in range(env.num_groups) if budget.k_max[t] > 0]
         inputs, allowed_rows, actions, counted = [], [], [], []
@@ -230,8 +230,7 @@ class N2NAgent(Agent):
         for t in active:
             lo, hi = budget.bounds(k, t, env.goal)
             n = int(env.n[t])
-            units = np.array([min(groups[t].effective(int(round((1.0 - s) * n))), int(budget.k_max[t]))
-                              for s in self.scales], dtype=np.int64)
+            units = env.unit_options(budget, t, self.scales)
             allowed = (units >= lo) & (units <= hi)
             reduced = budget.removed(k) / budget.total
             x = np.concatenate([self.group_x[t], [previous, reduced, env.target, lo / n, hi / n]]).astype(np.float32)
