@@ -351,7 +351,7 @@ def test_the_search_and_tradeoff_plots_have_titles_and_name_the_reward(tmp_path,
     import torch_rlprune.report as report
 
     figures = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or Path(path))
+    monkeypatch.setattr(report.plots, "_save", lambda fig, path: figures.append(fig) or Path(path))
     record = summarize(unstructured[1], count=False)
     plot_search([record], tmp_path / "search.png")
     report.plot_tradeoff([record, dict(record, target=0.5)], tmp_path / "tradeoff.png")

@@ -40,10 +40,10 @@ class StructureDefaults:
 
 
 STRUCTURE_DEFAULTS = {
-    "unstructured": StructureDefaults(budget="params", budgets=("params", "macs"), max_amount=0.98, bn_recalibration=4, repair="none",
-                                      tolerance=0.005),
-    "channel": StructureDefaults(budget="macs", budgets=("params", "macs", "latency"), max_amount=0.8, bn_recalibration=4, repair="lstsq",
-                                 tolerance=0.02),
+    "unstructured": StructureDefaults(budget="params", budgets=("params", "macs"), max_amount=0.98,
+                                      bn_recalibration=4, repair="none", tolerance=0.005),
+    "channel": StructureDefaults(budget="macs", budgets=("params", "macs", "latency"), max_amount=0.8,
+                                 bn_recalibration=4, repair="lstsq", tolerance=0.02),
 }
 
 
@@ -127,7 +127,8 @@ def check_repair(repair, structure: str, name: Spelling = PYTHON) -> str:
                          f"got {repair!r}")
     if repair == "lstsq" and structure != "channel":
         raise ValueError(f"{name.given('repair', 'lstsq')} refits layers that lost whole input channels: it needs "
-                         f"{name.given('structure', 'channel')} (unstructured pruning takes {name.given('repair', 'none')})")
+                         f"{name.given('structure', 'channel')} (unstructured pruning takes "
+                         f"{name.given('repair', 'none')})")
     return repair
 
 
@@ -135,7 +136,8 @@ def check_quality(prior, selection, select_top, structure: str, protect_first_la
                   parameters_given=False, name: Spelling = PYTHON) -> SearchQuality:
     allowed = ("best", *PRIORS[structure], "none")
     if not isinstance(prior, str) or prior not in allowed:
-        raise ValueError(f"{name('prior')} must be one of {name.allowed(allowed)} with {name.given('structure', structure)}, "
+        raise ValueError(f"{name('prior')} must be one of {name.allowed(allowed)} with "
+                         f"{name.given('structure', structure)}, "
                          f"got {prior!r}")
     if isinstance(selection, bool) or not isinstance(selection, numbers.Real) or not 0.0 <= selection < 1.0:
         raise ValueError(f"{name('selection')} must be the fraction of calibration samples held out, in [0, 1), "
@@ -295,7 +297,8 @@ class PruneOptions:
         importance = self.importance
         if importance is not None and (not isinstance(importance, str) or importance not in IMPORTANCES):
             raise ValueError(f"{name('importance')} must be one of {name.allowed(IMPORTANCES)} with "
-                             f"{name.given('structure', 'unstructured')} (or None: magnitude), got {importance!r}; torch-pruning importances "
+                             f"{name.given('structure', 'unstructured')} (or None: magnitude), got {importance!r}; "
+                             f"torch-pruning importances "
                              f"apply to {name.given('structure', 'channel')}")
         if importance == "activation" and self.importance_scores is not None:
             raise ValueError(f"{name.given('importance', 'activation')} computes its own scores: pass "
