@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import ModelState, RaisingReward, inputs, latency_resnet, private_cache_one_thread, seeded  # noqa: F401
+from helpers import (ModelState, RaisingReward, fake_table, inputs, latency_resnet, private_cache_one_thread,  # noqa: F401
+                     seeded)
 from torch_rlprune import PlanError, PruningPlan, apply_plan, rl_prune
 from torch_rlprune.options import LATENCY_ROUND_TO
 from torch_rlprune.channel import ChannelStructure
@@ -84,7 +85,10 @@ def test_monotone_table_is_the_smallest_non_decreasing_table_above_the_timings()
 
 @pytest.mark.parametrize("build, shape", [(MixedNet, (2, 1, 16, 16)), (GRUClassifier, (7, 2, 6))],
                          ids=["convs", "time-major-gru"])
-def test_removing_more_units_never_predicts_a_slower_model(build, shape):
+def test_removing_more_units_never_predicts_a_slower_model(build, shape, monkeypatch):
+    # timings proportional to the work (helpers.fake_table): with real ones a 6-unit GRU timed twice
+    # on a loaded machine read no faster at any width (a tie with the dense model in CI)
+    fake_table(monkeypatch)
     model = seeded(build, 0).eval()
     structure = ChannelStructure(model, inputs(shape))
     table = LatencyTable(structure, **QUICK)
