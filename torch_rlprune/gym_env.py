@@ -77,7 +77,8 @@ class PruningGymEnv(gymnasium.Env):
                                seed=seed, calibration_samples=calibration_samples, max_amount=max_amount,
                                bn_recalibration=bn_recalibration, prior=prior, selection=0.0, select_top=1,
                                protect_first_last=False, label=label).checked()
-        options.latency = None  # budget="latency": the latency table's prediction, no measured closing step
+        # budget="latency": the latency table's prediction at any width, no measured closing step
+        options.latency, options.round_to = None, None
         targets, structure, budget = options.targets, options.structure, options.budget
         layers = find_prunable(model, exclude, None)
         if not layers:
