@@ -1,7 +1,6 @@
 """channel/graph.py: torch-pruning's internals in one place; its index mapping replaced for one
 build at a time, and only on the versions that replacement was written against."""
 import threading
-import time
 
 import pytest
 import torch_pruning as tp
@@ -19,7 +18,6 @@ def mapping_seen(monkeypatch):
 
     def spy(self, *args, **kwargs):
         start = index_mapping.update_index_mapping
-        time.sleep(0.2)  # long enough for a second thread to start its own build meanwhile
         try:
             return build(self, *args, **kwargs)
         finally:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import (ModelState, RaisingReward, fake_table, inputs, latency_resnet, private_cache_one_thread,  # noqa: F401
-                     seeded)
+from helpers import (ModelState, RaisingReward, fake_table, inputs, latency_resnet,  # noqa: F401
+                     private_cache_one_thread, seeded)
 from torch_rlprune import PlanError, PruningPlan, apply_plan, rl_prune
 from torch_rlprune.options import LATENCY_ROUND_TO
 from torch_rlprune.channel import ChannelStructure

@@ -27,7 +27,7 @@ from .inputs import as_example, batch_tensors, describe_shape, run_model
 from .threads import agent_threads, intra_op_threads, one_search_at_a_time
 from .masking import InPlaceMask
 from .plan import PruningPlan, apply_plan
-from .options import STRUCTURE_DEFAULTS, STRUCTURES, PruneOptions, SearchQuality, check_budget
+from .options import STRUCTURE_DEFAULTS, STRUCTURES, PruneOptions, SearchQuality
 from .priors import PRIORS, sorted_lamp_scores, threshold_allocation, uniform_allocation
 from .progress import progress
 from .recalibration import BatchNormRecalibration
@@ -303,7 +303,6 @@ def prepare_search(model: nn.Module, layers, options: PruneOptions, data, exclud
     targets, reward, budget, structure, seed, max_amount, round_to, importance, quality = (
         o.targets, o.reward, o.budget, o.structure, o.seed, o.max_amount, o.round_to, o.importance, o.quality)
     depth, latency, tolerance = o.needs_depth, o.latency, o.tolerance
-    check_budget(budget, structure)
     model.eval()
     calibration = build_calibration(model, data, example_inputs, int(o.calibration_samples), seed=int(seed),
                                     label=o.label)
@@ -465,7 +464,8 @@ def score_priors(prepared: _PreparedSearch, structure: str, targets) -> None:
     else:
         def plan_of(method: str) -> np.ndarray:
             return space.prior_plan(method, env.cost, env.goal)
-    prepared.priors = seed_priors(env, plan_of, structure, quality.prior, targets, STRUCTURE_DEFAULTS[structure].tolerance)
+    tolerance = STRUCTURE_DEFAULTS[structure].tolerance
+    prepared.priors = seed_priors(env, plan_of, structure, quality.prior, targets, tolerance)
 
 
 def _run_search(agent_obj: Agent, agent_cls, agent_config, seed, prepared: _PreparedSearch, structure: str,
@@ -657,7 +657,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
     if not isinstance(agent, Agent):
         agent_obj = agent_cls(agent_config, seed=int(seed))
     episodes = int(episodes if episodes is not None else agent_obj.config.episodes)
-    tolerance = STRUCTURE_DEFAULTS[structure].tolerance
+    tolerance = options.tolerance
 
     layers = find_prunable(model, exclude, parameters)
     if not layers:
@@ -739,7 +739,8 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
                                    metadata={"agent_config": agent_obj.hyperparameters(),
                                              "calibration_samples": prepared.calibration_samples,
                                              "synthetic_calibration": calibration.synthetic,
-                                             "max_amount": max_amount, "bn_recalibration": int(options.bn_recalibration),
+                                             "max_amount": max_amount,
+                                             "bn_recalibration": int(options.bn_recalibration),
                                              **({"left_out": left_out} if left_out else {}),
                                              **mode, **extra})
 

@@ -471,8 +471,8 @@ class DepthWidthEnv(BestPlanResults):
         """Units of group ``t`` removed when it keeps each of ``keep_scales`` of its units: counts the
         group can take (a head group removes whole heads), at most what ``budget`` allows it."""
         group, n = self.structure.groups[t], int(self.n[t])
-        return np.array([min(group.effective(int(round((1.0 - s) * n))), int(budget.k_max[t])) for s in keep_scales],
-                        dtype=np.int64)
+        most = int(budget.k_max[t])
+        return np.array([min(group.effective(int(round((1.0 - s) * n))), most) for s in keep_scales], dtype=np.int64)
 
     def finish(self, removed, counts, repair: bool = True) -> EpisodeRecord:
         """End an episode: repair the counts onto the budget, score (cached), reward, record.
@@ -597,5 +597,5 @@ class DepthChannelSpace:
             removed = np.array([b.name in plan.metadata.get("removed_blocks", ()) for b in self.blocks], dtype=bool)
             counts = self.structure.resolve_plan(plan.counts())
             return self.budget_cost.fraction_removed(removed, np.where(self.cost_model.inactive_groups(removed), 0, counts))
-        removed = count_macs_params_removed(self.model, self.example)
-        return 1.0 - macs_or_params(removed, self.budget) / macs_or_params(self.dense, self.budget)
+        left = count_macs_params_removed(self.model, self.example)
+        return 1.0 - macs_or_params(left, self.budget) / macs_or_params(self.dense, self.budget)
