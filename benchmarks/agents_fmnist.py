@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 from demo import trained_resnet18  # noqa: E402
 
 from torch_rlprune import rl_prune  # noqa: E402
-from torch_rlprune.data import fashion_mnist, tensor_subset  # noqa: E402
-from torch_rlprune.training import evaluate_accuracy  # noqa: E402
+from torch_rlprune.demo.data import fashion_mnist, tensor_subset  # noqa: E402
+from torch_rlprune.demo.training import evaluate_accuracy  # noqa: E402
 
 CHECKPOINTS = (10, 25, 50, 100, 150, 200, 300, 450)
 

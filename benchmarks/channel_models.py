@@ -123,7 +123,7 @@ def run_one(name: str, episodes: int, warmup: int, runs: int, warmup_runs: int, 
     import torch
 
     import torch_rlprune
-    from torch_rlprune.channel import count_macs_params
+    from torch_rlprune.structure.channel import count_macs_params
 
     def phase(label: str):
         out["phase"] = label

@@ -185,7 +185,7 @@ def build_case(source: str, name: str) -> Case:
 
 def forward(model, batch):
     """The model's primary output on ``batch`` (logits for transformers outputs)."""
-    from torch_rlprune.calibration import primary_output
+    from torch_rlprune.rewards.calibration import primary_output
 
     return primary_output(model(**batch) if isinstance(batch, dict) else model(batch))
 
@@ -301,7 +301,7 @@ def module_names_in(message: str, model) -> list:
 
 def classify_error(err: BaseException, model, before: dict) -> dict:
     """refused (a clear error naming its module), fail, or fail: corrupted (the model changed)."""
-    from torch_rlprune.channel import ChannelPruningError
+    from torch_rlprune.structure.channel import ChannelPruningError
 
     message = f"{type(err).__name__}: {err}"
     row = {"error": message[:600]}
@@ -367,7 +367,7 @@ def run_unstructured(case: Case, row: dict, report) -> dict:
 def run_channel(case: Case, row: dict, report) -> dict:
     import torch
 
-    from torch_rlprune.channel import count_macs_params
+    from torch_rlprune.structure.channel import count_macs_params
 
     with torch.no_grad():
         dense_out = forward(case.model, case.check)

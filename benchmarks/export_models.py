@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 from channel_models import MODELS, build_model, images  # noqa: E402
 from study import study_main  # noqa: E402
 from torch_rlprune import compact, export, rl_prune  # noqa: E402
-from torch_rlprune.channel import count_macs_params  # noqa: E402
-from torch_rlprune.deploy import onnx_latency_ms  # noqa: E402
+from torch_rlprune.structure.channel import count_macs_params  # noqa: E402
+from torch_rlprune.structure.deploy import onnx_latency_ms  # noqa: E402
 
 TARGET = 0.5
 RUNS = 50

@@ -26,9 +26,9 @@ sys.path.insert(0, str(HERE))
 from run import FULL, QUICK, Suite, matrices  # noqa: E402
 from study import ROOT, study_main  # noqa: E402
 
-from torch_rlprune.data import fashion_mnist, tensor_subset  # noqa: E402
-from torch_rlprune.priors import global_magnitude_unstructured, lamp_unstructured  # noqa: E402
-from torch_rlprune.training import evaluate_accuracy, train_classifier  # noqa: E402
+from torch_rlprune.demo.data import fashion_mnist, tensor_subset  # noqa: E402
+from torch_rlprune.env.priors import global_magnitude_unstructured, lamp_unstructured  # noqa: E402
+from torch_rlprune.demo.training import evaluate_accuracy, train_classifier  # noqa: E402
 
 LEARNING_RATES = (0.03, 0.01, 0.003, 0.001)
 BENCH_LR = 0.01

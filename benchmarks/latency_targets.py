@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 from channel_models import build_model, images  # noqa: E402
 from study import study_main  # noqa: E402
 from torch_rlprune import Latency, compact, rl_prune  # noqa: E402
-from torch_rlprune.channel import count_macs_params  # noqa: E402
-from torch_rlprune.channel.measured import CompactedTimer  # noqa: E402
+from torch_rlprune.structure.channel import count_macs_params  # noqa: E402
+from torch_rlprune.structure.channel.measured import CompactedTimer  # noqa: E402
 
 MODELS = ["resnet18", "mobilenetv3_small_100", "efficientnet_b0", "regnetx_002", "deit_tiny_patch16_224"]
 TARGETS = (0.3, 0.5, 0.7)

@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 from demo import trained_resnet18  # noqa: E402
 
 from torch_rlprune import compact, rl_prune  # noqa: E402
-from torch_rlprune.channel import count_macs_params  # noqa: E402
-from torch_rlprune.data import fashion_mnist, tensor_subset  # noqa: E402
-from torch_rlprune.training import evaluate_accuracy, train_classifier  # noqa: E402
+from torch_rlprune.structure.channel import count_macs_params  # noqa: E402
+from torch_rlprune.demo.data import fashion_mnist, tensor_subset  # noqa: E402
+from torch_rlprune.demo.training import evaluate_accuracy, train_classifier  # noqa: E402
 
 
 def latency_ms(models, x, runs=30, warmup=5):

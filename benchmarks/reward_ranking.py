@@ -40,8 +40,8 @@ from demo import trained_resnet18  # noqa: E402
 from lstm_sequential_mnist import trained_model as trained_lstm  # noqa: E402
 
 from torch_rlprune import PruningPlan, apply_plan, rl_prune  # noqa: E402
-from torch_rlprune.data import fashion_mnist, mnist, sequential, tensor_subset  # noqa: E402
-from torch_rlprune.recalibration import BatchNormRecalibration  # noqa: E402
+from torch_rlprune.demo.data import fashion_mnist, mnist, sequential, tensor_subset  # noqa: E402
+from torch_rlprune.rewards.recalibration import BatchNormRecalibration  # noqa: E402
 
 REWARDS = ("agreement", "kl", "logits", "accuracy")
 

@@ -60,14 +60,14 @@ from demo import trained_resnet18  # noqa: E402
 
 import torch_pruning as tp  # noqa: E402
 from torch_rlprune import PruningPlan, apply_plan, compact, rl_prune  # noqa: E402
-from torch_rlprune.channel import count_macs_params  # noqa: E402
-from torch_rlprune.data import fashion_mnist, tensor_subset  # noqa: E402
-from torch_rlprune.depth_search import count_macs_params_removed  # noqa: E402
-from torch_rlprune.priors import global_magnitude_unstructured, lamp_unstructured, uniform_unstructured  # noqa: E402
-from torch_rlprune.recalibration import BatchNormRecalibration  # noqa: E402
+from torch_rlprune.structure.channel import count_macs_params  # noqa: E402
+from torch_rlprune.demo.data import fashion_mnist, tensor_subset  # noqa: E402
+from torch_rlprune.env.depth_width import count_macs_params_removed  # noqa: E402
+from torch_rlprune.env.priors import global_magnitude_unstructured, lamp_unstructured, uniform_unstructured  # noqa: E402
+from torch_rlprune.rewards.recalibration import BatchNormRecalibration  # noqa: E402
 from torch_rlprune.report import publish_section  # noqa: E402
-from torch_rlprune.structure import find_prunable  # noqa: E402
-from torch_rlprune.training import evaluate_accuracy, train_classifier  # noqa: E402
+from torch_rlprune.structure.tensors import find_prunable  # noqa: E402
+from torch_rlprune.demo.training import evaluate_accuracy, train_classifier  # noqa: E402
 
 
 

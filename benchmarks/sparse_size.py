@@ -1,4 +1,4 @@
-"""Size on disk of unstructured-pruned models in the bitmask + values format (torch_rlprune.sparse_format).
+"""Size on disk of unstructured-pruned models in the bitmask + values format (torch_rlprune.structure.sparse_format).
 
     python benchmarks/sparse_size.py          # seconds; writes benchmarks/results/sparse_size.{json,md}
     python benchmarks/sparse_size.py --quick  # one model
@@ -27,9 +27,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 from study import study_main  # noqa: E402
-from torch_rlprune.priors import lamp_unstructured  # noqa: E402
-from torch_rlprune.sparse_format import load_sparse, save_sparse  # noqa: E402
-from torch_rlprune.structure import find_prunable  # noqa: E402
+from torch_rlprune.env.priors import lamp_unstructured  # noqa: E402
+from torch_rlprune.structure.sparse_format import load_sparse, save_sparse  # noqa: E402
+from torch_rlprune.structure.tensors import find_prunable  # noqa: E402
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
 MODELS = {"resnet18 (Fashion-MNIST)": lambda: timm.create_model("resnet18", pretrained=False, in_chans=1,

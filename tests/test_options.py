@@ -3,9 +3,10 @@ import pytest
 
 from helpers import ModelState, inputs, seeded, small_cnn
 from torch_rlprune import rl_prune
-from torch_rlprune.channel.measured import Latency
-from torch_rlprune.cli import _Flags
-from torch_rlprune.options import LATENCY_ROUND_TO, STRUCTURE_DEFAULTS, PruneOptions
+from torch_rlprune.structure.channel.measured import Latency
+from torch_rlprune.cli.prune_options import Flags
+from torch_rlprune.env.spaces import LATENCY_ROUND_TO
+from torch_rlprune.options import STRUCTURE_DEFAULTS, PruneOptions
 
 
 @pytest.mark.parametrize("structure", ["unstructured", "channel"])
@@ -52,7 +53,7 @@ def test_each_caller_reads_the_same_refusal_in_its_own_spelling(options, python,
     with pytest.raises(ValueError) as api_error:
         PruneOptions(**options).checked()
     with pytest.raises(ValueError) as cli_error:
-        PruneOptions(**options).checked(_Flags())
+        PruneOptions(**options).checked(Flags())
     assert str(api_error.value).startswith(python), api_error.value
     assert str(cli_error.value).startswith(flags), cli_error.value
 

@@ -5,15 +5,15 @@
 """
 from .agents import Agent, create_agent, list_agents, register_agent
 from .api import PruneResult, compact, global_rl_unstructured, rl_prune
-from .channel.measured import Latency
-from .deploy import export
-from .env import LayerwisePruningEnv
-from .methods import PolicyUnstructured, policy_unstructured
+from .env.layerwise import LayerwisePruningEnv
+from .env.priors import global_magnitude_unstructured, lamp_unstructured, uniform_unstructured
 from .plan import PlanError, PruningPlan, apply_plan
-from .priors import global_magnitude_unstructured, lamp_unstructured, uniform_unstructured
-from .repair import LeastSquaresRefit
-from .rewards import AccuracyReward, CallableReward, FidelityReward, Reward
-from .sparse_format import load_sparse, save_sparse
+from .rewards.repair import LeastSquaresRefit
+from .rewards.scores import AccuracyReward, CallableReward, FidelityReward, Reward
+from .structure.channel.measured import Latency
+from .structure.deploy import export
+from .structure.methods import PolicyUnstructured, policy_unstructured
+from .structure.sparse_format import load_sparse, save_sparse
 
 __version__ = "0.1.0"
 

@@ -29,13 +29,13 @@ try:
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("torch_rlprune.gym_env needs gymnasium: pip install 'torch_rlprune[gym]'") from err
 
-from .api import prepare_search, score_priors
-from .env import CONSTRAINTS
+from .env.layerwise import CONSTRAINTS
 from .options import PruneOptions
 from .plan import PruningPlan
 from .results import PruneResult
-from .safety import ModelSnapshot
-from .structure import find_prunable
+from .search.engine import prepare_search, score_priors
+from .structure.snapshot import ModelSnapshot
+from .structure.tensors import find_prunable
 
 __all__ = ["PruningGymEnv"]
 
@@ -55,7 +55,7 @@ class PruningGymEnv(gymnasium.Env):
             to the best; ``"none"``: actions are the amounts themselves.
 
     Observation: the features of the current layer, in [0, 1]: AMC's 12
-    (``torch_rlprune.env.STATE_FEATURES``), and the prior's amount when there is a prior
+    (``torch_rlprune.env.layerwise.STATE_FEATURES``), and the prior's amount when there is a prior
     (``ANCHORED_STATE_FEATURES``). Action: ``Box(0, 1, (1,))``: with a prior, an offset
     around the prior's amount (0.5 is the prior's, 0 and 1 ``PRIOR_SPREAD`` logits below and above);
     with ``prior="none"``, the fraction of the layer to remove.
@@ -153,9 +153,7 @@ class PruningGymEnv(gymnasium.Env):
             self._snapshot.restore()
             raise
         self._applied = True
-        modes = {id(m): t for m, t, *_ in self._snapshot.modules}
-        for m in self.model.modules():
-            m.training = modes.get(id(m), m.training)
+        self._snapshot.restore_training()
         return PruneResult(self.model, plan, achieved, [h.as_dict() for h in env.history], search.baseline,
                            time.perf_counter() - self._started, search.forward_seconds, search.space.steps,
                            example_inputs=search.example)

@@ -13,43 +13,24 @@ from dataclasses import dataclass, replace
 from typing import Any, List, Optional
 
 from .agents import Agent, get_agent_class, list_agents
-from .calibration import check_label
-from .channel.measured import latency_spec
-from .importance import IMPORTANCES
-from .priors import PRIORS
-from .repair import REPAIRS
-from .rewards import REWARDS
+from .env.spaces import SPACES, STRUCTURES, StructureDefaults, space_kind
+from .rewards.calibration import check_label
+from .rewards.repair import REPAIRS
+from .rewards.scores import REWARDS
+from .structure.channel.measured import latency_spec
+from .validation import check_count
 
 __all__ = ["STRUCTURES", "StructureDefaults", "STRUCTURE_DEFAULTS", "SearchQuality", "PruneOptions", "Spelling",
            "check_targets", "check_fraction", "check_repair", "check_quality", "check_budget"]
 
-STRUCTURES = ("unstructured", "channel")
-LATENCY_ROUND_TO = 8   # channel widths a latency search leaves (see rl_prune's round_to)
-
-
-@dataclass(frozen=True)
-class StructureDefaults:
-    """What ``None`` means for a structure's options, and how close a plan must land."""
-
-    budget: str
-    budgets: tuple          # the budgets it accepts
-    max_amount: float       # AMC's channel search keeps at least 20% of a layer (its lbound); weights go to 98%
-    bn_recalibration: int   # measured (rl_prune's docstring, benchmarks/ablation.py): the largest single gain
-    repair: str
-    tolerance: float        # |achieved - target| a returned plan may differ by
-
-
-STRUCTURE_DEFAULTS = {
-    "unstructured": StructureDefaults(budget="params", budgets=("params", "macs"), max_amount=0.98,
-                                      bn_recalibration=4, repair="none", tolerance=0.005),
-    "channel": StructureDefaults(budget="macs", budgets=("params", "macs", "latency"), max_amount=0.8,
-                                 bn_recalibration=4, repair="lstsq", tolerance=0.02),
-}
+STRUCTURE_DEFAULTS = {name: kind.defaults for name, kind in SPACES.items()}
+"""Per-structure defaults, as registered with the search spaces (:mod:`torch_rlprune.env.spaces`)."""
+REPAIR_NEEDS = {"lstsq": "refits layers that lost whole input channels"}
 
 
 class Spelling:
     """How a caller writes an argument's name and a list of allowed values in its messages: as
-    Python does (``rl_prune``'s arguments, the values' repr); :mod:`torch_rlprune.cli` spells flags."""
+    Python does (``rl_prune``'s arguments, the values' repr); :class:`torch_rlprune.cli.prune_options.Flags` spells flags."""
 
     def __call__(self, argument: str) -> str:
         return argument
@@ -69,7 +50,7 @@ PYTHON = Spelling()
 class SearchQuality:
     """What makes a search beat the one-shot heuristics (measured: benchmarks/ablation.py).
 
-    prior: the heuristic the agents act around, scored first (:data:`~torch_rlprune.priors.PRIOR_CHOICES`).
+    prior: the heuristic the agents act around, scored first (:data:`~torch_rlprune.env.priors.PRIOR_CHOICES`).
     selection: fraction of the calibration samples held out to choose the result (0: off).
     select_top: how many of the search's best plans the held-out part compares.
     protect_first_last: unstructured pruning leaves the first layer and the classifier dense.
@@ -125,16 +106,17 @@ def check_repair(repair, structure: str, name: Spelling = PYTHON) -> str:
     if not isinstance(repair, str) or repair not in REPAIRS:
         raise ValueError(f"{name('repair')} must be one of {name.allowed(REPAIRS)} or None (the structure's default), "
                          f"got {repair!r}")
-    if repair == "lstsq" and structure != "channel":
-        raise ValueError(f"{name.given('repair', 'lstsq')} refits layers that lost whole input channels: it needs "
-                         f"{name.given('structure', 'channel')} (unstructured pruning takes "
-                         f"{name.given('repair', 'none')})")
+    kind = space_kind(structure)
+    if repair not in kind.defaults.repairs:
+        takers = " or ".join(name.given("structure", s) for s, k in SPACES.items() if repair in k.defaults.repairs)
+        raise ValueError(f"{name.given('repair', repair)} {REPAIR_NEEDS[repair]}: it needs {takers} ({structure} "
+                         f"pruning takes {' or '.join(name.given('repair', r) for r in kind.defaults.repairs)})")
     return repair
 
 
 def check_quality(prior, selection, select_top, structure: str, protect_first_last=True,
                   parameters_given=False, name: Spelling = PYTHON) -> SearchQuality:
-    allowed = ("best", *PRIORS[structure], "none")
+    allowed = ("best", *space_kind(structure).priors, "none")
     if not isinstance(prior, str) or prior not in allowed:
         raise ValueError(f"{name('prior')} must be one of {name.allowed(allowed)} with "
                          f"{name.given('structure', structure)}, "
@@ -142,20 +124,11 @@ def check_quality(prior, selection, select_top, structure: str, protect_first_la
     if isinstance(selection, bool) or not isinstance(selection, numbers.Real) or not 0.0 <= selection < 1.0:
         raise ValueError(f"{name('selection')} must be the fraction of calibration samples held out, in [0, 1), "
                          f"got {selection!r}")
-    _check_count(select_top, "select_top", name)
+    check_count(select_top, "select_top", name)
     if not isinstance(protect_first_last, bool):
         raise TypeError(f"{name('protect_first_last')} must be True or False, "
                         f"got {type(protect_first_last).__name__}")
     return SearchQuality(prior, float(selection), int(select_top), protect_first_last, bool(parameters_given))
-
-
-def _check_count(value, argument: str, name: Spelling, zero: bool = False, or_none: bool = False) -> None:
-    """A positive integer (``zero``: or 0; ``or_none``: or None)."""
-    if value is None and or_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < (0 if zero else 1):
-        what = "a number of batches >= 0" if zero else "a positive integer" + (" or None" if or_none else "")
-        raise ValueError(f"{name(argument)} must be {what}, got {value!r}")
 
 
 @dataclass
@@ -252,11 +225,12 @@ class PruneOptions:
                              f"{[a for a in list_agents() if get_agent_class(a).supports_guarantee]}")
         if getattr(kind, "needs_prior", False) and (self.prior == "none" or targets is None):
             raise ValueError(f"agent {kind.name!r} returns the prior's plan: give a {name('target')} and a "
-                             f"{name('prior')} (one of {('best', *PRIORS[self.structure])}), not "
+                             f"{name('prior')} (one of {('best', *SPACES[self.structure].priors)}), not "
                              f"{name.given('prior', 'none')} or {name('target')}=None")
-        if self.needs_depth and self.structure != "channel":
+        if self.needs_depth and not SPACES[self.structure].removes_channels:
+            takers = " or ".join(name.given("structure", s) for s, k in SPACES.items() if k.removes_channels)
             raise ValueError(f"{name.given('agent', kind.name)} removes residual blocks and shrinks channels: "
-                             f"use {name.given('structure', 'channel')}")
+                             f"use {takers}")
         if self.needs_depth and targets is not None and len(targets) > 1:
             raise ValueError(f"agent {kind.name!r} searches one target per call; give one {name('target')} "
                              "per call")
@@ -268,41 +242,21 @@ class PruneOptions:
         if not (callable(self.reward) or self.reward in REWARDS):
             raise ValueError(f"{name('reward')} must be one of {name.allowed(REWARDS)} or a callable(model) -> float, "
                              f"got {self.reward!r}")
-        _check_count(self.episodes, "episodes", name, or_none=True)
+        check_count(self.episodes, "episodes", name, or_none=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise TypeError(f"{name('seed')} must be an integer, got {type(self.seed).__name__}")
-        _check_count(self.calibration_samples, "calibration_samples", name)
+        check_count(self.calibration_samples, "calibration_samples", name)
         self.max_amount = defaults.max_amount if self.max_amount is None else self.max_amount
         amount = self.max_amount
         if isinstance(amount, bool) or not isinstance(amount, numbers.Real) or not 0 < amount <= 1:
             raise ValueError(f"{name('max_amount')} must be in (0, 1], got {amount!r}")
         if self.bn_recalibration is None:
             self.bn_recalibration = defaults.bn_recalibration
-        _check_count(self.bn_recalibration, "bn_recalibration", name, zero=True)
-        _check_count(self.checkpoint_every, "checkpoint_every", name)
+        check_count(self.bn_recalibration, "bn_recalibration", name, zero=True)
+        check_count(self.checkpoint_every, "checkpoint_every", name)
 
     def _check_structure_options(self, name: Spelling) -> None:
-        if self.structure == "channel":
-            for argument in ("importance_scores", "parameters"):
-                if getattr(self, argument) is not None:
-                    raise ValueError(f"{name(argument)} applies to {name.given('structure', 'unstructured')} only; for "
-                                     f"channels pass {name('importance')}=")
-            _check_count(self.round_to, "round_to", name, or_none=True)
-            if self.round_to is None and self.budget == "latency":
-                self.round_to = LATENCY_ROUND_TO
-            return
-        if self.round_to is not None:
-            raise ValueError(f"{name('round_to')}= applies to {name.given('structure', 'channel')} (what remains of a "
-                             f"channel group)")
-        importance = self.importance
-        if importance is not None and (not isinstance(importance, str) or importance not in IMPORTANCES):
-            raise ValueError(f"{name('importance')} must be one of {name.allowed(IMPORTANCES)} with "
-                             f"{name.given('structure', 'unstructured')} (or None: magnitude), got {importance!r}; "
-                             f"torch-pruning importances "
-                             f"apply to {name.given('structure', 'channel')}")
-        if importance == "activation" and self.importance_scores is not None:
-            raise ValueError(f"{name.given('importance', 'activation')} computes its own scores: pass "
-                             f"{name('importance_scores')}= or {name.given('importance', 'activation')}, not both")
+        SPACES[self.structure].check_options(self, name)
 
     def _check_files_and_processes(self, name: Spelling) -> None:
         for argument in ("checkpoint", "resume"):

@@ -9,21 +9,15 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
-from torch.nn.utils import prune
 from torch import nn
 
-from .methods import PolicyUnstructured
-from .safety import ModelSnapshot
+from .env.layerwise import BUDGETS
+from .env.spaces import SPACES, STRUCTURES, space_kind
+from .structure.apply import PlanError
 
 __all__ = ["PruningPlan", "apply_plan", "PlanError"]
 
 PLAN_FORMAT_VERSION = 1
-PLAN_BUDGETS = ("params", "macs", "latency")
-PLAN_STRUCTURES = ("unstructured", "channel")
-
-
-class PlanError(ValueError):
-    """A plan file or dict that is not a valid plan, or does not fit the model."""
 
 
 @dataclass
@@ -97,12 +91,15 @@ class PruningPlan:
         for key in ("budget", "structure", "agent", "reward"):
             if key in data and not isinstance(data[key], str):
                 raise PlanError(f"plan {key!r} must be a string")
-        if data.get("budget", "params") not in PLAN_BUDGETS:
-            raise PlanError(f"plan 'budget' must be one of {PLAN_BUDGETS}, got {data['budget']!r}")
-        if data.get("structure", "unstructured") not in PLAN_STRUCTURES:
-            raise PlanError(f"plan 'structure' must be one of {PLAN_STRUCTURES}, got {data['structure']!r}")
-        if data.get("budget") == "latency" and data.get("structure") != "channel":
-            raise PlanError("plan 'budget' 'latency' comes from channel searches only (structure 'channel')")
+        if data.get("budget", "params") not in BUDGETS:
+            raise PlanError(f"plan 'budget' must be one of {BUDGETS}, got {data['budget']!r}")
+        structure, budget = data.get("structure", "unstructured"), data.get("budget", "params")
+        if structure not in STRUCTURES:
+            raise PlanError(f"plan 'structure' must be one of {STRUCTURES}, got {structure!r}")
+        if budget not in SPACES[structure].defaults.budgets:
+            takers = [s for s, kind in SPACES.items() if budget in kind.defaults.budgets]
+            raise PlanError(f"plan 'budget' {budget!r} comes from {' or '.join(takers)} searches only "
+                            f"(structure {' or '.join(repr(s) for s in takers)})")
         for key in ("seed", "episodes"):
             v = data.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
@@ -135,20 +132,6 @@ class PruningPlan:
         return cls.from_dict(data)
 
 
-def _resolve(model: nn.Module, qualified: str):
-    module_name, _, param_name = qualified.rpartition(".")
-    try:
-        module = model.get_submodule(module_name) if module_name else model
-    except AttributeError:
-        raise PlanError(f"the plan names {qualified!r} but the model has no module {module_name!r}") from None
-    tensor = getattr(module, param_name + "_orig", None)
-    if tensor is None:
-        tensor = getattr(module, param_name, None)
-    if not isinstance(tensor, torch.Tensor):
-        raise PlanError(f"the plan names {qualified!r} but {module_name!r} has no tensor {param_name!r}")
-    return module, param_name, tensor
-
-
 def apply_plan(model: nn.Module, plan: PruningPlan, importance_scores: Optional[Dict[str, torch.Tensor]] = None,
                example_inputs: Optional[torch.Tensor] = None):
     """Prune ``model`` in place as ``plan`` says, through ``torch.nn.utils.prune``.
@@ -164,128 +147,12 @@ def apply_plan(model: nn.Module, plan: PruningPlan, importance_scores: Optional[
     ``example_inputs`` (default: shaped like the plan's ``metadata["input_shape"]``) trace
     the model to find the groups. The residual blocks listed in ``metadata["removed_blocks"]``
     (depth plans, ``agent="n2n"``) are masked to the identity with
-    :func:`~torch_rlprune.depth.mask_block`; :func:`~torch_rlprune.compact` then removes them.
+    :func:`~torch_rlprune.structure.depth.mask_block`; :func:`~torch_rlprune.compact` then removes them.
 
     Returns:
         the same ``model``.
     """
     if not isinstance(plan, PruningPlan):
         raise TypeError(f"plan must be a PruningPlan, got {type(plan).__name__}")
-    if plan.structure == "channel":
-        _apply_channel(model, plan, example_inputs)
-        return model
-    importance_scores = importance_scores or {}
-    resolved, names_of = [], {}
-    for name, amount in plan.amounts.items():
-        module, param_name, tensor = _resolve(model, name)
-        if id(tensor) in names_of:
-            raise PlanError(f"the plan names {names_of[id(tensor)]!r} and {name!r}, which are one tied tensor in "
-                            "this model; a shared weight takes one amount")
-        names_of[id(tensor)] = name
-        if tensor.numel() != plan.numels[name]:
-            raise PlanError(f"{name!r} has {tensor.numel()} entries but the plan was made for "
-                            f"{plan.numels[name]}")
-        resolved.append((name, module, param_name, int(round(amount * tensor.numel()))))
-    snapshot = ModelSnapshot(model)
-    try:
-        with torch.no_grad():
-            for name, module, param_name, k_total in resolved:
-                mask = getattr(module, param_name + "_mask", None)
-                k_existing = 0 if mask is None else int((mask == 0).sum())
-                PolicyUnstructured.apply(module, param_name, amount=max(k_total - k_existing, 0),
-                                         importance_scores=importance_scores.get(name))
-            tie_shared_masks(model)
-            keep_inner_masks_live(model)
-    except BaseException:
-        snapshot.restore()
-        raise
+    space_kind(plan.structure).apply_plan(model, plan, importance_scores, example_inputs)
     return model
-
-
-def tie_shared_masks(model: nn.Module) -> int:
-    """Give every other holder of a pruned tensor the same mask, so a tied weight stays one tensor.
-
-    ``torch.nn.utils.prune`` renames the pruned module's Parameter to ``<name>_orig``; a module
-    that shares it (an LM head tied to its embedding) would keep computing with the unmasked
-    values. Each such holder gets a prune hook whose ``<name>_mask`` buffer IS the owner's mask
-    tensor, so the two compute the same weight now, after any later mask change and after
-    ``prune.remove`` on both (the first writes the masked values into the shared Parameter, the
-    second finds them already masked). Returns the number of holders tied.
-    """
-    masks = {}
-    for module in model.modules():
-        for pname, p in list(module._parameters.items()):
-            if pname.endswith("_orig") and p is not None and pname[:-5] + "_mask" in module._buffers:
-                masks.setdefault(id(p), module._buffers[pname[:-5] + "_mask"])
-    tied = 0
-    for module in model.modules():
-        for pname, p in list(module._parameters.items()):
-            if p is None or pname.endswith("_orig") or id(p) not in masks:
-                continue
-            mask = masks[id(p)]
-            prune.custom_from_mask(module, pname, mask)
-            module._buffers[pname + "_mask"] = mask   # the same tensor object: one mask for one weight
-            tied += 1
-    return tied
-
-
-def _refresh_out_proj(attention: nn.MultiheadAttention, inputs) -> None:
-    """Recompute a pruned ``out_proj``'s weight before the attention reads it: its prune hook
-    would do so only when ``out_proj`` itself ran, which it never does, so without this a
-    fine-tune would read the weight computed when the mask was applied."""
-    out_proj = attention.out_proj
-    for hook in out_proj._forward_pre_hooks.values():
-        if isinstance(hook, prune.BasePruningMethod):
-            setattr(out_proj, hook._tensor_name, hook.apply_mask(out_proj))
-
-
-def keep_inner_masks_live(model: nn.Module) -> int:
-    """Give every ``nn.MultiheadAttention`` whose ``out_proj`` is pruned a forward pre-hook that
-    keeps the masked weight current (once per attention). Returns the number of hooks added."""
-    added = 0
-    for attention in model.modules():
-        if isinstance(attention, nn.MultiheadAttention) and prune.is_pruned(attention.out_proj) and \
-                not any(h is _refresh_out_proj for h in attention._forward_pre_hooks.values()):
-            attention.register_forward_pre_hook(_refresh_out_proj)
-            added += 1
-    return added
-
-
-def _apply_channel(model: nn.Module, plan: PruningPlan, example_inputs) -> None:
-    from .channel import ChannelStructure, apply_channel_plan
-
-    if example_inputs is None:
-        shape = plan.metadata.get("input_shape")
-        if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
-            raise PlanError("a channel plan needs example_inputs= (the plan records no valid input_shape)")
-        example_inputs = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
-    round_to = plan.metadata.get("round_to")
-    removed_blocks = plan.metadata.get("removed_blocks") or []
-    if not isinstance(removed_blocks, list) or not all(isinstance(n, str) for n in removed_blocks):
-        raise PlanError("plan metadata 'removed_blocks' must be a list of module names")
-    snapshot = ModelSnapshot(model)
-    try:
-        structure = ChannelStructure(model, example_inputs, round_to=round_to)
-        keys = {g.key: g.num_units for g in structure.groups}
-        for name, units in plan.numels.items():
-            if name not in keys:
-                raise PlanError(f"the plan names channel group {name!r} but the model has no such prunable group")
-            if keys[name] != units:
-                raise PlanError(f"group {name!r} has {keys[name]} units but the plan was made for {units}")
-        blocks = {}
-        if removed_blocks:  # depth (agent="n2n"): found on the unmasked model, masked after the channels
-            from .depth import find_removable_blocks
-
-            blocks = {b.name: b for b in find_removable_blocks(model, example_inputs)}
-            missing = [n for n in removed_blocks if n not in blocks]
-            if missing:
-                raise PlanError(f"the plan removes block(s) {missing} but the model has no such removable block")
-        apply_channel_plan(model, plan.counts(), structure=structure)
-        if removed_blocks:
-            from .depth import mask_block
-
-            for name in removed_blocks:
-                mask_block(blocks[name])
-    except BaseException:
-        snapshot.restore()
-        raise

@@ -11,15 +11,16 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .channel.counting import count_macs_params, macs_or_params
-from .compaction import compact
-from .inputs import run_model
+from .env.spaces import space_kind
 from .plan import PruningPlan, apply_plan
-from .recalibration import BatchNormRecalibration
-from .repair import LeastSquaresRefit
-from .structure import PrunableTensor, find_prunable, trace_execution
+from .rewards.recalibration import BatchNormRecalibration
+from .rewards.repair import LeastSquaresRefit
+from .structure.channel.counting import count_macs_params, macs_or_params
+from .structure.compact import compact
+from .structure.inputs import run_model
+from .structure.tensors import PrunableTensor, find_prunable, pruned_fraction, trace_execution
 
-__all__ = ["PruneResult", "MultiTargetResult", "pruned_fraction"]
+__all__ = ["PruneResult", "MultiTargetResult", "pruned_fraction"]  # pruned_fraction: structure/tensors.py
 
 
 @dataclass
@@ -54,7 +55,7 @@ class PruneResult:
 
     def compact(self) -> dict:
         """Physically remove the masked channels (``structure="channel"``); see :func:`compact`."""
-        if self.plan.structure != "channel":
+        if not space_kind(self.plan.structure).removes_channels:
             raise ValueError("compact() removes channels; this result pruned unstructured weights "
                              "(use prune.remove to make them permanent)")
         info = compact(self.model, self.example_inputs)
@@ -151,7 +152,7 @@ class MultiTargetResult(Mapping):
         if result.plan.budget == "latency":  # the calibrated prediction, as during the search
             apply_plan(model, result.plan)
             return self.latency.fraction_removed(result.plan.counts())
-        if result.plan.structure == "channel":
+        if space_kind(result.plan.structure).removes_channels:
             dense = count_macs_params(model, result.example_inputs)
             apply_plan(model, result.plan, example_inputs=result.example_inputs)
             after = count_macs_params(model, result.example_inputs)
@@ -172,15 +173,3 @@ class MultiTargetResult(Mapping):
         for t, r in self._results.items():
             lines.append(f"{t:>8.4f} {r.sparsity:>8.4f} {r.score:>8.4f} {r.plan.episodes:>8}")
         return "\n".join(lines)
-
-
-def pruned_fraction(layers: List[PrunableTensor], budget: str = "params") -> float:
-    """Fraction of the layers' cost (params, or MACs) that their prune masks remove."""
-    removed = total = 0.0
-    for layer in layers:
-        mask = layer.existing_mask
-        cost = 1 if budget == "params" else layer.macs_per_weight
-        total += layer.numel * cost
-        if mask is not None:
-            removed += float((mask == 0).sum()) * cost
-    return removed / total

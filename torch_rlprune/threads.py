@@ -47,7 +47,7 @@ def one_search_at_a_time(fn: Callable) -> Callable:
 
     A search sets process-wide state: torch's intra-op thread count (above), torch's global RNG
     while it scores (forked and put back), and torch-pruning's index mapping, which channel
-    pruning patches for the duration (``channel/groups.py``). Two searches in two threads see
+    pruning patches for the duration (``structure/channel/graph.py``). Two searches in two threads see
     each other's state (an audit found 5 of 18 paired runs returning plans other than their
     sequential twins, and one leaving the caller's RNG changed), so the second call gets a clear
     error at once.

@@ -6,6 +6,8 @@ True
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Dict, List, Type
 
 from .base import Agent
@@ -40,5 +42,7 @@ def create_agent(name: str, config=None, seed: int = 0, **overrides) -> Agent:
     return get_agent_class(name)(config, seed=seed, **overrides)
 
 
-# Importing the modules registers them.
-from . import amc, cacp, crl, heuristic, n2n, purl, random_search  # noqa: E402,F401
+# Importing the modules registers them: a new agent is one new file in this folder.
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")

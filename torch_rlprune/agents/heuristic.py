@@ -1,7 +1,7 @@
 """The heuristic alone: the prior's plan, scored, repaired and selected like a search's result.
 
 ``rl_prune(model, 0.9, agent="prior")`` runs no episode: the environment scores the prior plans
-before any agent acts (:mod:`torch_rlprune.selection`), so what this agent returns is LAMP or
+before any agent acts (:mod:`torch_rlprune.search.selection`), so what this agent returns is LAMP or
 global magnitude (``prior=`` chooses; ``"best"`` keeps the better on the calibration score) with
 everything else a search gets: the budget met on params, MACs or latency, BatchNorm statistics
 re-estimated for the plan, the held-out choice between the candidates, the prune API's hooks and

@@ -31,7 +31,7 @@ Algorithm, as in the paper (Sec. 3-4) and its reference code, with this library'
 
 Differences from the paper, and why:
     * Blocks, not layers: a layer of a residual network can only disappear with its block
-      (torch_rlprune.depth finds the blocks that are the identity once their branch is zero).
+      (torch_rlprune.structure.depth finds the blocks that are the identity once their branch is zero).
     * A budget: N2N has none (the C(2-C) term trades accuracy for compression); here every
       episode meets the target, so C stays at the target (within the budget's rounding) and the
       reward is the score ratio, with C(2-C) breaking ties towards more compression.

@@ -8,7 +8,6 @@ from typing import Optional
 import torch
 
 
-
 # --------------------------------------------------------------------------- the table
 def format_si(n: Optional[float]) -> str:
     if n is None:

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ..env.spaces import space_kind
 from .formatting import format_accuracy, format_goal, format_number, format_ratio, format_si, jsonable
 from .plots import (amounts_files, plot_amounts, plot_search, plot_tradeoff, record_labels, search_stats, target_text,
                     tradeoff_metric)
@@ -54,12 +55,12 @@ def _record_section(record: dict, label: str, image: str) -> List[str]:
               else stats["episodes_to_99"])]
     if "removed_blocks" in record:
         rows.append(("blocks removed", ", ".join(record["removed_blocks"]) or "none"))
-    unstructured = record["structure"] == "unstructured"
+    kind = space_kind(record["structure"])
     layer_rows = [(lay["name"], lay["kind"], lay["units"], lay["units"] - int(round(lay["amount"] * lay["units"])),
                    f"{lay['amount']:.1%}") for lay in record["layers"]]
     return ([f"## {_md(label)}", ""] + _table(("", ""), rows)
             + ["", f"![per-layer amounts: {_md(label)}]({image})", ""]
-            + _table(("layer" if unstructured else "channel group", "kind", "params" if unstructured else "units",
+            + _table((kind.step_label, "kind", kind.size_label,
                       "kept", "pruned"), layer_rows) + [""])
 
 

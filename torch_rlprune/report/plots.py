@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..env.spaces import space_kind
 from .formatting import format_goal, format_number
 
 
@@ -118,7 +119,7 @@ def plot_amounts(record: dict, path) -> Path:
     n = len(layers)
     fig = _figure(9.0, min(80.0, max(3.0, 1.6 + 0.22 * n)))
     ax = fig.add_subplot(1, 1, 1)
-    unit = "entries" if record.get("structure") == "unstructured" else "units"
+    unit = "units" if space_kind(record.get("structure", "unstructured")).removes_channels else "entries"
     if n:
         units = [lay["units"] for lay in layers]
         kept = [u - int(round(lay["amount"] * u)) for u, lay in zip(units, layers)]

@@ -9,10 +9,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..channel.counting import count_macs_params
-from ..depth_search import count_macs_params_removed, masked_block_names
+from ..env.depth_width import count_macs_params_removed, masked_block_names
+from ..env.spaces import space_kind
 from ..plan import PruningPlan
 from ..results import PruneResult
+from ..structure.channel.counting import count_macs_params
 from .formatting import format_accuracy, format_goal, format_number, format_ratio, format_si, is_number, jsonable
 
 
@@ -34,7 +35,7 @@ def summarize(result, *, test_accuracy: Optional[dict] = None, count: bool = Tru
         accuracy-guaranteed search. ``layers`` is ``[{name, kind, units, amount}]`` in plan order.
         ``macs``/``params`` are ``{"before", "after"}`` (``params`` also ``"nonzero"``: entries the
         masks keep, what unstructured pruning reduces) or None. "before" is the model's architecture with
-        every mask ignored; "after" is the mask-aware count (:func:`~torch_rlprune.channel.count_macs_params`,
+        every mask ignored; "after" is the mask-aware count (:func:`~torch_rlprune.structure.channel.count_macs_params`,
         removed blocks not counted) and is None unless the model currently carries this plan's masks
         (e.g. the members of a ``MultiTargetResult`` before ``apply``). Both are None when the model
         no longer has the architecture the plan was made for (after ``compact()``). Non-finite numbers
@@ -193,7 +194,7 @@ def _group_tensor(model: nn.Module, key: str):
 
 def _architecture_matches(model: nn.Module, plan: PruningPlan) -> bool:
     """Whether ``model`` still has the tensors (and channel counts) the plan was made for."""
-    if plan.structure == "unstructured":
+    if not space_kind(plan.structure).removes_channels:
         for name, numel in plan.numels.items():
             found = _tensor(model, *name.rpartition(".")[::2])
             if found is None or math.prod(found[1]) != numel:
@@ -214,7 +215,7 @@ def _architecture_matches(model: nn.Module, plan: PruningPlan) -> bool:
 def _carries_plan(model: nn.Module, plan: PruningPlan) -> bool:
     """Whether the model's masks remove exactly what the plan removes (entries, or root channels)."""
     counts = plan.counts()
-    if plan.structure == "unstructured":
+    if not space_kind(plan.structure).removes_channels:
         for name, removed in counts.items():
             _, shape, mask = _tensor(model, *name.rpartition(".")[::2])
             if (0 if mask is None else int((mask == 0).sum())) != removed:
@@ -354,10 +355,9 @@ def format_summary(record: dict) -> str:
         removable = (record.get("plan") or {}).get("metadata", {}).get("removable_blocks", [])
         lines.append(f"blocks removed ({len(record['removed_blocks'])} of {len(removable)} removable): "
                      f"{', '.join(record['removed_blocks']) or 'none'}")
-    unstructured = record["structure"] == "unstructured"
+    kind = space_kind(record["structure"])
     width = max([40] + [len(lay["name"]) for lay in record["layers"]])
-    lines.append(f"{'layer' if unstructured else 'channel group':<{width}} {'kind':<8} "
-                 f"{'params' if unstructured else 'units':>10} {'pruned':>8}")
+    lines.append(f"{kind.step_label:<{width}} {'kind':<8} {kind.size_label:>10} {'pruned':>8}")
     for lay in record["layers"]:
         lines.append(f"{lay['name']:<{width}} {lay['kind']:<8} {lay['units']:>10} {lay['amount']:>8.1%}")
     return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""Held-out selection, protected layers and activation-aware selection inside a layer."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from helpers import inputs, seeded, small_cnn
+from torch_rlprune import rl_prune
+from torch_rlprune.rewards.calibration import CalibrationSet
+from torch_rlprune.structure.importance import row_rank_scores, wanda_scores
+from torch_rlprune.search.selection import split_calibration
+
+QUIET = dict(verbose=False, seed=0)
+
+
+class ThreeConvNet(nn.Module):
+    """conv -> conv -> conv -> Linear head: four tensors, two of them protected by default."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.mid = nn.Conv2d(8, 16, 3, padding=1)
+        self.last = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.last(torch.relu(self.mid(torch.relu(self.stem(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+# --------------------------------------------------------------------------- the split
+def test_split_holds_out_a_seeded_random_share():
+    x = torch.arange(100.0)[:, None]
+    y = torch.arange(100) % 10
+    cal = CalibrationSet(list(x.split(32)), list(y.split(32)), False)
+    search, held = split_calibration(cal, 0.25, seed=0)
+    s, h = torch.cat(search.inputs)[:, 0], torch.cat(held.inputs)[:, 0]
+    assert len(h) == 25 and len(s) == 75
+    assert set(s.tolist()).isdisjoint(h.tolist()) and set(s.tolist()) | set(h.tolist()) == set(range(100))
+    assert torch.equal(torch.cat(held.labels), h.long() % 10), "labels stay with their inputs"
+    assert h.tolist() != list(range(75, 100)), "random, not the tail (a class-sorted loader would lose classes)"
+    again, _ = split_calibration(cal, 0.25, seed=0)
+    assert torch.equal(torch.cat(again.inputs), torch.cat(search.inputs))
+    assert split_calibration(cal, 0.0, seed=0)[1] is None
+    tiny = CalibrationSet([x[:3]], None, False)
+    assert split_calibration(tiny, 0.25, seed=0)[1] is None, "too small to leave two samples on each side"
+
+
+def test_returned_plan_is_the_best_on_the_held_out_part():
+    x = inputs((64, 1, 16, 16))
+    result = rl_prune(ThreeConvNet(), 0.85, data=x, agent="random", episodes=12, select_top=4, **QUIET)
+    sel = result.plan.metadata["selection"]
+    held = [c[1] for c in sel["candidates"]]
+    assert 1 <= len(held) <= 4
+    assert sel["selection_score"] == max(held)
+    assert sel["samples"] == 16
+    search_scores = [c[0] for c in sel["candidates"]]
+    assert search_scores == sorted(search_scores, reverse=True), "the search's top plans, best first"
+    assert result.plan.score == search_scores[sel["chosen"]], "the plan's score stays its search score"
+    assert "held-out" in result.summary()
+
+
+def test_selection_off_returns_the_search_best():
+    x = inputs((64, 1, 16, 16))
+    result = rl_prune(ThreeConvNet(), 0.85, data=x, agent="random", episodes=12, selection=0.0, **QUIET)
+    assert "selection" not in result.plan.metadata
+    best = max([h["reward"] for h in result.history] + [result.plan.metadata["prior"]["score"]])
+    assert result.plan.score == best
+
+
+def test_a_callable_reward_is_not_split():
+    x = inputs((64, 1, 16, 16))
+
+    def reward(model):
+        with torch.no_grad():
+            return float(model(x).std())
+
+    result = rl_prune(ThreeConvNet(), 0.5, data=x, agent="random", episodes=3, reward=reward, **QUIET)
+    assert "selection" not in result.plan.metadata
+    assert result.plan.metadata["calibration_samples"] == 64
+
+
+# --------------------------------------------------------------------------- protected layers
+def test_first_layer_and_classifier_stay_dense_by_default():
+    x = inputs((16, 1, 16, 16))
+    model = ThreeConvNet()
+    result = rl_prune(model, 0.8, data=x, agent="random", episodes=3, **QUIET)
+    assert set(result.plan.amounts) == {"mid.weight", "last.weight"}
+    assert result.plan.metadata["protected"] == ["stem.weight", "head.weight"]
+    assert not hasattr(model.stem, "weight_mask") and not hasattr(model.head, "weight_mask")
+    everything = rl_prune(ThreeConvNet(), 0.8, data=x, agent="random", episodes=3, protect_first_last=False, **QUIET)
+    assert set(everything.plan.amounts) == {"stem.weight", "mid.weight", "last.weight", "head.weight"}
+
+
+def test_timm_classifier_is_protected_even_when_it_is_not_last():
+    class HeadThenCalibration(ThreeConvNet):
+        def __init__(self):
+            super().__init__()
+            self.post = nn.Linear(10, 10)  # runs after the classifier (a calibration layer, say)
+
+        def forward(self, x):
+            return self.post(super().forward(x))
+
+        def get_classifier(self):
+            return self.head
+
+    result = rl_prune(HeadThenCalibration(), 0.5, data=inputs((8, 1, 16, 16)), agent="random", episodes=2, **QUIET)
+    assert result.plan.metadata["protected"] == ["stem.weight", "head.weight"]
+    assert "post.weight" in result.plan.amounts
+
+
+def test_nothing_is_protected_where_the_ends_are_most_of_the_model():
+    result = rl_prune(seeded(small_cnn, 0), 0.5, data=inputs((8, 1, 16, 16)), agent="random", episodes=2, **QUIET)
+    assert "protected" not in result.plan.metadata, "the classifier holds 89% of small_cnn's weights"
+    assert len(result.plan.amounts) == 3
+
+
+def test_explicit_parameters_are_never_second_guessed():
+    from torch_rlprune import global_rl_unstructured
+
+    model = ThreeConvNet()
+    result = global_rl_unstructured([(model.stem, "weight"), (model.head, "weight")], 0.5, model=model,
+                                    agent="random", episodes=2, data=inputs((8, 1, 16, 16)), verbose=False)
+    assert set(result.plan.amounts) == {"stem.weight", "head.weight"}
+
+
+def test_nothing_is_protected_when_nothing_would_be_left():
+    result = rl_prune(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)), 0.5, data=inputs((8, 8)),
+                      agent="random", episodes=2, **QUIET)
+    assert set(result.plan.amounts) == {"0.weight", "2.weight"}
+
+
+# --------------------------------------------------------------------------- activation-aware selection
+def test_row_rank_scores_interleave_rows():
+    scores = torch.tensor([[3.0, 1.0, 2.0], [0.5, 9.0, 4.0]])
+    ranks = row_rank_scores(scores)
+    assert ranks.tolist() == [[2.0, 0.0, 1.0], [0.0, 2.0, 1.0]]
+    order = torch.argsort(ranks.reshape(-1), stable=True)
+    for k in range(1, 7):
+        removed = torch.zeros(6, dtype=torch.bool)
+        removed[order[:k]] = True
+        per_row = removed.reshape(2, 3).sum(1)
+        assert int(per_row.max() - per_row.min()) <= 1
+
+
+def test_wanda_scores_weigh_each_input_by_its_norm():
+    w = torch.tensor([[1.0, -2.0], [3.0, 1.0]])
+    norms = torch.tensor([2.0, 0.5])
+    assert wanda_scores(w, norms).tolist() == [[2.0, 1.0], [6.0, 0.5]]
+    conv = nn.Conv2d(4, 4, 1, groups=2)
+    s = wanda_scores(conv.weight, torch.tensor([1.0, 2.0, 3.0, 4.0]), groups=2)
+    expected = conv.weight.detach().abs()[:, :, 0, 0] * torch.tensor([[1.0, 2.0], [1.0, 2.0], [3.0, 4.0], [3.0, 4.0]])
+    torch.testing.assert_close(s[:, :, 0, 0], expected)
+
+
+def test_activation_importance_prunes_every_row_alike_and_ignores_dead_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3))
+    x = inputs((64, 6))
+    with torch.no_grad():
+        model[0].weight[:6] = 0.0  # inputs 0..5 of the middle layer are always 0 after the ReLU...
+        model[0].bias[:6] = -1.0
+        model[2].weight[:, :6] *= 100.0  # ...however large their weights
+    result = rl_prune(model, 0.5, data=x, agent="prior", importance="activation", selection=0.0,
+                      bn_recalibration=0, **QUIET)
+    assert result.plan.metadata["importance"] == "activation"
+    mask = model[2].weight_mask
+    per_row = (mask == 0).sum(1)
+    assert int(per_row.max() - per_row.min()) <= 1, "every output row loses the same share"
+    k = int((mask == 0).sum())
+    if k >= 6 * 12:
+        assert bool((mask[:, :6] == 0).all())
+    else:
+        assert int((mask[:, :6] == 0).sum()) == k, "dead inputs go first whatever their magnitude"
+
+
+def test_lstm_recurrent_matrices_fall_back_to_magnitude_and_say_so():
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(5, 8)
+            self.lstm = nn.LSTM(8, 8, num_layers=2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.lstm(self.proj(x))[0][:, -1])
+
+    result = rl_prune(Seq(), 0.6, data=inputs((16, 7, 5)), agent="prior", importance="activation", **QUIET)
+    assert result.plan.metadata["magnitude_fallback"] == ["lstm.weight_hh_l0", "lstm.weight_ih_l1",
+                                                          "lstm.weight_hh_l1"]
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(importance="wanda"), "importance must be one of"),
+                                          (dict(importance="activation", importance_scores={}),
+                                           "not both")])
+def test_bad_importance_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        rl_prune(seeded(small_cnn, 0), 0.5, data=inputs((8, 1, 16, 16)), verbose=False, **kwargs)

@@ -1,0 +1,126 @@
+"""What a search starts from and what it returns: the prior's plans scored first, and the result
+chosen on calibration data the search never saw.
+
+* **Priors first.** Before an agent acts, the heuristic plans (:mod:`torch_rlprune.env.priors`) of
+  every target are scored and offered as results; the best becomes the anchor of the agents'
+  actions (:meth:`LayerwisePruningEnv.set_prior`). A search can only return a plan it scored at
+  least as well as the prior.
+* **Held-out selection.** The calibration set is split into a search part (every score the
+  agents see) and a selection part. A search over hundreds of plans overfits the few hundred
+  images it scores on; the returned plan is the best *on the selection part* among the search's
+  ``top`` best plans (the prior among them), which is an unbiased estimate of the plans the
+  search found, not of its luck.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..env.spaces import SPACES
+from ..rewards.calibration import CalibrationSet
+from ..structure.inputs import concat
+
+__all__ = ["split_calibration", "PriorChoice", "seed_priors", "Selection", "select_plans"]
+
+
+def split_calibration(calibration: CalibrationSet, fraction: float, seed: int,
+                      batch_size: int = 128) -> Tuple[CalibrationSet, Optional[CalibrationSet]]:
+    """``(search part, selection part)``: a seeded random ``fraction`` of the samples is held out
+    (random, so a loader sorted by class does not hold out whole classes). No selection part
+    (``None``) when ``fraction`` is 0 or the set is too small to leave both parts 2 samples."""
+    total = calibration.num_samples
+    held = int(round(fraction * total))
+    if fraction <= 0 or held < 2 or total - held < 2:
+        return calibration, None
+    x = concat(calibration.inputs)
+    y = torch.cat(calibration.labels) if calibration.labels is not None else None
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))
+    search_idx, held_idx = torch.sort(order[held:]).values, torch.sort(order[:held]).values
+
+    def part(idx: torch.Tensor) -> CalibrationSet:
+        idx = idx.to(x.device)
+        return CalibrationSet(list(x[idx].split(batch_size)),
+                              None if y is None else list(y[idx.to(y.device)].split(batch_size)),
+                              calibration.synthetic)
+
+    return part(search_idx), part(held_idx)
+
+
+@dataclass
+class PriorChoice:
+    """The prior of one target: the method kept and every candidate's search score."""
+
+    method: str
+    score: float
+    candidates: Dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "score": self.score, "candidates": dict(self.candidates)}
+
+
+def seed_priors(env, plan_of: Callable[[str], np.ndarray], structure: str, prior: str,
+                targets: Sequence[float], tolerance: float) -> Dict[float, PriorChoice]:
+    """Score the heuristic plans of every target first, offer them as results and anchor the
+    environment's actions to the best (``prior="best"``) or to the one named.
+
+    ``plan_of(method)`` builds a method's plan for the environment's current target.
+    """
+    methods = SPACES[structure].best_of if prior == "best" else (prior,)
+    choices = {}
+    for target in targets:
+        env.set_target(target)
+        scored = {}
+        for method in methods:
+            k = plan_of(method)
+            if abs(env.achieved(k) - target) > tolerance:  # a heuristic that cannot land here
+                continue
+            score = env.evaluate(k)
+            env._offer(score, score, k)
+            scored[method] = (score, k)
+        if not scored:
+            continue
+        method = max(scored, key=lambda m: scored[m][0])  # ties: the first in best_of's order
+        env.set_prior(scored[method][1], method)
+        choices[target] = PriorChoice(method, scored[method][0], {m: v[0] for m, v in scored.items()})
+    if targets:
+        env.set_target(targets[0])
+    return choices
+
+
+@dataclass
+class Selection:
+    """How the returned plan of one target was chosen."""
+
+    search_score: float                 # its score on the search part (what the agents saw)
+    selection_score: float              # its score on the held-out selection part
+    candidates: List[Tuple[float, float]]  # (search score, selection score) of every plan compared
+    chosen: int                         # index of the returned plan among the candidates (0: the search's best)
+
+    def as_dict(self) -> dict:
+        return {"search_score": self.search_score, "selection_score": self.selection_score,
+                "candidates": [list(c) for c in self.candidates], "chosen": self.chosen}
+
+
+def select_plans(env, keys: Sequence[Optional[float]], measure: Callable[[], float]) -> Dict[Optional[float], Selection]:
+    """For each target key, re-score its top plans with ``measure`` (the selection part) and make
+    the best the environment's best plan (``best_by_target``); ties keep the better search score.
+    Targets whose search kept a single plan are measured too, so the summary can report it."""
+    chosen = {}
+    for key in keys:
+        top = list(env.top_by_target.get(key, ()))
+        best = env.best_by_target.get(key)
+        if best is None or best.k is None:
+            continue
+        if not top or not any(np.array_equal(p.k, best.k) for p in top):
+            top.insert(0, best)
+        held = [env.measure(p.k, measure) for p in top]
+        finite = [i for i, v in enumerate(held) if math.isfinite(v)]
+        index = max(finite, key=lambda i: (held[i], top[i].reward)) if finite else 0
+        pick = top[index]
+        best.reward, best.score, best.k = pick.reward, pick.score, np.array(pick.k, dtype=np.int64)
+        chosen[key] = Selection(pick.score, held[index], [(p.score, h) for p, h in zip(top, held)], index)
+    return chosen

@@ -1,0 +1,37 @@
+"""``compact``: a channel-pruned model made physically smaller, blocks first, then channels."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .channel import compact as _compact
+from .depth import remove_masked_blocks
+from .inputs import infer_input_shape, recorded_example
+
+__all__ = ["compact"]
+
+
+def compact(model: nn.Module, example_inputs=None) -> dict:
+    """Physically remove every channel the model's masks remove (same model object, no prune
+    hooks left) with torch-pruning; returns MACs/params before and after.
+
+    Residual blocks masked whole (:func:`~torch_rlprune.structure.depth.mask_block`, e.g. by
+    ``agent="n2n"``) are replaced by identities first (listed in ``removed_blocks``; the MACs and
+    params "before" are counted after that), then the channels of the remaining model go.
+
+    Args:
+        model: a model pruned with ``structure="channel"`` (by :func:`rl_prune` or
+            :func:`apply_plan`), or one whose masked state_dict was loaded back.
+        example_inputs: one input batch; default: shaped like the one the model was pruned with
+            (recorded by :func:`rl_prune` / :func:`apply_plan`), else from timm's ``pretrained_cfg``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if example_inputs is None:
+        example_inputs = recorded_example(model)  # the one rl_prune / apply_plan pruned it with
+    if example_inputs is None:
+        example_inputs = torch.randn(2, *infer_input_shape(model), generator=torch.Generator().manual_seed(0))
+    removed = remove_masked_blocks(model)  # blocks first: the channel graph is built on what remains
+    info = _compact(model, example_inputs)
+    info["removed_blocks"] = removed
+    return info
