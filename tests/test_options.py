@@ -45,6 +45,9 @@ BAD = [  # (options, what rl_prune's message says, what rlprune prune's says)
     (dict(agent="n2n"), "agent='n2n' removes residual blocks", "--agent n2n removes residual blocks"),
     (dict(prior="nope"), "prior must be one of ('best',", "--prior must be one of best,"),
     (dict(target=[0.5, 0.5]), "target: the list has repeated values", "--target: the list has repeated values"),
+    (dict(time_budget=0), "time_budget must be a positive number of seconds",
+     "--time-budget must be a positive number of seconds"),
+    (dict(patience=0), "patience must be a positive integer", "--patience must be a positive integer"),
 ]
 
 

@@ -41,7 +41,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
              repair: Optional[str] = None, checkpoint=None, checkpoint_every: int = 10, resume=None,
              distributed: bool = False,
              prior: str = "best", selection: float = 0.25, select_top: int = 5, protect_first_last: bool = True,
-             label=None):
+             label=None, time_budget: Optional[float] = None, patience: Optional[int] = None):
     """Search per-layer pruning amounts with an RL agent and prune ``model`` in place.
 
     Args:
@@ -69,6 +69,12 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             blocks (:mod:`torch_rlprune.env.depth_width`); the plan lists them in
             ``metadata["removed_blocks"]`` and :func:`compact` replaces them by identities.
         episodes: episodes to run; ``None`` takes the agent's default.
+        time_budget: seconds the agent's episodes may take (preparing the search and applying
+            its plan come on top); when they are spent the search stops after the current episode
+            and returns the best plan so far. With one search per target each gets an equal share.
+            The plan's ``metadata["stopped"]`` says why and after how many episodes. Not
+            reproducible: how many episodes fit depends on the machine.
+        patience: stop once this many episodes in a row found no better plan (reproducible).
         budget: ``"params"``, ``"macs"``, ``"latency"`` or a :class:`Latency`; default ``"params"``
             for unstructured and ``"macs"`` for channel pruning. ``"latency"`` (AMC's
             latency-aware mode; ``structure="channel"`` only) is
@@ -163,7 +169,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         importance=importance, importance_scores=importance_scores, parameters=parameters, round_to=round_to,
         bn_recalibration=bn_recalibration, repair=repair, prior=prior, selection=selection, select_top=select_top,
         protect_first_last=protect_first_last, label=label, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-        resume=resume, distributed=distributed).checked()
+        resume=resume, distributed=distributed, time_budget=time_budget, patience=patience).checked()
     coordinator = _coordinator(model) if distributed else None
     if coordinator is not None and not coordinator.leader:  # the agent, its progress and checkpoints: rank 0
         verbose, checkpoint, resume = False, None, None

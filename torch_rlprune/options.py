@@ -7,6 +7,7 @@ must be ...`` for ``rlprune prune``): callers pass a :class:`Spelling`.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from dataclasses import dataclass, replace
@@ -166,6 +167,8 @@ class PruneOptions:
     checkpoint_every: int = 10
     resume: Any = None
     distributed: bool = False
+    time_budget: Optional[float] = None
+    patience: Optional[int] = None
     # filled by checked()
     targets: Optional[List[float]] = None
     latency: Any = None
@@ -254,6 +257,11 @@ class PruneOptions:
             self.bn_recalibration = defaults.bn_recalibration
         check_count(self.bn_recalibration, "bn_recalibration", name, zero=True)
         check_count(self.checkpoint_every, "checkpoint_every", name)
+        check_count(self.patience, "patience", name, or_none=True)
+        budget = self.time_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real)
+                                   or not 0 < budget < math.inf):
+            raise ValueError(f"{name('time_budget')} must be a positive number of seconds or None, got {budget!r}")
 
     def _check_structure_options(self, name: Spelling) -> None:
         SPACES[self.structure].check_options(self, name)

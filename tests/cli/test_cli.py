@@ -596,3 +596,14 @@ def test_the_console_script_sets_openmps_wait_policy_before_torch_loads(given, e
     done = subprocess.run([sys.executable, "-m", "torch_rlprune", "agents"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "amc" in done.stdout
+
+
+def test_patience_and_time_budget_reach_the_search_and_its_plan(tmp_path, data_root):
+    out = tmp_path / "stopped"
+    code, _, stderr = run_cli("prune", MODEL, "--target", "0.5", "--agent", "random", "--episodes", "30",
+                              "--time-budget", "1e-9", "--patience", "5", "--data-root", data_root, "--out", out,
+                              "--quiet", *QUICK[2:])
+    assert code == 0, stderr
+    plan = PruningPlan.load(out / "plan.json")
+    assert plan.metadata["stopped"] == {"reason": "time_budget", "episodes": 1, "of": 30}
+    assert json.loads((out / "command.json").read_text())["options"]["time_budget"] == 1e-9

@@ -155,6 +155,10 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
                    help="fidelity: agreement with the unpruned model (default); accuracy: on the labels")
     g.add_argument("--episodes", type=int, metavar="N", default=None,
                    help="episodes per search (default: the agent's, see `rlprune agents`)")
+    g.add_argument("--time-budget", type=float, metavar="SECONDS", default=None,
+                   help="stop the search's episodes after SECONDS and keep the best plan so far (default: none)")
+    g.add_argument("--patience", type=int, metavar="N", default=None,
+                   help="stop once N episodes in a row found no better plan (default: none)")
     g.add_argument("--seed", type=int, metavar="N", default=None,
                    help="seed of the search, of the calibration images and of an untrained model (default: 0)")
     g.add_argument("--max-amount", type=float, metavar="F", default=None,

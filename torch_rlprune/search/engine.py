@@ -35,6 +35,7 @@ from ..threads import agent_threads
 from .checkpoint import SearchRecorder
 from .distributed import SplittableReward, check_same_calibration, shard
 from .selection import seed_priors, select_plans, split_calibration
+from .stopping import StopRule
 
 __all__ = ["PreparedSearch", "prepare_search", "score_priors", "Search", "search_fingerprint"]
 
@@ -255,21 +256,26 @@ def score_priors(prepared: PreparedSearch, structure: str, targets) -> None:
 
 
 def run_search(agent: Agent, fresh_agent, prepared: PreparedSearch, structure: str, episodes: int, targets,
-               one_search: bool, recorder: Optional[SearchRecorder], coordinator) -> None:
-    """The agent's part of a search (rank 0's, when distributed); releases the other ranks at the end."""
+               one_search: bool, recorder: Optional[SearchRecorder], coordinator, stop: Optional[StopRule] = None
+               ) -> None:
+    """The agent's part of a search (rank 0's, when distributed); releases the other ranks at the end.
+    ``stop`` may end an agent's loop early (a time budget is shared equally by one-target searches)."""
     env = prepared.env
+    stop = stop if stop is not None else StopRule()
+    if stop.active:
+        env.callbacks.append(stop.after_episode)   # last: the episode is recorded and saved first
     try:
         with agent_threads():  # scoring switches back to the caller's threads (threads.py)
             score_priors(prepared, structure, targets)
             if one_search:
-                agent.search(env, episodes)
+                stop.run(agent, env, episodes, targets or [None])
             else:  # one fresh agent per target, one search after the other
                 for i, t in enumerate(targets):
                     env.set_target(t)
                     searcher = agent if i == 0 else fresh_agent()
                     if recorder is not None:
                         recorder.agent = searcher
-                    searcher.search(env, episodes)
+                    stop.run(searcher, env, episodes, [t], share=1.0 / len(targets))
             env.finalize()
             if recorder is not None:  # a resumed search reports nothing it did not measure
                 recorder.verify_replayed()
@@ -360,6 +366,7 @@ class Search:
         self.refit: Optional[LeastSquaresRefit] = None
         self.measured_latency: Optional[dict] = None
         self.search_seconds = 0.0
+        self.stop = StopRule(options.time_budget, options.patience)
 
     def prepare(self, layers, data, exclude=None, example_inputs=None) -> None:
         self.prepared = prepare_search(self.model, layers, self.options, data, exclude, example_inputs,
@@ -392,7 +399,7 @@ class Search:
                 coordinator.serve(env, env.score_fn, p.scorer)
             else:
                 run_search(self.agent, self.fresh_agent, p, self.options.structure, self.episodes, targets,
-                           self.one_search, self.recorder, coordinator)
+                           self.one_search, self.recorder, coordinator, self.stop)
             if coordinator is not None:
                 p.priors = coordinator.share_results(env, p.priors)
             if p.selector is not None:
@@ -422,6 +429,8 @@ class Search:
                 "score_floor": p.floor} if key is None else {}
         if key in p.priors:
             mode["prior"] = p.priors[key].as_dict()
+        if key in self.stop.stops:
+            mode["stopped"] = dict(self.stop.stops[key])
         if self.resumed is not None:
             mode["resume"] = {"replayed_plans": len(env.replayed_keys), "remeasured": self.recorder.remeasured}
         if key in p.selections:

@@ -1,0 +1,70 @@
+"""When a search stops before its episodes are spent: a wall-time budget, or no better plan for a while.
+
+Both end the agent's loop at the end of an episode, so everything the search recorded stays
+consistent: the best plans, the history, a checkpoint. The plan then says why it stopped
+(``metadata["stopped"]``). ``patience`` keeps a seeded search reproducible; a time budget does not
+(how many episodes fit depends on the machine).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+__all__ = ["SearchStopped", "StopRule"]
+
+
+class SearchStopped(Exception):
+    """Raised at the end of an episode to end the agent's loop; never leaves the search."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class StopRule:
+    """``time_budget``: seconds of episodes (preparation and the final application come on top);
+    ``patience``: episodes in a row without a better plan for their target."""
+
+    time_budget: Optional[float] = None
+    patience: Optional[int] = None
+    clock: Callable[[], float] = time.perf_counter
+    stops: Dict[Optional[float], dict] = field(default_factory=dict)   # target -> why and when it stopped
+    _deadline: float = math.inf
+    _best: Dict[Optional[float], float] = field(default_factory=dict)
+    _since_better: int = 0
+    _episodes: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.time_budget is not None or self.patience is not None
+
+    def start(self, share: float = 1.0) -> None:
+        """A new agent loop with ``share`` of the time budget."""
+        self._deadline = math.inf if self.time_budget is None else self.clock() + self.time_budget * share
+        self._best.clear()
+        self._since_better = self._episodes = 0
+
+    def after_episode(self, record) -> None:
+        """The environment's episode callback."""
+        self._episodes += 1
+        if record.best_reward > self._best.get(record.target, -math.inf):
+            self._best[record.target] = record.best_reward
+            self._since_better = 0
+        else:
+            self._since_better += 1
+        if self.clock() >= self._deadline:
+            raise SearchStopped("time_budget")
+        if self.patience is not None and self._since_better >= self.patience:
+            raise SearchStopped("patience")
+
+    def run(self, agent, env, episodes: int, targets, share: float = 1.0) -> None:
+        """``agent.search(env, episodes)``, ended early when the rule says so."""
+        self.start(share)
+        try:
+            agent.search(env, episodes)
+        except SearchStopped as stop:
+            for target in targets:
+                self.stops[target] = {"reason": stop.reason, "episodes": self._episodes, "of": int(episodes)}
