@@ -25,7 +25,7 @@ class _ModuleRecord:
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self.training = module.training
+        self.training = module.training   # also in the attributes; kept apart for restore_training()
         self.dicts = {name: OrderedDict(getattr(module, name)) for name in _DICTS if hasattr(module, name)}
         # Every attribute: a prune hook replaces `weight` by a new tensor at every forward, and physical
         # pruning rewrites sizes such as `out_channels`. Lists are edited in place by torch-pruning.
@@ -48,12 +48,10 @@ class _ModuleRecord:
             live.update(saved)
         for live_list, saved in self.lists:
             live_list[:] = saved
-        for tensor, data in self.bindings:
-            if tensor.data is not data:
-                tensor.data = data
+        for tensor, data in self.bindings:   # `.data` is a new object at every read: no identity test
+            tensor.data = data
         for container, methods in self.containers:
             container._pruning_methods = methods
-        module.training = self.training
 
 
 class ModelSnapshot:
