@@ -9,16 +9,28 @@ Issue 18's "before" figures, measured the way its done-means reads them:
    of the unpruned model per plan scored (``search_seconds / (plans * forward_seconds)``: 1.0 would be
    a search that does nothing but score each plan once; the agent's own work and the repeated priors
    and held-out choice are what lies above it). Episodes to 99% of the final best and their seconds.
-2. ``rl_prune(model, target=0.8)`` with no data (synthetic 224x224 inputs) on timm models up to
-   resnet18's size: the set-up, the median episode, and the call's wall time at the agent's default
-   episodes, extrapolated from a few episodes (marked as such: running them all takes ~20 min a model).
+2. ``rl_prune(model, target=0.8)`` with no data and no other argument on timm models up to resnet18's
+   size: its wall time, the episodes it ran and why it stopped, the sparsity reached; and on the
+   bench's trained resnet18, the plan's test accuracy against LAMP's on the same tensors. The "before"
+   figures (224x224, the default episodes extrapolated from 2) are kept as ``one_liner_before``.
+
+3. Multi-fidelity scoring (``screen``, rewards/screening.py): each agent with every plan scored in full
+   (``screen=0``, the "before" protocol) and with the default screening, test accuracy of the plan
+   (no fine-tune) beside the cost; the agent's share of the search's wall time (search seconds not
+   spent scoring). Random search proposes the same plans with or without screening, so running it
+   both ways on several seeds measures how often screening changes the chosen plan.
 
 Timings are of this machine (2 shared cores): compare them as ratios within one run.
+``SEARCH_COST_PARTS=agents`` (or ``one_liner``) runs one part and keeps the other's rows from the
+last results JSON, each part stamped with the commit and date it was measured at.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,13 +45,17 @@ from run import FULL, QUICK, Suite  # noqa: E402
 from study import study_main  # noqa: E402
 
 from torch_rlprune import rl_prune  # noqa: E402
-from torch_rlprune.agents import create_agent  # noqa: E402
+from torch_rlprune.env.priors import lamp_unstructured  # noqa: E402
+from torch_rlprune.demo.training import evaluate_accuracy  # noqa: E402
+from torch_rlprune.rewards import screening  # noqa: E402
 
 AGENTS = ("amc", "purl", "crl", "random")
-AGENT_EPISODES = {"amc": 40, "purl": 8, "crl": 40, "random": 40}   # a PuRL episode scores a plan per layer
+AGENT_EPISODES = {"amc": 100, "purl": 8, "crl": 40, "random": 40}   # AMC: its default; a PuRL episode scores a plan per layer
 CALIBRATION = 1000
 ONE_LINER_MODELS = ("resnet18", "mobilenetv3_small_050", "mobilenetv3_large_100", "efficientnet_b0", "regnetx_002")
-ONE_LINER_EPISODES = 2
+CHOICE_SEEDS = (0, 1, 2, 3, 4)    # random search with and without screening: the same plans proposed
+CHOICE_EPISODES = 40
+RULES = (1.0, 2.0, 0.0)           # the paired bound's width (screening.PROMOTION_Z), the default first
 
 
 def episodes_to_99(history) -> int:
@@ -48,70 +64,185 @@ def episodes_to_99(history) -> int:
     return next(i + 1 for i, h in enumerate(history) if h["best_reward"] >= threshold)
 
 
-def agent_cost(suite: Suite, agent: str, episodes: int) -> dict:
+def agent_cost(suite: Suite, agent: str, episodes: int, screen=None, seed: int = 0, z: float = RULES[0]) -> dict:
     data = (suite.x_cal[:CALIBRATION], suite.y_cal[:CALIBRATION])
-    result = rl_prune(suite.fresh(), 0.9, data=data, agent=agent, episodes=episodes, seed=0, verbose=False,
-                      calibration_samples=CALIBRATION)
+    default_z, screening.PROMOTION_Z = screening.PROMOTION_Z, z
+    try:
+        result = rl_prune(suite.fresh(), 0.9, data=data, agent=agent, episodes=episodes, seed=seed, verbose=False,
+                          calibration_samples=CALIBRATION, screen=screen)
+    finally:
+        screening.PROMOTION_Z = default_z
     history = result.history
     plans = history[-1]["evaluations"]
     reached = episodes_to_99(history)
-    return {"agent": agent, "episodes": len(history), "plans_scored": plans,
+    return {"agent": agent, "screen": screen, "z": z if screen != 0 else None, "seed": seed,
+            "episodes": len(history), "plans_scored": plans,
             "search_seconds": result.search_seconds, "forward_seconds": result.forward_seconds,
             "passes_per_plan": result.search_seconds / (plans * result.forward_seconds),
+            "agent_share": 1.0 - result.scoring_seconds / result.search_seconds,
             "episodes_to_99": reached, "seconds_to_99": sum(h["seconds"] for h in history[:reached]),
-            "wall_seconds": result.wall_time}
+            "wall_seconds": result.wall_time, "score": result.plan.score,
+            "test_accuracy": evaluate_accuracy(result.model, suite.x_test, suite.y_test),
+            "screening": result.plan.metadata.get("screening"), "amounts": result.plan.amounts}
 
 
-def one_liner(name: str, episodes: int) -> dict:
+def chosen_plan_changes(suite: Suite, seeds, rules) -> list:
+    """Random search, with and without screening: the same plans are proposed (the agent ignores
+    the scores), so any difference in the returned plan is the screening's doing."""
+    rows = []
+    for seed in seeds:
+        full = agent_cost(suite, "random", CHOICE_EPISODES, screen=0, seed=seed)
+        for z in rules:
+            screened = agent_cost(suite, "random", CHOICE_EPISODES, seed=seed, z=z)
+            rows.append({"seed": seed, "z": z, "same_plan": full["amounts"] == screened["amounts"],
+                         "full": {k: full[k] for k in ("score", "test_accuracy", "passes_per_plan")},
+                         "screened": {k: screened[k] for k in ("score", "test_accuracy", "passes_per_plan",
+                                                               "screening")}})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def one_liner(name: str) -> dict:
+    """``rl_prune(model, target=0.8)`` as written: no data, no other argument."""
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, in_chans=1, num_classes=10)
     started = time.perf_counter()
-    result = rl_prune(model, 0.8, episodes=episodes, verbose=False)
+    result = rl_prune(model, 0.8, verbose=False)
     wall = time.perf_counter() - started
-    episode = statistics.median(h["seconds"] for h in result.history)
-    default_episodes = create_agent("amc").config.episodes
-    fixed = wall - sum(h["seconds"] for h in result.history)   # set-up, priors, held-out choice, applying
-    return {"model": name, "params": sum(p.numel() for p in model.parameters()), "episodes_run": episodes,
-            "wall_seconds": wall, "fixed_seconds": fixed, "episode_seconds": episode,
-            "default_episodes": default_episodes, "extrapolated_seconds": fixed + default_episodes * episode,
-            "sparsity": result.sparsity}
+    stopped = result.plan.metadata.get("stopped")
+    return {"model": name, "params": sum(p.numel() for p in model.parameters()), "wall_seconds": wall,
+            "fixed_seconds": wall - sum(h["seconds"] for h in result.history), "episodes_run": len(result.history),
+            "stopped": stopped["reason"] if stopped else "all episodes", "sparsity": result.sparsity,
+            "target_met": abs(result.sparsity - 0.8) <= 0.005}
+
+
+def one_liner_vs_lamp(suite: Suite) -> dict:
+    """The one-liner on the bench's trained resnet18 (no data: it never sees Fashion-MNIST) against
+    LAMP on the same tensors and the same number of weights, test accuracy without fine-tune."""
+    model = suite.fresh()
+    started = time.perf_counter()
+    result = rl_prune(model, 0.8, verbose=False)
+    wall = time.perf_counter() - started
+    ours = evaluate_accuracy(model, suite.x_test, suite.y_test)
+    lamp_model = suite.fresh()
+    modules = dict(lamp_model.named_modules())
+    pairs = [(modules[layer.module_name], layer.param_name) for layer in result.layers]
+    removed = sum(int(round(result.plan.amounts[layer.name] * layer.numel)) for layer in result.layers)
+    lamp_unstructured(pairs, amount=removed)
+    return {"model": "resnet18 (bench, trained)", "wall_seconds": wall, "sparsity": result.sparsity,
+            "one_liner_test_accuracy": ours, "lamp_test_accuracy": evaluate_accuracy(lamp_model, suite.x_test,
+                                                                                    suite.y_test),
+            "dense_test_accuracy": suite.dense_acc, "prior": result.plan.metadata.get("prior", {}).get("method")}
+
+
+def _stamp() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
+    return {"commit": commit.strip(), "date": time.strftime("%Y-%m-%d")}
+
+
+def _agents_part(suite: Suite, quick: bool) -> dict:
+    rows = []
+    for agent in AGENTS[:1] if quick else AGENTS:
+        episodes = 4 if quick else AGENT_EPISODES[agent]
+        runs = [(0, RULES[0]), (None, RULES[0])] + [(None, z) for z in RULES[1:] if agent == "amc"]
+        for screen, z in runs:
+            rows.append(agent_cost(suite, agent, episodes, screen=screen, z=z))
+            print({k: v for k, v in rows[-1].items() if k != "amounts"}, flush=True)
+    for row in rows:
+        row.pop("amounts")
+    choice = chosen_plan_changes(suite, CHOICE_SEEDS[:1] if quick else CHOICE_SEEDS, RULES)
+    return {"agents": rows, "choice": choice, "measured": _stamp()}
+
+
+def _one_liner_part(quick: bool) -> dict:
+    liners = []
+    for name in ONE_LINER_MODELS[:1] if quick else ONE_LINER_MODELS:
+        liners.append(one_liner(name))
+        print(liners[-1], flush=True)
+    trained = one_liner_vs_lamp(Suite(QUICK if quick else FULL))
+    print(trained, flush=True)
+    return {"one_liner": liners, "trained": trained, "measured": _stamp()}
 
 
 def run(quick: bool) -> dict:
     torch.set_num_threads(2)
-    suite = Suite(QUICK if quick else dataclasses.replace(FULL, calibration=1024))   # 1000 of them scored
-    agents = [agent_cost(suite, a, 4 if quick else AGENT_EPISODES[a]) for a in (AGENTS[:1] if quick else AGENTS)]
-    for row in agents:
-        print(row, flush=True)
-    models = ONE_LINER_MODELS[:1] if quick else ONE_LINER_MODELS
-    liners = []
-    for name in models:
-        liners.append(one_liner(name, ONE_LINER_EPISODES))
-        print(liners[-1], flush=True)
-    return {"agents": agents, "one_liner": liners, "calibration": CALIBRATION, "threads": torch.get_num_threads()}
+    parts = os.environ.get("SEARCH_COST_PARTS", "agents,one_liner").split(",")
+    previous = HERE / "results" / ("search_cost_quick.json" if quick else "search_cost.json")
+    report = json.loads(previous.read_text()) if previous.exists() else {}
+    report.update(calibration=CALIBRATION, threads=torch.get_num_threads())
+    if "agents" in parts:
+        suite = Suite(QUICK if quick else dataclasses.replace(FULL, calibration=1024))   # 1000 of them scored
+        report["agents_part"] = _agents_part(suite, quick)
+    if "one_liner" in parts:
+        report["one_liner_part"] = _one_liner_part(quick)
+    return report
+
+
+def _agents_markdown(part: dict, calibration: int) -> list:
+    lines = [f"Per agent (measured at {part['measured']['commit']}, {part['measured']['date']}): the bench's "
+             f"trained resnet18, 1x28x28, {calibration} calibration images (a quarter held out for the choice), "
+             "90% of the weights, seed 0. `screen 0` scores every plan in full (the protocol before multi-fidelity "
+             "scoring); `64` screens each plan on 64 samples first, kept out when the paired bound of width z "
+             "(standard errors) says it is worse than the plan to beat. Passes per plan scored: the search's wall "
+             "time in forward passes of the unpruned model over the search part, per plan scored. Agent share: "
+             "the part of the search's wall time not spent scoring.", "",
+             "| agent | screen | z | plans scored | promoted / kept out / shaping | search s | "
+             "passes per plan scored | agent share | plan score | test acc (no FT) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in part["agents"]:
+        s = r["screening"]
+        screened = f"{s['promoted']} / {s['kept_out']} / {s['shaping_estimates']}" if s else "all in full"
+        lines.append(f"| {r['agent']} | {s['samples'] if s else 0} | {r['z'] if s else '-'} | {r['plans_scored']} | "
+                     f"{screened} | {r['search_seconds']:.1f} | {r['passes_per_plan']:.2f} | "
+                     f"{r['agent_share']:.0%} | {r['score']:.4f} | {r['test_accuracy']:.2%} |")
+    choice = part["choice"]
+    seeds = sorted({c["seed"] for c in choice})
+    lines += ["", f"Does screening change the chosen plan? Random search ({CHOICE_EPISODES} episodes, seeds "
+              f"{', '.join(map(str, seeds))}) proposes the same plans with and without it; per bound width, the "
+              "seeds whose returned plan is the full search's, and the means over the seeds.", "",
+              "| z | same plan | kept out / screened | passes per plan full / screened | score full / screened | "
+              "test acc full / screened |", "|---|---|---|---|---|---|"]
+    for z in sorted({c["z"] for c in choice}, reverse=True):
+        rows = [c for c in choice if c["z"] == z]
+        f = {k: statistics.mean(c["full"][k] for c in rows) for k in ("score", "test_accuracy", "passes_per_plan")}
+        g = {k: statistics.mean(c["screened"][k] for c in rows) for k in ("score", "test_accuracy", "passes_per_plan")}
+        kept = sum(c["screened"]["screening"]["kept_out"] for c in rows)
+        screened = sum(c["screened"]["screening"]["screened"] for c in rows)
+        lines.append(f"| {z:g} | {sum(c['same_plan'] for c in rows)} of {len(rows)} | {kept} / {screened} | "
+                     f"{f['passes_per_plan']:.2f} / {g['passes_per_plan']:.2f} | {f['score']:.4f} / {g['score']:.4f} | "
+                     f"{f['test_accuracy']:.2%} / {g['test_accuracy']:.2%} |")
+    return lines
+
+
+def _one_liner_markdown(part: dict, before: dict) -> list:
+    lines = [f"`rl_prune(model, target=0.8)` as written, no data (measured at {part['measured']['commit']}, "
+             f"{part['measured']['date']}): timm models with `pretrained=False, in_chans=1, num_classes=10`, "
+             "the no-data defaults (128 synthetic 64x64 inputs, no BatchNorm re-estimation, episodes stopped after "
+             "30 s or 20 without a better plan). Before: the default episodes at 224x224, extrapolated from 2 "
+             f"(measured at {before['measured']['commit']}).", "",
+             "| model | params | wall s | set-up, choice and apply s | episodes run | stopped by | sparsity | "
+             "before: extrapolated wall s |", "|---|---|---|---|---|---|---|---|"]
+    earlier = {r["model"]: r for r in before.get("one_liner", [])}
+    for r in part["one_liner"]:
+        old = earlier.get(r["model"])
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['wall_seconds']:.1f} | {r['fixed_seconds']:.1f} | "
+                     f"{r['episodes_run']} | {r['stopped']} | {r['sparsity']:.4f} | "
+                     f"{'%.0f' % old['extrapolated_seconds'] if old else '-'} |")
+    t = part["trained"]
+    lines += ["", f"On the bench's trained resnet18 (it never sees Fashion-MNIST here): the one-liner's plan "
+              f"({t['wall_seconds']:.0f} s, prior {t['prior']}) {t['one_liner_test_accuracy']:.2%} test accuracy "
+              f"without fine-tune, LAMP on the same tensors and number of weights {t['lamp_test_accuracy']:.2%} "
+              f"(unpruned {t['dense_test_accuracy']:.2%})."]
+    return lines
 
 
 def to_markdown(report: dict, command: str) -> str:
     lines = [f"Reproduce: `{command}`. Timings of one run on this machine ({report['threads']} threads); read "
-             "them as ratios.", "",
-             f"Per agent: the bench's trained resnet18, 1x28x28, {report['calibration']} calibration images (a quarter "
-             "held out for the choice), 90% "
-             "of the weights.", "",
-             "| agent | episodes | plans scored | search s | forward pass s | passes per plan scored | "
-             "episodes to 99% of best | s to 99% |", "|---|---|---|---|---|---|---|---|"]
-    for r in report["agents"]:
-        lines.append(f"| {r['agent']} | {r['episodes']} | {r['plans_scored']} | {r['search_seconds']:.1f} | "
-                     f"{r['forward_seconds']:.3f} | {r['passes_per_plan']:.2f} | {r['episodes_to_99']} | "
-                     f"{r['seconds_to_99']:.1f} |")
-    lines += ["", "`rl_prune(model, target=0.8)`, no data (synthetic 224x224 inputs), agent AMC: "
-              f"{report['one_liner'][0]['episodes_run'] if report['one_liner'] else 0} episodes run, the default "
-              "extrapolated (set-up + default episodes x median episode).", "",
-              "| model | params | wall s (episodes run) | set-up and apply s | median episode s | default episodes | "
-              "extrapolated wall s |", "|---|---|---|---|---|---|---|"]
-    for r in report["one_liner"]:
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['wall_seconds']:.1f} ({r['episodes_run']}) | "
-                     f"{r['fixed_seconds']:.1f} | {r['episode_seconds']:.2f} | {r['default_episodes']} | "
-                     f"{r['extrapolated_seconds']:.0f} (extrapolated) |")
+             "them as ratios.", ""]
+    if "agents_part" in report:
+        lines += _agents_markdown(report["agents_part"], report["calibration"]) + [""]
+    if "one_liner_part" in report:
+        lines += _one_liner_markdown(report["one_liner_part"], report.get("one_liner_before", {}))
     return "\n".join(lines) + "\n"
 
 

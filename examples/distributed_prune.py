@@ -37,6 +37,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--out", default="runs/distributed")
+    parser.add_argument("--screen", type=int, default=None, help="rl_prune(screen=): samples each plan is screened on")
     parser.add_argument("--single", action="store_true", help="one process, distributed=False")
     args = parser.parse_args(argv)
 
@@ -51,7 +52,7 @@ def main(argv=None) -> None:
     result = rl_prune(model, target=args.target, data=(x, y), agent=args.agent, structure=args.structure,
                       episodes=args.episodes, seed=args.seed, calibration_samples=args.calibration,
                       agent_config=json.loads(args.agent_config) if args.agent_config else None,
-                      distributed=not args.single, verbose=rank == 0)
+                      distributed=not args.single, verbose=rank == 0, screen=args.screen)
     seconds = time.perf_counter() - tick
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

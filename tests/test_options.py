@@ -80,3 +80,15 @@ def test_rl_prune_and_the_gym_refuse_with_the_shared_check(options):
             PruningGymEnv(model, data=x, **gym_options)
         assert str(from_gym.value) == str(expected.value)
     state.assert_unchanged(model)
+
+
+def test_without_data_the_search_is_budgeted_unless_told_otherwise():
+    no_data = PruneOptions(target=0.5, synthetic_data=True).checked()
+    assert (no_data.calibration_samples, no_data.time_budget, no_data.patience) == (128, 30.0, 20)
+    assert no_data.bn_recalibration == 0 and PruneOptions(target=0.5).checked().bn_recalibration == 4
+    counted = PruneOptions(target=0.5, synthetic_data=True, episodes=10).checked()
+    assert (counted.calibration_samples, counted.time_budget, counted.patience) == (128, None, None)
+    mine = PruneOptions(target=0.5, synthetic_data=True, time_budget=5.0, calibration_samples=64).checked()
+    assert (mine.calibration_samples, mine.time_budget, mine.patience) == (64, 5.0, None)
+    data = PruneOptions(target=0.5).checked()
+    assert (data.calibration_samples, data.time_budget, data.patience) == (512, None, None)

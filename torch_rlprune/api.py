@@ -35,13 +35,14 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
              agent="amc",
              episodes: Optional[int] = None, budget: Union[str, Latency, None] = None, structure: str = "unstructured",
              exclude=None, example_inputs=None, seed: int = 0, verbose: bool = True,
-             agent_config=None, calibration_samples: int = 512, max_amount: Optional[float] = None,
+             agent_config=None, calibration_samples: Optional[int] = None, max_amount: Optional[float] = None,
              importance_scores=None, parameters=None, importance=None, round_to: Optional[int] = None,
              bn_recalibration: Optional[int] = None, max_drop: Optional[float] = None,
              repair: Optional[str] = None, checkpoint=None, checkpoint_every: int = 10, resume=None,
              distributed: bool = False,
              prior: str = "best", selection: float = 0.25, select_top: int = 5, protect_first_last: bool = True,
-             label=None, time_budget: Optional[float] = None, patience: Optional[int] = None):
+             label=None, time_budget: Optional[float] = None, patience: Optional[int] = None,
+             screen: Optional[int] = None):
     """Search per-layer pruning amounts with an RL agent and prune ``model`` in place.
 
     Args:
@@ -61,7 +62,13 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         data: calibration data: a DataLoader, an iterable of batches (tensors,
             ``(inputs, labels)``, tuples of several inputs -- ``model(*batch)`` -- or dicts --
             ``model(**batch)``, transformers style), a Dataset, or a tensor. ``None`` synthesises
-            Gaussian inputs from ``example_inputs`` or timm's ``pretrained_cfg`` (with a warning).
+            Gaussian inputs (with a warning) of ``example_inputs``' shape, or of timm's
+            ``pretrained_cfg`` image size scaled down to a 64-pixel side when the model runs on it
+            (a 224x224 pass costs 12 times more and ranks plans alike, benchmarks/synthetic_inputs.py);
+            128 of them, no BatchNorm re-estimation on them (``bn_recalibration=0``: noise
+            statistics would replace the learnt ones), and with ``episodes=None`` the search
+            stops after ``time_budget=30`` seconds or ``patience=20`` episodes without a better
+            plan unless those are given.
         reward: ``"fidelity"`` (label-free agreement with the unpruned model),
             ``"accuracy"`` (needs labels) or ``callable(model) -> float``.
         agent: a registered name (``list_agents()``) or an :class:`Agent` instance.
@@ -75,6 +82,12 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             The plan's ``metadata["stopped"]`` says why and after how many episodes. Not
             reproducible: how many episodes fit depends on the machine.
         patience: stop once this many episodes in a row found no better plan (reproducible).
+        screen: multi-fidelity scoring (:mod:`torch_rlprune.rewards.screening`): every plan is scored
+            first on this many calibration samples (BatchNorm re-estimated on them) and in full only
+            if a paired test on them says it may beat the plans kept so far; the others get an
+            estimate below those, so they never become results. ``None``: 64 samples when the search
+            part holds at least 256 and the reward is built in; ``0``: every plan scored in full.
+            ``metadata["screening"]`` counts the plans promoted and kept out.
         budget: ``"params"``, ``"macs"``, ``"latency"`` or a :class:`Latency`; default ``"params"``
             for unstructured and ``"macs"`` for channel pruning. ``"latency"`` (AMC's
             latency-aware mode; ``structure="channel"`` only) is
@@ -100,7 +113,8 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         seed: makes the search bit-for-bit reproducible.
         verbose: show a progress bar.
         agent_config: the agent's config dataclass or a dict of overrides.
-        calibration_samples: inputs taken from ``data`` to score plans on.
+        calibration_samples: inputs taken from ``data`` to score plans on (default 512; without
+            data 128 synthetic ones).
         max_amount: largest fraction removable from any single tensor (default 0.98) or
             channel group (default 0.8, AMC's bound).
         importance_scores: unstructured only: ``{name or (module, name): tensor}`` ranking
@@ -169,7 +183,8 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         importance=importance, importance_scores=importance_scores, parameters=parameters, round_to=round_to,
         bn_recalibration=bn_recalibration, repair=repair, prior=prior, selection=selection, select_top=select_top,
         protect_first_last=protect_first_last, label=label, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-        resume=resume, distributed=distributed, time_budget=time_budget, patience=patience).checked()
+        resume=resume, distributed=distributed, time_budget=time_budget, patience=patience,
+        screen=screen, synthetic_data=data is None).checked()
     coordinator = _coordinator(model) if distributed else None
     if coordinator is not None and not coordinator.leader:  # the agent, its progress and checkpoints: rank 0
         verbose, checkpoint, resume = False, None, None

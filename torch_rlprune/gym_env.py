@@ -65,7 +65,7 @@ class PruningGymEnv(gymnasium.Env):
 
     def __init__(self, model: nn.Module, target: float = 0.8, data=None, reward="fidelity",
                  budget: Optional[str] = None, structure: str = "unstructured", exclude=None, example_inputs=None,
-                 seed: int = 0, calibration_samples: int = 512, max_amount: Optional[float] = None,
+                 seed: int = 0, calibration_samples: Optional[int] = None, max_amount: Optional[float] = None,
                  bn_recalibration: Optional[int] = None, constraint: str = "clip", dense: bool = False,
                  prior: str = "best", label=None):
         if not isinstance(model, nn.Module):
@@ -76,7 +76,7 @@ class PruningGymEnv(gymnasium.Env):
         options = PruneOptions(target=target, structure=structure, budget=budget, agent="random", reward=reward,
                                seed=seed, calibration_samples=calibration_samples, max_amount=max_amount,
                                bn_recalibration=bn_recalibration, prior=prior, selection=0.0, select_top=1,
-                               protect_first_last=False, label=label).checked()
+                               protect_first_last=False, label=label, synthetic_data=data is None).checked()
         # budget="latency": the latency table's prediction at any width, no measured closing step
         options.latency, options.round_to = None, None
         targets, structure, budget = options.targets, options.structure, options.budget

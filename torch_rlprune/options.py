@@ -29,6 +29,21 @@ STRUCTURE_DEFAULTS = {name: kind.defaults for name, kind in SPACES.items()}
 REPAIR_NEEDS = {"lstsq": "refits layers that lost whole input channels"}
 
 
+@dataclass(frozen=True)
+class NoDataDefaults:
+    """What ``data=None`` changes, so that ``rl_prune(model, target=0.8)`` takes about a minute on
+    2 CPU cores (benchmarks/synthetic_inputs.py measured the inputs, benchmarks/search_cost.py the call)."""
+
+    samples: int = 128           # synthetic inputs (with data: 512 taken from it)
+    bn_recalibration: int = 0    # statistics of Gaussian noise would replace the ones the model learnt
+    time_budget: float = 30.0    # seconds of episodes, when neither episodes nor time_budget is given
+    patience: int = 20           # episodes without a better plan, likewise
+
+
+NO_DATA = NoDataDefaults()
+DATA_SAMPLES = 512
+
+
 class Spelling:
     """How a caller writes an argument's name and a list of allowed values in its messages: as
     Python does (``rl_prune``'s arguments, the values' repr); :class:`torch_rlprune.cli.prune_options.Flags` spells flags."""
@@ -150,7 +165,7 @@ class PruneOptions:
     reward: Any = "fidelity"
     episodes: Optional[int] = None
     seed: int = 0
-    calibration_samples: int = 512
+    calibration_samples: Optional[int] = None
     max_amount: Optional[float] = None
     importance: Optional[str] = None
     importance_scores: Any = None
@@ -169,6 +184,8 @@ class PruneOptions:
     distributed: bool = False
     time_budget: Optional[float] = None
     patience: Optional[int] = None
+    screen: Optional[int] = None
+    synthetic_data: bool = False       # data=None: the no-data defaults (NO_DATA) apply
     # filled by checked()
     targets: Optional[List[float]] = None
     latency: Any = None
@@ -248,13 +265,18 @@ class PruneOptions:
         check_count(self.episodes, "episodes", name, or_none=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise TypeError(f"{name('seed')} must be an integer, got {type(self.seed).__name__}")
+        if self.calibration_samples is None:
+            self.calibration_samples = NO_DATA.samples if self.synthetic_data else DATA_SAMPLES
         check_count(self.calibration_samples, "calibration_samples", name)
+        if self.synthetic_data and self.episodes is None and self.time_budget is None:
+            self.time_budget = NO_DATA.time_budget
+            self.patience = NO_DATA.patience if self.patience is None else self.patience
         self.max_amount = defaults.max_amount if self.max_amount is None else self.max_amount
         amount = self.max_amount
         if isinstance(amount, bool) or not isinstance(amount, numbers.Real) or not 0 < amount <= 1:
             raise ValueError(f"{name('max_amount')} must be in (0, 1], got {amount!r}")
         if self.bn_recalibration is None:
-            self.bn_recalibration = defaults.bn_recalibration
+            self.bn_recalibration = NO_DATA.bn_recalibration if self.synthetic_data else defaults.bn_recalibration
         check_count(self.bn_recalibration, "bn_recalibration", name, zero=True)
         check_count(self.checkpoint_every, "checkpoint_every", name)
         check_count(self.patience, "patience", name, or_none=True)
@@ -262,6 +284,11 @@ class PruneOptions:
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real)
                                    or not 0 < budget < math.inf):
             raise ValueError(f"{name('time_budget')} must be a positive number of seconds or None, got {budget!r}")
+        screen = self.screen
+        if screen is not None and (isinstance(screen, bool) or not isinstance(screen, numbers.Integral)
+                                   or screen < 0 or screen == 1):
+            raise ValueError(f"{name('screen')} must be a number of samples >= 2, 0 (every plan scored on every "
+                             f"sample) or None (automatic), got {screen!r}")
 
     def _check_structure_options(self, name: Spelling) -> None:
         SPACES[self.structure].check_options(self, name)

@@ -40,6 +40,8 @@ class PruneResult:
         forward_seconds: seconds of one scoring pass of the unpruned model (an episode's floor).
         search_seconds: seconds the agent's search took (episodes, learning and scoring; without
             the set-up before it and applying the plan after it).
+        scoring_seconds: the part of ``search_seconds`` spent scoring plans (the rest is the agent's
+            and the environment's own work).
     """
 
     model: nn.Module
@@ -52,6 +54,7 @@ class PruneResult:
     layers: List[PrunableTensor] = field(repr=False, default_factory=list)
     example_inputs: Any = field(repr=False, default=None)  # a tensor; a tuple or dict for several inputs
     search_seconds: float = math.nan
+    scoring_seconds: float = math.nan
 
     def compact(self) -> dict:
         """Physically remove the masked channels (``structure="channel"``); see :func:`compact`."""

@@ -9,7 +9,7 @@ from torch.nn.utils import prune
 
 from helpers import PRUNABLE, assert_binary_masks, assert_budget_met, mask_sparsity, seeded, weight_masks
 from torch_rlprune import PolicyUnstructured, PruningPlan, apply_plan, rl_prune
-from torch_rlprune.structure.inputs import infer_input_shape
+from torch_rlprune.structure.inputs import infer_input_shape, reduced_image_shape
 
 CALIBRATION = 64
 
@@ -105,7 +105,8 @@ def test_input_shape_comes_from_timm_pretrained_cfg_with_the_real_channel_count(
 
 def test_no_data_falls_back_to_synthetic_inputs_from_pretrained_cfg():
     model = seeded(resnet18, 2)
-    with pytest.warns(UserWarning, match=r"synthetic.*\(1, 224, 224\)"):
+    # the config's 224x224 scaled down to a 64-pixel side: resnet18 runs on it
+    with pytest.warns(UserWarning, match=r"synthetic.*\(1, 64, 64\) \(the model's \(1, 224, 224\) scaled down"):
         result = rl_prune(model, 0.5, data=None, agent="random", episodes=2, calibration_samples=4, seed=0,
                           verbose=False)
     assert result.plan.metadata["synthetic_calibration"] is True
@@ -118,3 +119,39 @@ def test_no_data_with_small_example_inputs_uses_their_shape():
         result = rl_prune(model, 0.6, data=None, example_inputs=torch.zeros(2, 1, 32, 32), budget="macs",
                           agent="random", episodes=2, calibration_samples=8, seed=0, verbose=False)
     assert_budget_met(mask_sparsity(model, "macs", torch.zeros(2, 1, 32, 32), searched(model, result)), 0.6)
+
+
+class FixedSizeNet(nn.Module):
+    """Runs only on the 1x96x96 images its config names (a flattening head, like a fixed patch grid)."""
+
+    pretrained_cfg = {"input_size": (1, 96, 96)}
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, stride=4, padding=1)
+        self.head = nn.Linear(2 * 24 * 24, 10)
+
+    def forward(self, x):
+        return self.head(self.conv(x).flatten(1))
+
+
+def test_synthetic_images_are_scaled_down_only_where_the_model_runs_on_them():
+    model = seeded(resnet18, 0).eval()
+    assert reduced_image_shape(model, (1, 224, 224), 64) == (1, 64, 64)
+    assert reduced_image_shape(model, (1, 224, 448), 64) == (1, 64, 128)
+    assert reduced_image_shape(model, (1, 48, 48), 64) == (1, 48, 48)      # already small
+    assert reduced_image_shape(model, (10, 224), 64) == (10, 224)          # not an image
+    fixed = seeded(FixedSizeNet).eval()
+    assert reduced_image_shape(fixed, (1, 96, 96), 64) == (1, 96, 96)
+    with pytest.warns(UserWarning, match=r"synthetic Gaussian inputs of shape \(1, 96, 96\);"):
+        result = rl_prune(fixed, 0.5, agent="random", episodes=2, verbose=False)
+    assert result.plan.metadata["calibration_samples"] == 128
+
+
+def test_the_no_data_one_liner_stops_on_its_own(recwarn):
+    model = seeded(resnet18, 4)
+    result = rl_prune(model, 0.8, verbose=False)
+    stopped = result.plan.metadata["stopped"]
+    assert stopped["reason"] in ("patience", "time_budget") and stopped["episodes"] < stopped["of"]
+    assert result.plan.metadata["synthetic_calibration"] and result.plan.metadata["calibration_samples"] == 128
+    assert_budget_met(mask_sparsity(model, modules=searched(model, result)), 0.8)

@@ -362,3 +362,55 @@ def test_accuracy_guaranteed_mode_keeps_the_largest_plan_above_the_floor(model, 
     for h in env.history:
         remaining = env.total_cost * (1 - h.sparsity)
         assert h.reward == pytest.approx(-(1 - h.score) * np.log(remaining), rel=1e-6)
+
+
+class ScriptedScreening:
+    """Keeps out every plan it may and remembers what it was asked. The contract it plays: a plan
+    kept out is estimated below the plan to beat; a shaping plan is always an estimate."""
+
+    def __init__(self):
+        self.asked = []
+
+    def score(self, key, plan_to_beat, full_score, apply_plan, shaping=False):
+        self.asked.append((key, plan_to_beat, shaping))
+        if shaping:
+            return 5.0, False        # above anything measured: it must never become a result
+        if plan_to_beat is None:
+            return float(full_score()), True
+        return plan_to_beat[1] - 1.0, False
+
+
+def test_with_screening_only_measured_plans_become_results(model, x):
+    env, score = build_env(model, x, target=0.6)
+    env.screening, env.keep_top = ScriptedScreening(), 2
+    for name in ("alternating", "alternating from 1", "scattered", "always 0", "always 1"):
+        run_episode(env, POLICIES[name])
+    measured = [key for key, bar, _ in env.screening.asked if bar is None]
+    assert len(measured) == 2 and len(env.screening.asked) == len(set(env.screening.asked)) > 2
+    top = env.top_by_target[0.6]
+    assert {tuple(int(v) for v in p.k) for p in top} == set(measured) and not set(measured) & env.estimated_keys
+    assert env.plan_to_beat() == (tuple(int(v) for v in top[-1].k), top[-1].reward)
+    assert env.best_reward == max(h.reward for h in env.history[:2])
+    # the later plans were asked against the plan to beat, and got an estimate below it
+    assert all(h.reward < top[-1].reward for h in env.history[2:])
+    assert env.scoring_seconds > 0 and score.calls == 2
+
+
+def test_dense_shaping_scores_are_estimates_and_a_result_is_scored_again(model, x):
+    env, score = build_env(model, x, target=0.6)
+    env.screening, env.dense = ScriptedScreening(), True
+    env.reset()
+    done = False
+    while not done:
+        _, _, done, _ = env.step(0.6)
+    asked = env.screening.asked
+    # the unpruned plan and every partial one shape the rewards; the episode's plan may be a result
+    assert [shaping for _, _, shaping in asked] == [True] * env.num_steps + [False]
+    final = tuple(int(v) for v in env.best_k)
+    assert asked[-1] == (final, None, False) and final not in env.estimated_keys
+    assert score.calls == 1 and env.best_score != 5.0
+    partial = asked[env.num_steps - 1][0]
+    assert partial in env.estimated_keys
+    env.evaluate(np.array(partial))   # asked for as a possible result: screened again, not read from the cache
+    assert env.screening.asked[-1] == (partial, (final, env.best_reward), False)
+    assert env.evaluations == env.num_steps + 2

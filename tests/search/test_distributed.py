@@ -33,11 +33,15 @@ def _example():
     return module
 
 
-@pytest.mark.parametrize("structure,agent,config", [("unstructured", "amc", {"warmup": 3}),
-                                                    ("channel", "purl", {"warmup": 2})])
-def test_two_processes_end_with_the_single_process_plan(structure, agent, config, data_root, tmp_path):
-    common = ["--model", "test_resnet", "--structure", structure, "--agent", agent, "--episodes", "6",
-              "--agent-config", json.dumps(config), "--calibration", "128", "--data-root", str(data_root), "--seed", "3"]
+@pytest.mark.parametrize("structure,agent,config,screen", [("unstructured", "amc", {"warmup": 3}, 0),
+                                                           ("channel", "purl", {"warmup": 2}, 0),
+                                                           ("unstructured", "amc", {"warmup": 2}, 16)],
+                         ids=["unstructured-amc", "channel-purl", "unstructured-amc-screened"])
+def test_two_processes_end_with_the_single_process_plan(structure, agent, config, screen, data_root, tmp_path):
+    """With screening (rank 0 screens on its whole calibration set, promoted plans are scored by all)."""
+    common = ["--model", "test_resnet", "--structure", structure, "--agent", agent, "--episodes", "8",
+              "--agent-config", json.dumps(config), "--calibration", "128", "--data-root", str(data_root), "--seed", "3",
+              "--screen", str(screen)]
     run = _torchrun([EXAMPLE, *common, "--out", tmp_path / "two"], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     with torch.random.fork_rng(devices=[]):
@@ -48,6 +52,9 @@ def test_two_processes_end_with_the_single_process_plan(structure, agent, config
     for key in ("amounts", "score", "sparsity", "baseline_score", "episodes"):
         assert ranks[0][key] == single[key], key
     assert len(set(ranks[0]["amounts"].values())) > 1  # a real plan, not a uniform fallback
+    if screen:
+        assert ranks[0]["metadata"]["screening"] == single["metadata"]["screening"]
+        assert single["metadata"]["screening"]["kept_out"] > 0
     assert "processes 2" in run.stdout
 
 

@@ -120,3 +120,17 @@ def test_a_stopped_amc_search_keeps_its_agent_state_consistent():
     assert len(history) == result.plan.episodes <= 12
     assert np.isfinite(result.plan.score)
     assert_budget_met(result.sparsity, 0.5)
+
+
+def test_the_progress_bar_gets_an_eta_before_the_first_episode_and_the_budget_left_after():
+    clock = FakeClock()
+    assert StopRule().forecast(100, 0.5) == "eta~100s"             # two passes an episode
+    assert StopRule(time_budget=30.0).forecast(100, 0.5) == "stops within 30s"
+    assert StopRule(time_budget=300.0).forecast(100, 0.5) == "eta~100s"
+    rule = StopRule(time_budget=30.0, clock=clock)
+    assert StopRule().remaining() == {} and rule.remaining() == {}  # not started: no deadline yet
+    rule.start()
+    clock.now = 12.4
+    assert rule.remaining() == {"left": "18s"}
+    clock.now = 40.0
+    assert rule.remaining() == {"left": "0s"}

@@ -159,6 +159,9 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
                    help="stop the search's episodes after SECONDS and keep the best plan so far (default: none)")
     g.add_argument("--patience", type=int, metavar="N", default=None,
                    help="stop once N episodes in a row found no better plan (default: none)")
+    g.add_argument("--screen", type=int, metavar="N", default=None,
+                   help="score each plan first on N calibration samples, in full only if it may beat the plans "
+                        "kept (default: 64 when the search part holds 256; 0: every plan in full)")
     g.add_argument("--seed", type=int, metavar="N", default=None,
                    help="seed of the search, of the calibration images and of an untrained model (default: 0)")
     g.add_argument("--max-amount", type=float, metavar="F", default=None,

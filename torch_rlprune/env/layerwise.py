@@ -118,6 +118,28 @@ class BestPlanResults:
     def top_by_target(self, value) -> None:
         self._top_by_target = value
 
+    @property
+    def estimated_keys(self) -> set:
+        """Plans whose cached score is a screening estimate, not a measurement (``screening``)."""
+        if not hasattr(self, "_estimated_keys"):
+            self._estimated_keys = set()
+        return self._estimated_keys
+
+    screening = None
+    """An optional two-stage scorer (:class:`~torch_rlprune.rewards.screening.Screening`), set by
+    whoever builds the environment: plans that cannot become results get an estimate."""
+    scoring_seconds = 0.0
+    """Seconds spent scoring plans (both stages, the held-out choice): the rest of a search is the
+    agent's and the environment's own work."""
+
+    def plan_to_beat(self) -> Optional[Tuple[Tuple[int, ...], float]]:
+        """``(plan, reward)`` a new plan of the current target must beat to become a result: the last
+        of the ``keep_top`` kept, or None while fewer are kept (anything may become a result)."""
+        top = self.top_by_target.get(self._best_key(), [])
+        if len(top) < max(1, self.keep_top):
+            return None
+        return tuple(int(v) for v in top[-1].k), float(top[-1].reward)
+
     def _offer(self, reward: float, score: float, k: np.ndarray) -> None:
         """A candidate result of the current target: the best if it beats it, and one of the top
         ``keep_top`` (distinct plans) if it beats the last of them."""
@@ -137,8 +159,18 @@ class BestPlanResults:
         """Score plan ``k`` with another function (held-out selection), outside the cache and the
         count of plans scored, on the caller's threads, RNG-neutral as any scoring."""
         self.apply(np.asarray(k, dtype=np.int64))
-        with intra_op_threads(self.scoring_threads), torch.random.fork_rng(devices=[]):
-            return float(score_fn())
+        return float(self._scoring(score_fn))
+
+    def _scoring(self, score_fn: Callable):
+        """``score_fn()`` on the caller's threads, RNG-neutral, its seconds counted: a resumed search
+        skips the scoring of plans it has on record, so anything random in a forward must not shift
+        what the agent draws afterwards."""
+        started = time.perf_counter()
+        try:
+            with intra_op_threads(self.scoring_threads), torch.random.fork_rng(devices=[]):
+                return score_fn()
+        finally:
+            self.scoring_seconds += time.perf_counter() - started
 
     def _best_key(self) -> Optional[float]:
         return self.target
@@ -159,26 +191,39 @@ class BestPlanResults:
     def best_k(self) -> Optional[np.ndarray]:
         return self._best.k
 
-    def _score_plan(self, key: Tuple[int, ...]) -> float:
+    def _score_plan(self, key: Tuple[int, ...], shaping: bool = False) -> float:
         """The score of plan ``key``: from this search's cache, from the record of the search
-        being resumed (``replay``, see :mod:`torch_rlprune.search.checkpoint`), or measured."""
-        if key not in self._cache:
+        being resumed (``replay``, see :mod:`torch_rlprune.search.checkpoint`), or measured.
+        ``shaping``: the score only shapes a reward (an estimate will do, see ``screening``); a
+        plan whose cached score is an estimate is scored again when it may become a result."""
+        if key not in self._cache or (key in self.estimated_keys and not shaping):
             if key in self.replay:
                 self._cache[key] = self.replay.pop(key)
                 self.replayed_keys.add(key)
             else:
-                self._cache[key] = self.remeasure(key)
+                self._cache[key], full = self._measure(key, shaping)
+                (self.estimated_keys.discard if full else self.estimated_keys.add)(key)
             self.evaluations += 1
         return self._cache[key]
 
     def remeasure(self, key: Tuple[int, ...]) -> float:
-        """Measure plan ``key`` now, whatever the cache or a record says."""
-        self.apply(np.asarray(key, dtype=np.int64))
+        """Measure plan ``key`` now, in full, whatever the cache or a record says."""
+        return self.measure(key, self._full_score(key))
+
+    def _full_score(self, key: Tuple[int, ...]) -> Callable[[], float]:
+        def score() -> float:
+            self.scoring_key = key
+            return self.score_fn()
+        return score
+
+    def _measure(self, key: Tuple[int, ...], shaping: bool) -> Tuple[float, bool]:
+        """``(score, full)``: the full score, or the screening's (an estimate when ``full`` is False)."""
+        if self.screening is None:
+            return self.remeasure(key), True
+        bar = None if shaping else self.plan_to_beat()
+        self.apply(key)
         self.scoring_key = key
-        # RNG-neutral: a resumed search skips the scoring of plans it has on record, so
-        # anything random in a forward must not shift what the agent draws afterwards
-        with intra_op_threads(self.scoring_threads), torch.random.fork_rng(devices=[]):
-            return float(self.score_fn())
+        return self._scoring(lambda: self.screening.score(key, bar, self._full_score(key), self.apply, shaping))
 
 
 class LayerwisePruningEnv(BestPlanResults):
@@ -390,13 +435,13 @@ class LayerwisePruningEnv(BestPlanResults):
         info = {"amount": self.previous_amount, "action": applied_action}
         reward = 0.0
         if self.dense and self._last_partial_score is None:
-            self._last_partial_score = self.evaluate(self.k_min)
+            self._last_partial_score = self.estimate(self.k_min)
         if done:
             record = self._finish_episode()
             reward = record.score - self._last_partial_score if self.dense else record.reward
             info.update(record.as_dict())
         elif self.dense:
-            partial = self.evaluate(self.k)  # layers after t still unpruned
+            partial = self.estimate(self.k)  # layers after t still unpruned
             reward, self._last_partial_score = partial - self._last_partial_score, partial
             info["partial_score"] = partial
         return self._observation(), reward, done, info
@@ -415,7 +460,12 @@ class LayerwisePruningEnv(BestPlanResults):
         """Score a plan (per-layer counts); identical plans are scored once."""
         return self._score_plan(tuple(int(v) for v in k))
 
-    def apply(self, k: np.ndarray) -> None:
+    def estimate(self, k: np.ndarray) -> float:
+        """Score a plan that only shapes a reward (never a result as it is): with ``screening``
+        an estimate, otherwise :meth:`evaluate`."""
+        return self._score_plan(tuple(int(v) for v in k), shaping=True)
+
+    def apply(self, k) -> None:
         for mask, kk in zip(self.masks, k):
             mask.set_k(int(kk))
 
@@ -453,7 +503,9 @@ class LayerwisePruningEnv(BestPlanResults):
     def _finish_episode(self) -> EpisodeRecord:
         if self.constraint == "clip":
             self._repair()
-        score = self.evaluate(self.k)
+        # a free plan off the budget is no result; its projection, scored below, may be
+        result = self.constraint == "clip" or self.score_floor is not None
+        score = self.evaluate(self.k) if result else self.estimate(self.k)
         achieved = self.achieved()
         if self.score_floor is not None:
             # AMC's accuracy-guaranteed reward; the best plan is the smallest one above the floor.

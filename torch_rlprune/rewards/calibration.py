@@ -9,9 +9,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..structure.inputs import Batch, Inputs, all_finite, concat, infer_input_shape, to_device
+from ..structure.inputs import (Batch, Inputs, all_finite, batch_tensors, concat, infer_input_shape,
+                                reduced_image_shape, to_device)
 
-__all__ = ["CalibrationSet", "build_calibration", "primary_output"]
+__all__ = ["CalibrationSet", "build_calibration", "primary_output", "take_samples"]
 
 
 def primary_output(out):
@@ -199,6 +200,11 @@ def _iter_batches(data, required: Optional[int] = None):
     yield from iterator
 
 
+SYNTHETIC_SIDE = 64
+"""Side of synthetic images when the shape comes from timm's config (not from ``example_inputs``):
+measured by benchmarks/synthetic_inputs.py against 224x224."""
+
+
 def build_calibration(model: nn.Module, data=None, example_inputs=None, num_samples: int = 512,
                       batch_size: int = 128, seed: int = 0, label=None) -> CalibrationSet:
     """Take up to ``num_samples`` inputs from ``data`` (or synthesise them) as fixed batches;
@@ -209,8 +215,12 @@ def build_calibration(model: nn.Module, data=None, example_inputs=None, num_samp
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     if data is None:
         shape = infer_input_shape(model, example_inputs)
+        native = tuple(shape)
+        if example_inputs is None:
+            shape = reduced_image_shape(model, shape, SYNTHETIC_SIDE)
+        reduced = f" (the model's {native} scaled down: example_inputs= sets it)" if tuple(shape) != native else ""
         warnings.warn("rl_prune: no data given, scoring plans on synthetic Gaussian inputs of shape "
-                      f"{tuple(shape)}; real calibration data (data=loader) gives better plans.",
+                      f"{tuple(shape)}{reduced}; real calibration data (data=loader) gives better plans.",
                       UserWarning, stacklevel=3)
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn((num_samples, *shape), generator=generator)
@@ -242,3 +252,20 @@ def build_calibration(model: nn.Module, data=None, example_inputs=None, num_samp
     inputs = list(x.split(batch_size))
     labels = list(ys[0].to(device).split(batch_size)) if ys is not None else None
     return CalibrationSet(inputs, labels, synthetic=data is None)
+
+
+def take_samples(calibration: CalibrationSet, count: int, seed: int, batch_size: int = 128) -> CalibrationSet:
+    """A seeded random ``count`` of the samples (all of them when there are fewer), in their order:
+    random, so a loader sorted by class does not give a slice of one class."""
+    total = calibration.num_samples
+    x = concat(calibration.inputs)
+    idx = torch.sort(torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))[:count]).values
+    labels = None
+    if calibration.labels is not None:
+        y = torch.cat(calibration.labels)
+        labels = list(y[idx.to(y.device)].split(batch_size))
+    return CalibrationSet(list(x[idx.to(calibration_device(x))].split(batch_size)), labels, calibration.synthetic)
+
+
+def calibration_device(batch: Batch) -> torch.device:
+    return batch_tensors(batch)[0].device

@@ -102,6 +102,26 @@ class FidelityReward(Reward):
     def __call__(self, model: nn.Module) -> float:
         return self.from_sums(*self.partial_sums(model))
 
+    def sample_gains(self, model: nn.Module) -> torch.Tensor:
+        """One term per sample, higher better, that :meth:`score_of_gains` turns into the score:
+        agreement (1/0) for classifiers, minus the squared error of each row of the output otherwise
+        (what a paired comparison of two plans on the same samples compares, :mod:`.screening`)."""
+        if self._teacher is None:
+            raise RuntimeError("FidelityReward.prepare(model) must run on the unpruned model first")
+        gains = []
+        for out, teacher in zip(_forward_all(model, self.calibration.inputs), self._teacher):
+            if self._classifier:
+                gains.append((out.argmax(1) == teacher).double())
+            else:
+                error = (out.float() - teacher) ** 2
+                gains.append(-(error.flatten(1).sum(1) if error.dim() > 1 else error).double())
+        return torch.cat(gains)
+
+    def score_of_gains(self, gains: torch.Tensor) -> float:
+        if self._classifier:
+            return self.from_sums(float(gains.sum()), len(gains))
+        return self.from_sums(-float(gains.sum()), 0)
+
 
 class AccuracyReward(Reward):
     """Top-1 accuracy on the labelled calibration batches."""
@@ -137,6 +157,14 @@ class AccuracyReward(Reward):
 
     def __call__(self, model: nn.Module) -> float:
         return self.from_sums(*self.partial_sums(model))
+
+    def sample_gains(self, model: nn.Module) -> torch.Tensor:
+        """1 for each sample classified correctly, 0 otherwise."""
+        return torch.cat([(out.argmax(1) == y).double()
+                          for out, y in zip(_forward_all(model, self.calibration.inputs), self.calibration.labels)])
+
+    def score_of_gains(self, gains: torch.Tensor) -> float:
+        return self.from_sums(float(gains.sum()), len(gains))
 
 
 class CallableReward(Reward):

@@ -323,7 +323,10 @@ class SearchRecorder:
     # ------------------------------------------------------------------ the file
     def state(self) -> dict:
         env = self.env
-        scored = dict(env._cache)
+        # measurements only: a screening estimate depends on the plans kept when it was made, and the
+        # replay makes it again (cheaply) from the same record
+        estimated = getattr(env, "estimated_keys", ())
+        scored = {key: score for key, score in env._cache.items() if key not in estimated}
         for key, score in env.replay.items():  # recorded, not yet replayed
             scored.setdefault(key, score)
         width = len(next(iter(scored))) if scored else 0

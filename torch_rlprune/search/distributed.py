@@ -239,11 +239,14 @@ class DistributedSearch:
         if self.leader:
             payload[0] = {"best": {key: plain(b) for key, b in env.best_by_target.items()},
                           "top": {key: [plain(b) for b in top] for key, top in env.top_by_target.items()},
-                          "history": env.history, "evaluations": env.evaluations, "priors": priors}
+                          "history": env.history, "evaluations": env.evaluations, "priors": priors,
+                          "screening": None if env.screening is None else env.screening.stats}
         dist.broadcast_object_list(payload, src=0, device=self.device if self.device.type == "cuda" else None)
         data = payload[0]
         if not self.leader:
             env.best_by_target = {key: plan(*b) for key, b in data["best"].items()}
             env.top_by_target = {key: [plan(*b) for b in top] for key, top in data["top"].items()}
             env.history, env.evaluations = data["history"], data["evaluations"]
+            if env.screening is not None:   # rank 0 screens (on the whole set it holds, as every rank does)
+                env.screening.stats = data["screening"]
         return data["priors"]

@@ -27,7 +27,8 @@ from ..results import MultiTargetResult, PruneResult
 from ..rewards.calibration import build_calibration, primary_output
 from ..rewards.recalibration import BatchNormRecalibration
 from ..rewards.repair import LeastSquaresRefit
-from ..rewards.scores import make_reward
+from ..rewards.scores import REWARDS, make_reward
+from ..rewards.screening import DEFAULT_SCREEN_SAMPLES, MIN_SCREENED_SHARE, Screening
 from ..structure.channel.measured import calibrate_before_search, close_on_measurement
 from ..structure.depth import find_removable_blocks
 from ..structure.inputs import as_example, batch_tensors, describe_shape, run_model
@@ -108,6 +109,7 @@ def prepare_search(model: nn.Module, layers, options: PruneOptions, data, exclud
             baseline = float(score())
         floor = baseline - float(o.max_drop) if o.targets is None else None
         env = _environment(space, score, o, baseline, floor)
+        env.screening = _screening(model, o, calibration, recalibrate, baseline)
         if getattr(space, "timer", None) is not None and o.targets:
             _calibrate_latency(space, env, o.targets, distributed)
         _check_targets_reachable(env, space, o)
@@ -165,6 +167,17 @@ def _environment(space, score, o: PruneOptions, baseline: float, floor):
                               reward=getattr(o.agent_type, "episode_reward", None))
     return LayerwisePruningEnv(space.steps, space.masks, score, first, o.budget, o.max_amount, cost=space.cost,
                                score_floor=floor)
+
+
+def _screening(model, o: PruneOptions, calibration, recalibrate, baseline: float) -> Optional[Screening]:
+    """Multi-fidelity scoring (:mod:`torch_rlprune.rewards.screening`) for a search of targets with
+    a built-in reward, on ``screen`` samples (automatic: when the search part is large enough)."""
+    if o.screen == 0 or o.reward not in REWARDS or o.targets is None or o.needs_depth:
+        return None
+    samples = DEFAULT_SCREEN_SAMPLES if o.screen is None else int(o.screen)
+    if calibration.num_samples < (MIN_SCREENED_SHARE * samples if o.screen is None else samples + 1):
+        return None
+    return Screening(model, o.reward, calibration, samples, int(o.seed), bool(recalibrate), baseline)
 
 
 def _calibrate_latency(space, env, targets, distributed) -> None:
@@ -338,7 +351,7 @@ def search_fingerprint(agent, options: PruneOptions, episodes: int, scorer, cali
                   "bn_recalibration": int(o.bn_recalibration), "round_to": o.round_to,
                   "importance": importance if importance is None or isinstance(importance, str)
                   else type(importance).__name__,
-                  "quality": asdict(o.quality),
+                  "quality": asdict(o.quality), "screen": o.screen,
                   "importance_scores": dict(sorted(getattr(space, "scores", {}).items())) or None,
                   "baseline_score": float(baseline),
                   "weights": _digest(p for p in model.parameters()),
@@ -389,8 +402,10 @@ class Search:
         total = self.episodes if self.one_search else self.episodes * len(targets)
         bar = tqdm(total=total, desc=f"rl_prune[{self.agent.name}]", disable=not verbose, leave=False,
                    dynamic_ncols=True)
+        bar.set_postfix_str(self.stop.forecast(total, p.forward_seconds))   # an ETA before the first episode
         env.callbacks.append(lambda rec: (bar.update(1), bar.set_postfix(best=f"{rec.best_reward:.4f}",
-                                                                         last=f"{rec.reward:.4f}")))
+                                                                         last=f"{rec.reward:.4f}",
+                                                                         **self.stop.remaining())))
         if coordinator is not None and self.leader:
             env.score_fn = coordinator.wrap_leader_score(env, env.score_fn, p.scorer)
         started = time.perf_counter()
@@ -431,6 +446,9 @@ class Search:
             mode["prior"] = p.priors[key].as_dict()
         if key in self.stop.stops:
             mode["stopped"] = dict(self.stop.stops[key])
+        if env.screening is not None:
+            mode["screening"] = env.screening.stats.as_dict()
+
         if self.resumed is not None:
             mode["resume"] = {"replayed_plans": len(env.replayed_keys), "remeasured": self.recorder.remeasured}
         if key in p.selections:
@@ -455,7 +473,8 @@ class Search:
             results[t] = PruneResult(self.model, plan, plan.sparsity, [h.as_dict() for h in env.history
                                                                         if h.target == t],
                                      p.baseline, time.perf_counter() - started, p.forward_seconds, p.space.steps,
-                                     example_inputs=p.example, search_seconds=self.search_seconds)
+                                     example_inputs=p.example, search_seconds=self.search_seconds,
+                                     scoring_seconds=env.scoring_seconds)
         return MultiTargetResult(self.model, results, self.agent.name, time.perf_counter() - started,
                                  [h.as_dict() for h in env.history], latency=getattr(p.space, "latency", None),
                                  bn_batches=p.recalibrate.batches,
@@ -484,7 +503,8 @@ class Search:
                                "please report this")
         return PruneResult(self.model, plan, achieved, [h.as_dict() for h in p.env.history], p.baseline,
                            time.perf_counter() - started, p.forward_seconds, p.space.steps,
-                           example_inputs=p.example, search_seconds=self.search_seconds)
+                           example_inputs=p.example, search_seconds=self.search_seconds,
+                           scoring_seconds=p.env.scoring_seconds)
 
     def undo(self) -> None:
         """Values written into the user's own tensors, put back (the refit first: it wrote last)."""

@@ -41,6 +41,20 @@ class StopRule:
     def active(self) -> bool:
         return self.time_budget is not None or self.patience is not None
 
+    def forecast(self, episodes: int, forward_seconds: float) -> str:
+        """What a progress bar says before the first episode: the time budget, or a rough ETA (an
+        episode costs about two forward passes: BatchNorm re-estimation and the score)."""
+        guess = episodes * 2.0 * forward_seconds
+        if self.time_budget is not None and self.time_budget < guess:
+            return f"stops within {self.time_budget:.0f}s"
+        return f"eta~{guess:.0f}s"
+
+    def remaining(self) -> Dict[str, str]:
+        """The time budget left, for a progress bar (nothing without a budget)."""
+        if self.time_budget is None or self._deadline == math.inf:
+            return {}
+        return {"left": f"{max(0.0, self._deadline - self.clock()):.0f}s"}
+
     def start(self, share: float = 1.0) -> None:
         """A new agent loop with ``share`` of the time budget."""
         self._deadline = math.inf if self.time_budget is None else self.clock() + self.time_budget * share

@@ -8,13 +8,13 @@ dim 0 (the batch), sliced, split, moved and concatenated together.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterator, List, Sequence, Union
+from typing import Any, Dict, Iterator, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 __all__ = ["infer_input_shape", "Inputs", "run_model", "concat", "to_device", "all_finite", "describe_shape", "as_example",
-           "batch_tensors"]
+           "batch_tensors", "reduced_image_shape"]
 
 
 class Inputs:
@@ -201,3 +201,22 @@ def infer_input_shape(model: nn.Module, example_inputs=None) -> Sequence[int]:
         except (AttributeError, TypeError):
             pass
     return tuple(shape)
+
+
+def reduced_image_shape(model: nn.Module, shape: Sequence[int], side: int) -> Tuple[int, ...]:
+    """An image shape ``(C, H, W)`` scaled down so that its shorter side is ``side``, when the model
+    runs on it (a vision transformer with a fixed patch grid does not: then ``shape`` itself)."""
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != 3 or min(shape[1:]) <= side:
+        return shape
+    scale = side / min(shape[1:])
+    reduced = (shape[0], max(side, round(shape[1] * scale)), max(side, round(shape[2] * scale)))
+    param = next(model.parameters(), None)
+    probe = torch.zeros((2, *reduced), dtype=param.dtype if param is not None and param.is_floating_point()
+                        else torch.float32, device=param.device if param is not None else None)
+    try:
+        with torch.inference_mode():
+            run_model(model, probe)
+    except Exception:  # noqa: BLE001 - any refusal means: keep the shape the model was made for
+        return shape
+    return reduced

@@ -1,0 +1,144 @@
+"""Multi-fidelity scoring (rewards/screening.py): plans kept out get estimates below the plan to beat,
+every result is a full score, and a search whose plans are all promoted is the full search."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from helpers import seeded, small_cnn
+from torch_rlprune import rl_prune
+from torch_rlprune.rewards import screening
+from torch_rlprune.rewards.calibration import build_calibration
+from torch_rlprune.rewards.scores import FidelityReward
+from torch_rlprune.rewards.screening import Screening, promising
+
+
+@pytest.fixture
+def calibration(fmnist_train_split):
+    _, (x, y) = fmnist_train_split
+    return x, y   # 512 images: a search part of 384, screened on 64 by default
+
+
+def _search(model, data, agent, episodes, **kwargs):
+    kwargs.setdefault("seed", 2)
+    return rl_prune(model, 0.85, data=data, agent=agent, episodes=episodes, verbose=False, calibration_samples=512,
+                    **kwargs)
+
+
+def _trace(result):
+    return [(h["reward"], h["amounts"], h["evaluations"]) for h in result.history]
+
+
+def test_the_paired_bound_keeps_out_only_plans_clearly_worse():
+    assert promising(torch.zeros(64))                                # as good on every sample
+    clearly_worse = torch.cat([-torch.ones(10), torch.zeros(54)])    # 10 of 64 lost, none won
+    assert not promising(clearly_worse)
+    close = torch.cat([-torch.ones(3), torch.ones(2), torch.zeros(59)])  # one net loss in 64: noise
+    assert promising(close)
+    assert promising(torch.cat([torch.ones(5), torch.zeros(59)]))
+
+
+def test_a_plan_clearly_worse_than_the_plan_to_beat_gets_an_estimate_below_it_and_no_full_score():
+    model = seeded(small_cnn, 0).eval()
+    data = torch.randn(200, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    calibration = build_calibration(model, data)
+    baseline = FidelityReward(calibration)
+    baseline.prepare(model)
+    screen = Screening(model, "fidelity", calibration, 48, seed=0, recalibrate=False, baseline=1.0)
+    assert screen.slice.num_samples == 48
+    unpruned = screen.score((0,), None, lambda: 1.0, lambda key: None)
+    assert unpruned == (1.0, True) and torch.equal(screen.gains[(0,)], torch.ones(48, dtype=torch.float64))
+    assert screen.score((0,), None, lambda: 0.25, lambda key: None, shaping=True) == (1.0, False)
+
+    def never():
+        raise AssertionError("a plan kept out must not be scored in full")
+
+    with torch.no_grad():
+        model[0].weight.mul_(-1.0)   # flips the first layer: most decisions change
+    value, full = screen.score((1,), ((0,), 0.9), never, lambda key: None)
+    agreement = float(screen.reward.sample_gains(model).mean())
+    assert not full and agreement < 0.8
+    assert value == pytest.approx(0.9 + agreement - 1.0) and value < 0.9
+    assert (1,) not in screen.gains   # never a plan to beat
+    assert screen.stats.as_dict() == {"samples": 48, "z": screening.PROMOTION_Z, "screened": 3, "promoted": 1,
+                                      "kept_out": 1, "shaping_estimates": 1}
+
+
+@pytest.mark.parametrize("agent,target", [("amc", 0.85), ("cacp", [0.7, 0.85])])
+def test_with_every_plan_promoted_the_screened_search_is_the_full_search(agent, target, trained_fmnist_cnn,
+                                                                         calibration, monkeypatch):
+    config = {"warmup": 3}
+    full = rl_prune(copy.deepcopy(trained_fmnist_cnn), target, data=calibration, agent=agent, episodes=8,
+                    agent_config=config, seed=2, verbose=False, calibration_samples=512, screen=0)
+    monkeypatch.setattr(screening, "promising", lambda differences: True)
+    promoted = rl_prune(copy.deepcopy(trained_fmnist_cnn), target, data=calibration, agent=agent, episodes=8,
+                        agent_config=config, seed=2, verbose=False, calibration_samples=512)
+    assert _trace(promoted) == _trace(full) and len({h["reward"] for h in full.history}) > 1
+    plans = [(full[t].plan, promoted[t].plan) for t in target] if isinstance(target, list) else \
+        [(full.plan, promoted.plan)]
+    for want, got in plans:
+        assert got.amounts == want.amounts and got.score == want.score
+        assert "screening" not in want.metadata
+        stats = got.metadata["screening"]
+        assert stats["promoted"] == stats["screened"] > 0 and stats["kept_out"] == 0
+
+
+def test_random_search_proposes_the_same_plans_and_returns_only_full_scores(trained_fmnist_cnn, calibration):
+    full = _search(copy.deepcopy(trained_fmnist_cnn), calibration, "random", 24, screen=0)
+    screened = _search(copy.deepcopy(trained_fmnist_cnn), calibration, "random", 24)
+    assert [h["amounts"] for h in screened.history] == [h["amounts"] for h in full.history]
+    stats = screened.plan.metadata["screening"]
+    assert stats["kept_out"] > 0 and stats["samples"] == 64
+    assert stats["screened"] == stats["promoted"] + stats["kept_out"] + stats["shaping_estimates"]
+    measured = {h["reward"] for h in full.history} | set(full.plan.metadata["prior"]["candidates"].values())
+    # every plan the screened search compared for its result carries the score the full search measured
+    candidates = screened.plan.metadata["selection"]["candidates"]
+    assert all(search_score in measured for search_score, _ in candidates)
+    assert screened.plan.score in measured
+    assert screened.history[-1]["evaluations"] == full.history[-1]["evaluations"]
+    assert 0 < screened.scoring_seconds < screened.search_seconds
+
+
+def test_a_resumed_screened_search_ends_where_the_uninterrupted_one_did(trained_fmnist_cnn, _trained_fmnist_cnn,
+                                                                        calibration, tmp_path, monkeypatch):
+    data = (calibration[0][:160], calibration[1][:160])
+    kwargs = dict(agent="amc", episodes=12, agent_config={"warmup": 3}, seed=4, verbose=False,
+                  calibration_samples=160, screen=32, selection=0.0)   # one plan kept: a plan to beat early
+    reference = rl_prune(copy.deepcopy(_trained_fmnist_cnn), 0.85, data=data, checkpoint=tmp_path / "ref.pt", **kwargs)
+    assert reference.plan.metadata["screening"]["kept_out"] > 0
+    recorded = torch.load(tmp_path / "ref.pt", weights_only=True)
+    # measurements only: the estimates are made again by the replay, never read from the file
+    assert len(recorded["scores"]) < reference.history[-1]["evaluations"]
+
+    calls = {"n": 0}
+    original = FidelityReward.__call__
+
+    def interrupting(reward, model):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return original(reward, model)
+
+    monkeypatch.setattr(FidelityReward, "__call__", interrupting)
+    path = tmp_path / "search.pt"
+    with pytest.raises(KeyboardInterrupt):
+        rl_prune(trained_fmnist_cnn, 0.85, data=data, checkpoint=path, checkpoint_every=1, **kwargs)
+    monkeypatch.undo()
+    resumed = rl_prune(trained_fmnist_cnn, 0.85, data=data, resume=path, **kwargs)
+    assert _trace(resumed) == _trace(reference)
+    assert resumed.plan.amounts == reference.plan.amounts and resumed.plan.score == reference.plan.score
+
+
+@pytest.mark.parametrize("screen", [1, -2, True, 2.5, "64"])
+def test_bad_screen_sizes_are_refused_before_anything_runs(screen, small_cnn_model, cnn_batch):
+    before = copy.deepcopy(small_cnn_model.state_dict())
+    with pytest.raises(ValueError, match=r"screen must be a number of samples >= 2, 0 .* or None"):
+        rl_prune(small_cnn_model, 0.5, data=cnn_batch, screen=screen, verbose=False)
+    assert all(torch.equal(v, before[k]) for k, v in small_cnn_model.state_dict().items())
+
+
+def test_screening_is_off_where_it_cannot_pay(small_cnn_model, cnn_batch):
+    result = rl_prune(small_cnn_model, 0.5, data=cnn_batch, agent="random", episodes=3, verbose=False)
+    assert "screening" not in result.plan.metadata   # 32 samples: under four slices of 64
