@@ -63,8 +63,9 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             ``(inputs, labels)``, tuples of several inputs -- ``model(*batch)`` -- or dicts --
             ``model(**batch)``, transformers style), a Dataset, or a tensor. ``None`` synthesises
             Gaussian inputs (with a warning) of ``example_inputs``' shape, or of timm's
-            ``pretrained_cfg`` image size scaled down to a 64-pixel side when the model runs on it
-            (a 224x224 pass costs 12 times more and ranks plans alike, benchmarks/synthetic_inputs.py);
+            ``pretrained_cfg`` image size scaled down to a 128-pixel side when the model runs on it
+            (a third of a 224x224 pass; smaller sides ranked plans unlike 224x224 on some models,
+            benchmarks/synthetic_inputs.py);
             128 of them, no BatchNorm re-estimation on them (``bn_recalibration=0``: noise
             statistics would replace the learnt ones), and with ``episodes=None`` the search
             stops after ``time_budget=30`` seconds or ``patience=20`` episodes without a better

@@ -105,8 +105,8 @@ def test_input_shape_comes_from_timm_pretrained_cfg_with_the_real_channel_count(
 
 def test_no_data_falls_back_to_synthetic_inputs_from_pretrained_cfg():
     model = seeded(resnet18, 2)
-    # the config's 224x224 scaled down to a 64-pixel side: resnet18 runs on it
-    with pytest.warns(UserWarning, match=r"synthetic.*\(1, 64, 64\) \(the model's \(1, 224, 224\) scaled down"):
+    # the config's 224x224 scaled down to a 128-pixel side: resnet18 runs on it
+    with pytest.warns(UserWarning, match=r"synthetic.*\(1, 128, 128\) \(the model's \(1, 224, 224\) scaled down"):
         result = rl_prune(model, 0.5, data=None, agent="random", episodes=2, calibration_samples=4, seed=0,
                           verbose=False)
     assert result.plan.metadata["synthetic_calibration"] is True
@@ -122,14 +122,14 @@ def test_no_data_with_small_example_inputs_uses_their_shape():
 
 
 class FixedSizeNet(nn.Module):
-    """Runs only on the 1x96x96 images its config names (a flattening head, like a fixed patch grid)."""
+    """Runs only on the 1x160x160 images its config names (a flattening head, like a fixed patch grid)."""
 
-    pretrained_cfg = {"input_size": (1, 96, 96)}
+    pretrained_cfg = {"input_size": (1, 160, 160)}
 
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3, stride=4, padding=1)
-        self.head = nn.Linear(2 * 24 * 24, 10)
+        self.conv = nn.Conv2d(1, 2, 3, stride=8, padding=1)
+        self.head = nn.Linear(2 * 20 * 20, 10)
 
     def forward(self, x):
         return self.head(self.conv(x).flatten(1))
@@ -142,8 +142,8 @@ def test_synthetic_images_are_scaled_down_only_where_the_model_runs_on_them():
     assert reduced_image_shape(model, (1, 48, 48), 64) == (1, 48, 48)      # already small
     assert reduced_image_shape(model, (10, 224), 64) == (10, 224)          # not an image
     fixed = seeded(FixedSizeNet).eval()
-    assert reduced_image_shape(fixed, (1, 96, 96), 64) == (1, 96, 96)
-    with pytest.warns(UserWarning, match=r"synthetic Gaussian inputs of shape \(1, 96, 96\);"):
+    assert reduced_image_shape(fixed, (1, 160, 160), 128) == (1, 160, 160)
+    with pytest.warns(UserWarning, match=r"synthetic Gaussian inputs of shape \(1, 160, 160\);"):
         result = rl_prune(fixed, 0.5, agent="random", episodes=2, verbose=False)
     assert result.plan.metadata["calibration_samples"] == 128
 
