@@ -118,9 +118,12 @@ def run(quick: bool) -> dict:
 def to_markdown(report: dict, command: str) -> str:
     settings = list(report["models"][0]["settings"])
     lines = [f"Reproduce: `{command}`. Per timm model (untrained, 1 channel, 10 classes), {report['models'][0]['plans']} "
-             f"plans at {report['target']:.0%} of the weights scored on Gaussian inputs (top-1 agreement, BatchNorm "
-             f"re-estimated): Spearman's rank correlation with the scores on {report['reference'][1]} inputs at "
-             f"{report['reference'][0]}x{report['reference'][0]}, and seconds per plan scored (side x samples).", "",
+             f"plans at {report['target']:.0%} of the weights scored on Gaussian inputs (top-1 agreement with the "
+             f"unpruned model, no BatchNorm re-estimation, as rl_prune scores without data): Spearman's rank "
+             f"correlation with the scores on {report['reference'][1]} inputs at "
+             f"{report['reference'][0]}x{report['reference'][0]}, and seconds per plan scored (side x samples; "
+             "copying and masking the model included, the cores shared with other jobs: compare within a row).",
+             "",
              "| model | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     for m in report["models"]:
         cells = [f"{m['settings'][s]['spearman']:.2f} ({m['settings'][s]['seconds_per_plan']:.2f} s)" for s in settings]
