@@ -9,10 +9,10 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..structure.inputs import (Batch, Inputs, all_finite, batch_tensors, concat, infer_input_shape,
-                                reduced_image_shape, to_device)
+from ..structure.inputs import (Batch, Inputs, all_finite, concat, infer_input_shape, reduced_image_shape,
+                                to_device)
 
-__all__ = ["CalibrationSet", "build_calibration", "primary_output", "take_samples"]
+__all__ = ["CalibrationSet", "build_calibration", "primary_output", "take_samples", "subset"]
 
 
 def primary_output(out):
@@ -260,15 +260,15 @@ def build_calibration(model: nn.Module, data=None, example_inputs=None, num_samp
 def take_samples(calibration: CalibrationSet, count: int, seed: int, batch_size: int = 128) -> CalibrationSet:
     """A seeded random ``count`` of the samples (all of them when there are fewer), in their order:
     random, so a loader sorted by class does not give a slice of one class."""
-    total = calibration.num_samples
+    order = torch.randperm(calibration.num_samples, generator=torch.Generator().manual_seed(int(seed)))
+    return subset(calibration, torch.sort(order[:count]).values, batch_size)
+
+
+def subset(calibration: CalibrationSet, idx: torch.Tensor, batch_size: int = 128) -> CalibrationSet:
+    """The samples at positions ``idx`` (and their labels), in batches of ``batch_size``."""
     x = concat(calibration.inputs)
-    idx = torch.sort(torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))[:count]).values
     labels = None
     if calibration.labels is not None:
         y = torch.cat(calibration.labels)
         labels = list(y[idx.to(y.device)].split(batch_size))
-    return CalibrationSet(list(x[idx.to(calibration_device(x))].split(batch_size)), labels, calibration.synthetic)
-
-
-def calibration_device(batch: Batch) -> torch.device:
-    return batch_tensors(batch)[0].device
+    return CalibrationSet(list(x[idx.to(x.device)].split(batch_size)), labels, calibration.synthetic)

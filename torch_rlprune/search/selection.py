@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from ..env.spaces import SPACES
-from ..rewards.calibration import CalibrationSet
-from ..structure.inputs import concat
+from ..rewards.calibration import CalibrationSet, subset
 
 __all__ = ["split_calibration", "PriorChoice", "seed_priors", "Selection", "select_plans"]
 
@@ -36,18 +35,9 @@ def split_calibration(calibration: CalibrationSet, fraction: float, seed: int,
     held = int(round(fraction * total))
     if fraction <= 0 or held < 2 or total - held < 2:
         return calibration, None
-    x = concat(calibration.inputs)
-    y = torch.cat(calibration.labels) if calibration.labels is not None else None
     order = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))
-    search_idx, held_idx = torch.sort(order[held:]).values, torch.sort(order[:held]).values
-
-    def part(idx: torch.Tensor) -> CalibrationSet:
-        idx = idx.to(x.device)
-        return CalibrationSet(list(x[idx].split(batch_size)),
-                              None if y is None else list(y[idx.to(y.device)].split(batch_size)),
-                              calibration.synthetic)
-
-    return part(search_idx), part(held_idx)
+    return (subset(calibration, torch.sort(order[held:]).values, batch_size),
+            subset(calibration, torch.sort(order[:held]).values, batch_size))
 
 
 @dataclass
