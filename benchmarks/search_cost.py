@@ -19,10 +19,13 @@ Issue 18's "before" figures, measured the way its done-means reads them:
    (no fine-tune) beside the cost; the agent's share of the search's wall time (search seconds not
    spent scoring). Random search proposes the same plans with or without screening, so running it
    both ways on several seeds measures how often screening changes the chosen plan.
+4. Prefix caching (``cache_mb``, structure/prefix_cache.py): each agent with and without it (with
+   and without screening): the same plans and scores (exact), the cost per plan, the forwards that
+   replayed a prefix and the share of module calls replayed, the memory peak.
 
 Timings are of this machine (2 shared cores): compare them as ratios within one run.
-``SEARCH_COST_PARTS=agents`` (or ``one_liner``) runs one part and keeps the other's rows from the
-last results JSON, each part stamped with the commit and date it was measured at.
+``SEARCH_COST_PARTS=agents`` (or ``choice``, ``one_liner``, comma-separated) runs those parts and keeps
+the others' rows from the last results JSON, each part stamped with the commit and date it was measured at.
 """
 from __future__ import annotations
 
@@ -65,12 +68,13 @@ def episodes_to_99(history) -> int:
     return next(i + 1 for i, h in enumerate(history) if h["best_reward"] >= threshold)
 
 
-def agent_cost(suite: Suite, agent: str, episodes: int, screen=None, seed: int = 0, z: float = RULES[0]) -> dict:
+def agent_cost(suite: Suite, agent: str, episodes: int, screen=None, seed: int = 0, z: float = RULES[0],
+               cache_mb=0) -> dict:
     data = (suite.x_cal[:CALIBRATION], suite.y_cal[:CALIBRATION])
     default_z, screening.PROMOTION_Z = screening.PROMOTION_Z, z
     try:
         result = rl_prune(suite.fresh(), 0.9, data=data, agent=agent, episodes=episodes, seed=seed, verbose=False,
-                          calibration_samples=CALIBRATION, screen=screen)
+                          calibration_samples=CALIBRATION, screen=screen, cache_mb=cache_mb)
     finally:
         screening.PROMOTION_Z = default_z
     history = result.history
@@ -84,7 +88,8 @@ def agent_cost(suite: Suite, agent: str, episodes: int, screen=None, seed: int =
             "episodes_to_99": reached, "seconds_to_99": sum(h["seconds"] for h in history[:reached]),
             "wall_seconds": result.wall_time, "score": result.plan.score,
             "test_accuracy": evaluate_accuracy(result.model, suite.x_test, suite.y_test),
-            "screening": result.plan.metadata.get("screening"), "amounts": result.plan.amounts}
+            "screening": result.plan.metadata.get("screening"), "amounts": result.plan.amounts,
+            "prefix_cache": result.plan.metadata.get("prefix_cache"), "history_scores": [h["score"] for h in history]}
 
 
 def chosen_plan_changes(suite: Suite, seeds, rules) -> list:
@@ -133,7 +138,8 @@ def one_liner_vs_lamp(suite: Suite) -> dict:
     return {"model": "resnet18 (bench, trained)", "wall_seconds": wall, "sparsity": result.sparsity,
             "one_liner_test_accuracy": ours, "lamp_test_accuracy": evaluate_accuracy(lamp_model, suite.x_test,
                                                                                     suite.y_test),
-            "dense_test_accuracy": suite.dense_acc, "prior": result.plan.metadata.get("prior", {}).get("method")}
+            "dense_test_accuracy": suite.dense_acc, "prior": result.plan.metadata.get("prior", {}).get("method"),
+            "prior_test": result.plan.metadata.get("selection", {}).get("prior_test")}
 
 
 def _stamp() -> dict:
@@ -141,18 +147,29 @@ def _stamp() -> dict:
     return {"commit": commit.strip(), "date": time.strftime("%Y-%m-%d")}
 
 
+CACHE_RUNS = ((0, 0), (0, None), (None, 0), (None, None))   # (screen, cache_mb): None is the default
+
+
 def _agents_part(suite: Suite, quick: bool) -> dict:
     rows = []
     for agent in AGENTS[:1] if quick else AGENTS:
         episodes = 4 if quick else AGENT_EPISODES[agent]
-        runs = [(0, RULES[0]), (None, RULES[0])]
-        for screen, z in runs:
-            rows.append(agent_cost(suite, agent, episodes, screen=screen, z=z))
-            print({k: v for k, v in rows[-1].items() if k != "amounts"}, flush=True)
+        for screen, cache_mb in CACHE_RUNS:
+            rows.append(agent_cost(suite, agent, episodes, screen=screen, cache_mb=cache_mb))
+            print({k: v for k, v in rows[-1].items() if k not in ("amounts", "history_scores")}, flush=True)
+    for row in rows:   # exactness: the cached run against the uncached run of the same protocol
+        twin = next(r for r in rows if r["agent"] == row["agent"] and r["screen"] == row["screen"]
+                    and r["prefix_cache"] is None)
+        row["same_as_uncached"] = (row["amounts"] == twin["amounts"] and row["history_scores"] == twin["history_scores"])
     for row in rows:
         row.pop("amounts")
-    choice = chosen_plan_changes(suite, CHOICE_SEEDS[:1] if quick else CHOICE_SEEDS, RULES)
-    return {"agents": rows, "choice": choice, "measured": _stamp()}
+        row.pop("history_scores")
+    return {"agents": rows, "measured": _stamp()}
+
+
+def _choice_part(suite: Suite, quick: bool) -> dict:
+    return {"choice": chosen_plan_changes(suite, CHOICE_SEEDS[:1] if quick else CHOICE_SEEDS, RULES),
+            "measured": _stamp()}
 
 
 def _one_liner_part(quick: bool) -> dict:
@@ -167,13 +184,20 @@ def _one_liner_part(quick: bool) -> dict:
 
 def run(quick: bool) -> dict:
     torch.set_num_threads(2)
-    parts = os.environ.get("SEARCH_COST_PARTS", "agents,one_liner").split(",")
+    parts = os.environ.get("SEARCH_COST_PARTS", "agents,choice,one_liner").split(",")
     previous = HERE / "results" / ("search_cost_quick.json" if quick else "search_cost.json")
     report = json.loads(previous.read_text()) if previous.exists() else {}
+    if "choice" in report.get("agents_part", {}):   # measured with the agents before the parts split
+        report["choice_part"] = {"choice": report["agents_part"].pop("choice"),
+                                 "measured": report["agents_part"]["measured"]}
     report.update(calibration=CALIBRATION, threads=torch.get_num_threads())
-    if "agents" in parts:
+    suite = None
+    if "agents" in parts or "choice" in parts:
         suite = Suite(QUICK if quick else dataclasses.replace(FULL, calibration=1024))   # 1000 of them scored
+    if "agents" in parts:
         report["agents_part"] = _agents_part(suite, quick)
+    if "choice" in parts:
+        report["choice_part"] = _choice_part(suite, quick)
     if "one_liner" in parts:
         report["one_liner_part"] = _one_liner_part(quick)
     return report
@@ -184,25 +208,37 @@ def _agents_markdown(part: dict, calibration: int) -> list:
              f"trained resnet18, 1x28x28, {calibration} calibration images (a quarter held out for the choice), "
              "90% of the weights, seed 0. `screen 0` scores every plan in full (the protocol before multi-fidelity "
              "scoring); `64` screens each plan on 64 samples first, kept out when the paired bound of width z "
-             "(standard errors) says it is worse than the plan to beat. Passes per plan scored: the search's wall "
-             "time in forward passes of the unpruned model over the search part, per plan scored. Agent share: "
-             "the part of the search's wall time not spent scoring.", "",
-             "| agent | screen | z | plans scored | promoted / kept out / shaping | search s | "
-             "passes per plan scored | agent share | plan score | test acc (no FT) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(standard errors) says it is worse than the plan to beat. `cache`: prefix caching at its default "
+             "bound (256 MB), `-` off; replayed: the forwards that replayed a prefix / all eval forwards, and the "
+             "share of module calls replayed; exact: the same plan and history of scores as the run without the "
+             "cache. Passes per plan scored: the search's wall time in forward passes of the unpruned model over "
+             "the search part, per plan scored. Agent share: the part of the search's wall time not spent scoring.",
+             "", "| agent | screen | cache | plans scored | promoted / kept out / shaping | replayed (share) | "
+             "peak MB | exact | search s | passes per plan scored | agent share | plan score | test acc (no FT) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in part["agents"]:
-        s = r["screening"]
+        s, c = r["screening"], r.get("prefix_cache")
         screened = f"{s['promoted']} / {s['kept_out']} / {s['shaping_estimates']}" if s else "all in full"
-        lines.append(f"| {r['agent']} | {s['samples'] if s else 0} | {r['z'] if s else '-'} | {r['plans_scored']} | "
-                     f"{screened} | {r['search_seconds']:.1f} | {r['passes_per_plan']:.2f} | "
+        replayed = f"{c['reused']} / {c['forwards']} ({c['skipped_share']:.0%})" if c else "-"
+        lines.append(f"| {r['agent']} | {s['samples'] if s else 0} | {'256 MB' if c else '-'} | {r['plans_scored']} | "
+                     f"{screened} | {replayed} | {c['peak_mb']:.0f} |  {'yes' if r.get('same_as_uncached') else 'NO'} | "
+                     f"{r['search_seconds']:.1f} | {r['passes_per_plan']:.2f} | "
+                     f"{r['agent_share']:.0%} | {r['score']:.4f} | {r['test_accuracy']:.2%} |" if c else
+                     f"| {r['agent']} | {s['samples'] if s else 0} | - | {r['plans_scored']} | {screened} | - | - | - | "
+                     f"{r['search_seconds']:.1f} | {r['passes_per_plan']:.2f} | "
                      f"{r['agent_share']:.0%} | {r['score']:.4f} | {r['test_accuracy']:.2%} |")
+    return lines
+
+
+def _choice_markdown(part: dict) -> list:
     choice = part["choice"]
     seeds = sorted({c["seed"] for c in choice})
-    lines += ["", f"Does screening change the chosen plan? Random search ({CHOICE_EPISODES} episodes, seeds "
-              f"{', '.join(map(str, seeds))}) proposes the same plans with and without it; per bound width, the "
-              "seeds whose returned plan is the full search's, and the means over the seeds.", "",
-              "| z | same plan | kept out / screened | passes per plan full / screened | score full / screened | "
-              "test acc full / screened |", "|---|---|---|---|---|---|"]
+    lines = [f"Does screening change the chosen plan? (measured at {part['measured']['commit']}, "
+             f"{part['measured']['date']}) Random search ({CHOICE_EPISODES} episodes, seeds "
+             f"{', '.join(map(str, seeds))}) proposes the same plans with and without it; per bound width, the "
+             "seeds whose returned plan is the full search's, and the means over the seeds.", "",
+             "| z | same plan | kept out / screened | passes per plan full / screened | score full / screened | "
+             "test acc full / screened |", "|---|---|---|---|---|---|"]
     for z in sorted({c["z"] for c in choice}, reverse=True):
         rows = [c for c in choice if c["z"] == z]
         f = {k: statistics.mean(c["full"][k] for c in rows) for k in ("score", "test_accuracy", "passes_per_plan")}
@@ -233,7 +269,11 @@ def _one_liner_markdown(part: dict, before: dict) -> list:
     lines += ["", f"On the bench's trained resnet18 (it never sees Fashion-MNIST here): the one-liner's plan "
               f"({t['wall_seconds']:.0f} s, prior {t['prior']}) {t['one_liner_test_accuracy']:.2%} test accuracy "
               f"without fine-tune, LAMP on the same tensors and number of weights {t['lamp_test_accuracy']:.2%} "
-              f"(unpruned {t['dense_test_accuracy']:.2%})."]
+              f"(unpruned {t['dense_test_accuracy']:.2%})."
+              + (f" The search's own best plan differed from the prior by {t['prior_test']['mean_difference']:+.3f} "
+                 f"+- {t['prior_test']['standard_error']:.3f} on the {t['prior_test']['samples']} held-out synthetic "
+                 f"inputs: {'the prior was returned' if t['prior_test']['prior_kept'] else 'it was returned'}."
+                 if t.get("prior_test") else "")]
     return lines
 
 
@@ -242,6 +282,8 @@ def to_markdown(report: dict, command: str) -> str:
              "them as ratios.", ""]
     if "agents_part" in report:
         lines += _agents_markdown(report["agents_part"], report["calibration"]) + [""]
+    if "choice_part" in report:
+        lines += _choice_markdown(report["choice_part"]) + [""]
     if "one_liner_part" in report:
         lines += _one_liner_markdown(report["one_liner_part"], report.get("one_liner_before", {}))
     return "\n".join(lines) + "\n"

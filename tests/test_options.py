@@ -48,6 +48,8 @@ BAD = [  # (options, what rl_prune's message says, what rlprune prune's says)
     (dict(time_budget=0), "time_budget must be a positive number of seconds",
      "--time-budget must be a positive number of seconds"),
     (dict(patience=0), "patience must be a positive integer", "--patience must be a positive integer"),
+    (dict(cache_mb=-1.0), "cache_mb must be a number of megabytes >= 0", "--cache-mb must be a number of megabytes"),
+    (dict(cache_mb=True), "cache_mb must be a number of megabytes >= 0", "--cache-mb must be a number of megabytes"),
 ]
 
 

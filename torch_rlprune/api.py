@@ -42,7 +42,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
              distributed: bool = False,
              prior: str = "best", selection: float = 0.25, select_top: int = 5, protect_first_last: bool = True,
              label=None, time_budget: Optional[float] = None, patience: Optional[int] = None,
-             screen: Optional[int] = None):
+             screen: Optional[int] = None, cache_mb: Optional[float] = None):
     """Search per-layer pruning amounts with an RL agent and prune ``model`` in place.
 
     Args:
@@ -89,6 +89,11 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             estimate below those, so they never become results. ``None``: 64 samples when the search
             part holds at least 256 and the reward is built in; ``0``: every plan scored in full.
             ``metadata["screening"]`` counts the plans promoted and kept out.
+        cache_mb: prefix caching (:mod:`torch_rlprune.structure.prefix_cache`, unstructured searches
+            with a built-in reward): a plan that changes only layers from some point on replays what
+            the layers before it computed for the plan scored before it. Exact: the same scores and
+            plans. At most this many megabytes of activations are kept (``None``: 256; ``0``: off);
+            ``metadata["prefix_cache"]`` reports the bound, the peak and the forwards replayed.
         budget: ``"params"``, ``"macs"``, ``"latency"`` or a :class:`Latency`; default ``"params"``
             for unstructured and ``"macs"`` for channel pruning. ``"latency"`` (AMC's
             latency-aware mode; ``structure="channel"`` only) is
@@ -185,7 +190,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         bn_recalibration=bn_recalibration, repair=repair, prior=prior, selection=selection, select_top=select_top,
         protect_first_last=protect_first_last, label=label, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
         resume=resume, distributed=distributed, time_budget=time_budget, patience=patience,
-        screen=screen, synthetic_data=data is None).checked()
+        screen=screen, cache_mb=cache_mb, synthetic_data=data is None).checked()
     coordinator = _coordinator(model) if distributed else None
     if coordinator is not None and not coordinator.leader:  # the agent, its progress and checkpoints: rank 0
         verbose, checkpoint, resume = False, None, None

@@ -41,6 +41,8 @@ class NoDataDefaults:
 
 
 NO_DATA = NoDataDefaults()
+DEFAULT_CACHE_MB = 256.0
+"""Bound on the activations prefix caching keeps (:mod:`torch_rlprune.structure.prefix_cache`)."""
 DATA_SAMPLES = 512
 
 
@@ -185,6 +187,7 @@ class PruneOptions:
     time_budget: Optional[float] = None
     patience: Optional[int] = None
     screen: Optional[int] = None
+    cache_mb: Optional[float] = None
     synthetic_data: bool = False       # data=None: the no-data defaults (NO_DATA) apply
     # filled by checked()
     targets: Optional[List[float]] = None
@@ -289,6 +292,12 @@ class PruneOptions:
                                    or screen < 0 or screen == 1):
             raise ValueError(f"{name('screen')} must be a number of samples >= 2, 0 (every plan scored on every "
                              f"sample) or None (automatic), got {screen!r}")
+        cache = self.cache_mb
+        if cache is not None and (isinstance(cache, bool) or not isinstance(cache, numbers.Real)
+                                  or not 0 <= cache < math.inf):
+            raise ValueError(f"{name('cache_mb')} must be a number of megabytes >= 0 (0: no prefix caching) or "
+                             f"None ({DEFAULT_CACHE_MB}), got {cache!r}")
+        self.cache_mb = DEFAULT_CACHE_MB if cache is None else float(cache)
 
     def _check_structure_options(self, name: Spelling) -> None:
         SPACES[self.structure].check_options(self, name)

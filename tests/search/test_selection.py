@@ -196,3 +196,63 @@ def test_lstm_recurrent_matrices_fall_back_to_magnitude_and_say_so():
 def test_bad_importance_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         rl_prune(seeded(small_cnn, 0), 0.5, data=inputs((8, 1, 16, 16)), verbose=False, **kwargs)
+
+
+class _PlansOnSelection:
+    """An environment whose plans have fixed per-sample gains and scores on the selection part."""
+
+    def __init__(self, gains, search_scores):
+        from torch_rlprune.env.layerwise import BestPlan
+
+        self.gains, self.search_scores, self.applied = gains, search_scores, None
+        self.priors = {0.5: np.array([1, 1])}
+        self.best_by_target = {0.5: BestPlan(0.95, 0.95, np.array([2, 0]))}
+
+    def on_plan(self, k, fn):
+        self.applied = tuple(int(v) for v in k)
+        return fn()
+
+    def measure(self, k, fn):
+        return float(self.on_plan(k, fn))
+
+    def evaluate(self, k):
+        return self.search_scores[tuple(int(v) for v in k)]
+
+    def current_gains(self):
+        return self.gains[self.applied]
+
+    def current_score(self):
+        return float(self.gains[self.applied].mean())
+
+
+@pytest.mark.parametrize("wins, kept", [(2, True), (12, False)])
+def test_without_data_the_prior_is_returned_unless_clearly_beaten(wins, kept):
+    """32 held-out samples: a plan that agrees on 2 more of them than the prior (and loses none) is
+    within noise of it, one that agrees on 12 more is not."""
+    from torch_rlprune.search.selection import Selection, keep_prior_unless_clearly_better
+
+    prior = torch.cat([torch.zeros(16), torch.ones(16)]).double()
+    found = prior.clone()
+    found[:wins] = 1.0
+    env = _PlansOnSelection({(1, 1): prior, (2, 0): found}, {(1, 1): 0.9, (2, 0): 0.95})
+    selections = {0.5: Selection(0.95, float(found.mean()), [(0.95, float(found.mean()))], 0)}
+    keep_prior_unless_clearly_better(env, selections, env.current_score, env.current_gains)
+    test, best = selections[0.5].prior_test, env.best_by_target[0.5]
+    assert test["prior_kept"] is kept and test["samples"] == 32
+    assert test["mean_difference"] == pytest.approx(wins / 32)
+    if kept:
+        assert best.k.tolist() == [1, 1] and best.score == best.reward == 0.9
+        assert selections[0.5].selection_score == pytest.approx(0.5)
+        assert selections[0.5].search_score == 0.9
+    else:
+        assert best.k.tolist() == [2, 0] and best.score == 0.95
+
+
+def test_the_no_data_one_liner_reports_its_comparison_with_the_prior():
+    model = seeded(small_cnn, 0)
+    result = rl_prune(model, 0.6, episodes=6, example_inputs=inputs((2, 1, 16, 16)), **QUIET)
+    selection = result.plan.metadata["selection"]
+    test = selection["prior_test"]      # seeded: the search's best is not the prior here
+    assert test["prior_kept"] and selection["search_score"] == result.plan.metadata["prior"]["score"]
+    assert test["z"] == 2.0 and test["samples"] == result.plan.metadata["selection"]["samples"]
+    assert ("the prior kept" if test["prior_kept"] else "the search beat the prior") in result.summary()

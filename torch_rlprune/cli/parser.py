@@ -162,6 +162,9 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--screen", type=int, metavar="N", default=None,
                    help="score each plan first on N calibration samples, in full only if it may beat the plans "
                         "kept (default: 64 when the search part holds 256; 0: every plan in full)")
+    g.add_argument("--cache-mb", type=float, metavar="MB", default=None,
+                   help="keep at most MB megabytes of activations for prefix caching, which replays the layers "
+                        "a plan shares with the one before it: same scores, sooner (default: 256; 0: off)")
     g.add_argument("--seed", type=int, metavar="N", default=None,
                    help="seed of the search, of the calibration images and of an untrained model (default: 0)")
     g.add_argument("--max-amount", type=float, metavar="F", default=None,

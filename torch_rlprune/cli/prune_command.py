@@ -194,7 +194,7 @@ def _search(run: _Run, model: nn.Module):
                   verbose=not console.quiet, calibration_samples=run.calibration, max_amount=s["max_amount"],
                   prior=s["prior"], selection=float(s["selection"]), importance=s["importance"],
                   protect_first_last=s["protect_first_last"], repair=s["repair"], time_budget=s["time_budget"],
-                  patience=s["patience"], screen=s["screen"])
+                  patience=s["patience"], screen=s["screen"], cache_mb=s["cache_mb"])
     state = out / SEARCH_CHECKPOINT
     kwargs.update(checkpoint=state, checkpoint_every=s["checkpoint_every"])
     if run.args.resume is not None:

@@ -28,11 +28,11 @@ PRUNE_DEFAULTS: Dict[str, Any] = {
     "train_steps": 0, "finetune_steps": 0, "compact": False, "checkpoint_every": 10, "distributed": False,
     "prior": "best", "selection": 0.25, "importance": None, "protect_first_last": True, "repair": None,
     "export": None, "latency_batch": None, "latency_threads": None, "latency_runtime": None, "time_budget": None,
-    "patience": None, "screen": None,
+    "patience": None, "screen": None, "cache_mb": None,
 }
 # Options added after run directories were first written: an older command.json takes their defaults.
 _LATER_OPTIONS = ("prior", "selection", "importance", "protect_first_last", "repair", "export", "latency_batch",
-                  "latency_threads", "latency_runtime", "time_budget", "patience", "screen")
+                  "latency_threads", "latency_runtime", "time_budget", "patience", "screen", "cache_mb")
 # What command.json must hold for each option: (types allowed, element type for lists).
 _PRUNE_TYPES: Dict[str, tuple] = {
     "target": (list, float), "structure": (str,), "agent": (str,), "budget": (str, type(None)), "reward": (str,),
@@ -44,6 +44,7 @@ _PRUNE_TYPES: Dict[str, tuple] = {
     "repair": (str, type(None)), "export": (str, type(None)), "latency_batch": (int, type(None)),
     "latency_threads": (int, type(None)), "latency_runtime": (str, type(None)),
     "time_budget": (float, type(None)), "patience": (int, type(None)), "screen": (int, type(None)),
+    "cache_mb": (float, type(None)),
 }
 RESUME_ALLOWED = ("--quiet", "--debug")
 
@@ -112,7 +113,8 @@ def validate_prune(s: dict) -> None:
                      calibration_samples=s["calibration"], checkpoint_every=s["checkpoint_every"],
                      prior=s["prior"], selection=s["selection"], importance=s["importance"], repair=s["repair"],
                      protect_first_last=s["protect_first_last"], distributed=s["distributed"],
-                     time_budget=s["time_budget"], patience=s["patience"], screen=s["screen"]).checked(Flags())
+                     time_budget=s["time_budget"], patience=s["patience"], screen=s["screen"],
+                     cache_mb=s["cache_mb"]).checked(Flags())
     except (ValueError, TypeError) as error:
         raise usage(str(error)) from None
     _validate_latency(s)

@@ -10,6 +10,7 @@ is deciding; agents never touch a module.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -128,6 +129,10 @@ class BestPlanResults:
     screening = None
     """An optional two-stage scorer (:class:`~torch_rlprune.rewards.screening.Screening`), set by
     whoever builds the environment: plans that cannot become results get an estimate."""
+    prefix_cache = None
+    """An optional :class:`~torch_rlprune.structure.prefix_cache.PrefixCache`, set by whoever builds
+    the environment: scoring forwards replay the activations a plan shares with the plans before it
+    (exact: the same scores, sooner)."""
     scoring_seconds = 0.0
     """Seconds spent scoring plans (both stages, the held-out choice): the rest of a search is the
     agent's and the environment's own work."""
@@ -158,16 +163,21 @@ class BestPlanResults:
     def measure(self, k: np.ndarray, score_fn: Callable[[], float]) -> float:
         """Score plan ``k`` with another function (held-out selection), outside the cache and the
         count of plans scored, on the caller's threads, RNG-neutral as any scoring."""
+        return float(self.on_plan(k, score_fn))
+
+    def on_plan(self, k: np.ndarray, fn: Callable):
+        """``fn()`` with plan ``k`` applied, as :meth:`measure` scores, whatever ``fn`` returns."""
         self.apply(np.asarray(k, dtype=np.int64))
-        return float(self._scoring(score_fn))
+        return self._scoring(fn)
 
     def _scoring(self, score_fn: Callable):
         """``score_fn()`` on the caller's threads, RNG-neutral, its seconds counted: a resumed search
         skips the scoring of plans it has on record, so anything random in a forward must not shift
         what the agent draws afterwards."""
         started = time.perf_counter()
+        replaying = self.prefix_cache.active() if self.prefix_cache is not None else contextlib.nullcontext()
         try:
-            with intra_op_threads(self.scoring_threads), torch.random.fork_rng(devices=[]):
+            with intra_op_threads(self.scoring_threads), torch.random.fork_rng(devices=[]), replaying:
                 return score_fn()
         finally:
             self.scoring_seconds += time.perf_counter() - started
@@ -468,6 +478,8 @@ class LayerwisePruningEnv(BestPlanResults):
     def apply(self, k) -> None:
         for mask, kk in zip(self.masks, k):
             mask.set_k(int(kk))
+        if self.prefix_cache is not None:
+            self.prefix_cache.plan = tuple(int(kk) for kk in k)
 
     def _repair(self) -> None:
         """Spend the rounding left over by coarse steps on steps that can absorb it (the
@@ -552,9 +564,12 @@ class LayerwisePruningEnv(BestPlanResults):
             self._offer(self.evaluate(projected), self.evaluate(projected), projected)
 
     def restore(self) -> None:
-        """Put every tensor back exactly as it was before the search."""
+        """Put every tensor back exactly as it was before the search (and free any stored prefix)."""
         for mask in self.masks:
             mask.restore()
+        if self.prefix_cache is not None:
+            self.prefix_cache.plan = None
+            self.prefix_cache.clear()
 
     def best_amounts(self) -> Dict[str, float]:
         if self.best_k is None:

@@ -109,6 +109,24 @@ class UnstructuredSpace:
         self.masks = [InPlaceMask(layer, self.scores.get(layer.name)) for layer in layers]
         self.cost = None  # the environment's additive budget
 
+    def step_modules(self) -> List[List[nn.Module]]:
+        """Per step, the modules whose forward reads its weights: where a plan that changes the step
+        starts to differ from one that does not (:mod:`torch_rlprune.structure.prefix_cache`). Every
+        module holding the tensor counts, pruned or not: an embedding tied to the classifier reads the
+        classifier's mask at the very start of the forward."""
+        holders: Dict[int, List[nn.Module]] = {}
+        for module in self.model.modules():
+            tensors = [t for _, t in module.named_parameters(recurse=False)]
+            for t in tensors + [t for _, t in module.named_buffers(recurse=False)]:
+                holders.setdefault(t.untyped_storage().data_ptr(), []).append(module)
+        units = []
+        for layer, mask in zip(self.steps, self.masks):
+            unit = [m for m in (layer.module, layer.runner, *layer.alias_runners) if m is not None]
+            for t in (mask.written, getattr(layer.module, layer.param_name)):
+                unit += holders.get(t.untyped_storage().data_ptr(), [])
+            units.append(unit)
+        return units
+
     def plan_entries(self, k):
         return ({lay.name: int(kk) / lay.numel for lay, kk in zip(self.steps, k)},
                 {lay.name: lay.numel for lay in self.steps},

@@ -299,6 +299,11 @@ def _quality_lines(record: dict) -> List[str]:
                      f"{format_number(selection.get('search_score'))}; best of "
                      f"{len(selection.get('candidates') or [])} plans, "
                      f"#{int(selection.get('chosen', 0)) + 1} by search score)")
+        test = selection.get("prior_test")
+        if isinstance(test, dict):
+            lines.append(f"no data: {'the prior kept' if test.get('prior_kept') else 'the search beat the prior'} "
+                         f"(held-out difference {format_number(test.get('mean_difference'))} +- "
+                         f"{format_number(test.get('standard_error'))}, needed {format_number(test.get('z'))} standard errors)")
     repair = meta.get("repair")
     if isinstance(repair, dict):
         after = [f"{label} {format_number(repair[key])}" for key, label in (("selection_score", "held-out"),

@@ -32,10 +32,11 @@ from ..rewards.screening import DEFAULT_SCREEN_SAMPLES, MIN_SCREENED_SHARE, Scre
 from ..structure.channel.measured import calibrate_before_search, close_on_measurement
 from ..structure.depth import find_removable_blocks
 from ..structure.inputs import as_example, batch_tensors, describe_shape, run_model
+from ..structure.prefix_cache import PrefixCache
 from ..threads import agent_threads
 from .checkpoint import SearchRecorder
 from .distributed import SplittableReward, check_same_calibration, shard
-from .selection import seed_priors, select_plans, split_calibration
+from .selection import keep_prior_unless_clearly_better, seed_priors, select_plans, split_calibration
 from .stopping import StopRule
 
 __all__ = ["PreparedSearch", "prepare_search", "score_priors", "Search", "search_fingerprint"]
@@ -67,6 +68,12 @@ class PreparedSearch:
         """Two calibration samples as example inputs: a tensor, or a tuple/dict for a model
         taking several (what torch-pruning and :func:`compact` take)."""
         return as_example(self.calibration.inputs[0][:2])
+
+    def selection_gains(self) -> torch.Tensor:
+        """The current masks' per-sample gains on the selection part (:meth:`score_selection_part`'s terms)."""
+        if self.recalibrate:
+            self.recalibrate()
+        return self.selector.sample_gains(self.space.model)
 
     def score_selection_part(self) -> float:
         """The current masks scored on the selection part, BatchNorm re-estimated on the search part."""
@@ -110,6 +117,7 @@ def prepare_search(model: nn.Module, layers, options: PruneOptions, data, exclud
         floor = baseline - float(o.max_drop) if o.targets is None else None
         env = _environment(space, score, o, baseline, floor)
         env.screening = _screening(model, o, calibration, recalibrate, baseline)
+        env.prefix_cache = _prefix_cache(model, space, o, calibration, distributed)
         if getattr(space, "timer", None) is not None and o.targets:
             _calibrate_latency(space, env, o.targets, distributed)
         _check_targets_reachable(env, space, o)
@@ -178,6 +186,17 @@ def _screening(model, o: PruneOptions, calibration, recalibrate, baseline: float
     if calibration.num_samples < (MIN_SCREENED_SHARE * samples if o.screen is None else samples + 1):
         return None
     return Screening(model, o.reward, calibration, samples, int(o.seed), bool(recalibrate), baseline)
+
+
+def _prefix_cache(model, space, o: PruneOptions, calibration, distributed) -> Optional[PrefixCache]:
+    """Prefix caching (:mod:`torch_rlprune.structure.prefix_cache`) where the space says which
+    modules read each step, with a built-in reward: a callable's own batches may be new tensors
+    every call, and only the calibration tensors, held for the whole search, identify a batch.
+    Not under torch.distributed: the other ranks score their shards outside the leader's scoring."""
+    step_modules = getattr(space, "step_modules", None)
+    if not o.cache_mb or step_modules is None or o.reward not in REWARDS or o.needs_depth or distributed:
+        return None
+    return PrefixCache(model, step_modules(), calibration.inputs[0][:2], int(o.cache_mb * 2 ** 20))
 
 
 def _calibrate_latency(space, env, targets, distributed) -> None:
@@ -419,6 +438,8 @@ class Search:
                 p.priors = coordinator.share_results(env, p.priors)
             if p.selector is not None:
                 p.selections = select_plans(env, list(targets), p.score_selection_part)
+                if self.options.synthetic_data:   # noise ranks plans only roughly: the prior unless clearly beaten
+                    keep_prior_unless_clearly_better(env, p.selections, p.score_selection_part, p.selection_gains)
             if getattr(space, "timer", None) is not None and targets is not None and len(targets) == 1 \
                     and coordinator is None:
                 self.measured_latency = close_on_measurement(space, env, targets[0], targets[0],
@@ -448,6 +469,8 @@ class Search:
             mode["stopped"] = dict(self.stop.stops[key])
         if env.screening is not None:
             mode["screening"] = env.screening.stats.as_dict()
+        if env.prefix_cache is not None:
+            mode["prefix_cache"] = env.prefix_cache.stats.as_dict()
 
         if self.resumed is not None:
             mode["resume"] = {"replayed_plans": len(env.replayed_keys), "remeasured": self.recorder.remeasured}
