@@ -5,7 +5,10 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
+from torch import nn
 
+from helpers import seeded
 from torch_rlprune import rl_prune
 
 
@@ -42,3 +45,25 @@ def test_the_bound_holds_in_a_search(trained_fmnist_cnn, calibration):
     result = _search(trained_fmnist_cnn, calibration, "purl", screen=0, cache_mb=0.5)
     stats = result.plan.metadata["prefix_cache"]
     assert stats["max_mb"] == 0.5 and stats["peak_mb"] <= 0.5
+
+
+class NeedsFourSamples(nn.Module):
+    """A forward that refuses batches under 4 (as batch statistics may): the two-sample trace fails,
+    the search does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(1, 4, 3), nn.Linear(4, 10)
+
+    def forward(self, x):
+        if len(x) < 4:
+            raise RuntimeError("batches of 4 or more")
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+def test_a_model_the_trace_cannot_run_is_searched_without_the_cache():
+    model = seeded(NeedsFourSamples)
+    x = torch.randn(64, 1, 16, 16)
+    with pytest.warns(UserWarning, match="prefix caching is off"):
+        result = rl_prune(model, 0.5, data=x, agent="random", episodes=3, verbose=False, protect_first_last=False)
+    assert "prefix_cache" not in result.plan.metadata and abs(result.sparsity - 0.5) < 0.01

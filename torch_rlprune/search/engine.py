@@ -196,7 +196,12 @@ def _prefix_cache(model, space, o: PruneOptions, calibration, distributed) -> Op
     step_modules = getattr(space, "step_modules", None)
     if not o.cache_mb or step_modules is None or o.reward not in REWARDS or o.needs_depth or distributed:
         return None
-    return PrefixCache(model, step_modules(), calibration.inputs[0][:2], int(o.cache_mb * 2 ** 20))
+    try:
+        return PrefixCache(model, step_modules(), calibration.inputs[0][:2], int(o.cache_mb * 2 ** 20))
+    except Exception as err:   # a speed-up, never a reason to fail: the trace runs on two samples only
+        warnings.warn(f"rl_prune: prefix caching is off for this search: tracing a forward on two calibration "
+                      f"samples failed ({type(err).__name__}: {err})", UserWarning, stacklevel=4)
+        return None
 
 
 def _calibrate_latency(space, env, targets, distributed) -> None:
