@@ -213,16 +213,22 @@ def _agents_markdown(part: dict, calibration: int) -> list:
              "bound (256 MB), `-` off; replayed: the forwards that replayed a prefix / all eval forwards, and the "
              "share of module calls replayed; exact: the same plan and history of scores as the run without the "
              "cache. Passes per plan scored: the search's wall time in forward passes of the unpruned model over "
-             "the search part, per plan scored. Agent share: the part of the search's wall time not spent scoring.",
+             "the search part, per plan scored, one forward timed as the median of every run's own timing "
+             f"({statistics.median(r['forward_seconds'] for r in part['agents']):.2f} s; a single run's varied "
+             f"{min(r['forward_seconds'] for r in part['agents']):.2f}-"
+             f"{max(r['forward_seconds'] for r in part['agents']):.2f} s on the shared cores). Agent share: the "
+             "part of the search's wall time not spent scoring.",
              "", "| agent | screen | cache | plans scored | promoted / kept out / shaping | replayed (share) | "
              "peak MB | exact | search s | passes per plan scored | agent share | plan score | test acc (no FT) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    forward = statistics.median(r["forward_seconds"] for r in part["agents"])
     for r in part["agents"]:
+        r = dict(r, passes_per_plan=r["search_seconds"] / (r["plans_scored"] * forward))
         s, c = r["screening"], r.get("prefix_cache")
         screened = f"{s['promoted']} / {s['kept_out']} / {s['shaping_estimates']}" if s else "all in full"
         replayed = f"{c['reused']} / {c['forwards']} ({c['skipped_share']:.0%})" if c else "-"
         lines.append(f"| {r['agent']} | {s['samples'] if s else 0} | {'256 MB' if c else '-'} | {r['plans_scored']} | "
-                     f"{screened} | {replayed} | {c['peak_mb']:.0f} |  {'yes' if r.get('same_as_uncached') else 'NO'} | "
+                     f"{screened} | {replayed} | {c['peak_mb']:.0f} | {'yes' if r.get('same_as_uncached') else 'NO'} | "
                      f"{r['search_seconds']:.1f} | {r['passes_per_plan']:.2f} | "
                      f"{r['agent_share']:.0%} | {r['score']:.4f} | {r['test_accuracy']:.2%} |" if c else
                      f"| {r['agent']} | {s['samples'] if s else 0} | - | {r['plans_scored']} | {screened} | - | - | - | "
