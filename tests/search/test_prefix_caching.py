@@ -35,10 +35,11 @@ def test_a_cached_search_is_the_uncached_search(agent, screen, trained_fmnist_cn
     assert cached.plan.amounts == plain.plan.amounts and cached.plan.score == plain.plan.score
     assert "prefix_cache" not in plain.plan.metadata
     stats = cached.plan.metadata["prefix_cache"]
-    assert stats["max_mb"] == 256.0 and 0 < stats["peak_mb"] <= stats["max_mb"]
+    assert stats["max_mb"] == 256.0 and stats["peak_mb"] <= stats["max_mb"]
     assert stats["cuts"] > 0 and stats["forwards"] > 0
     if agent == "purl":   # one more layer decided per step: the forwards of later steps replay a prefix
         assert stats["reused"] > stats["forwards"] / (2 if screen == 0 else 4) and stats["skipped_share"] > 0.1
+        assert stats["peak_mb"] > 0
 
 
 def test_the_bound_holds_in_a_search(trained_fmnist_cnn, calibration):

@@ -215,16 +215,21 @@ def test_a_forward_that_raises_leaves_no_replacement_behind():
     assert all(not m._forward_hooks for m in model.modules())
 
 
-def test_cuts_no_recent_plan_could_use_are_not_stored(monkeypatch):
-    """Plans that all change the first layer (AMC's, random search's) replay nothing deeper than the
-    cut before it: once the recent forwards show that, the deeper cuts' outputs are not kept."""
+def test_only_cuts_a_recent_plan_could_use_are_stored(monkeypatch):
+    """Plans that all change the second layer (as AMC's and random search's change the first one
+    searched) replay nothing deeper than the cut before it, so nothing deeper is kept; plans that
+    change later layers (PuRL's) make the deeper cuts worth keeping."""
     monkeypatch.setattr(prefix_cache, "RECENT", 4)
     model = seeded(ResidualNet).eval()
     batches = [torch.randn(6, 1, 8, 8)]
     layers, masks, cache = _setup(model, batches)
     rng = np.random.default_rng(1)
-    plans = [np.array([1 + i] + [int(rng.integers(0, lay.numel // 2)) for lay in layers[1:]]) for i in range(12)]
+    plans = [np.array([0, 1 + i] + [int(rng.integers(0, lay.numel // 2)) for lay in layers[2:]]) for i in range(12)]
     got = _scores(model, masks, batches, plans, cache)
     _assert_same(_scores(model, masks, batches, plans), got)
-    assert all(event <= cache.entry_events[0] for event in cache.stored_events)
-    assert cache.bytes < cache.stats.peak_bytes     # the deep cuts were stored at first, then let go
+    assert cache.stored_events and all(event <= cache.entry_events[1] for event in cache.stored_events)
+    assert cache.stats.reused == len(plans) - 2     # the first forward stores nothing: no plan before it
+    _, masks, deep = _setup(model, batches)
+    _scores(model, masks, batches, _plans(layers), deep)
+    assert max(deep.stored_events) > cache.entry_events[1]
+    assert cache.stats.peak_bytes < deep.stats.peak_bytes

@@ -13,8 +13,9 @@ plan entry it reads is unchanged), and its output is the stored copy. BatchNorm 
 forwards (train mode) always run in full; an eval forward's stored outputs are keyed by the
 re-estimation batches before it as well as by its own batch, since both decide the statistics
 the replayed modules used. Stored outputs never exceed ``max_bytes``: deeper cuts are dropped
-first, and cuts that none of the last :data:`RECENT` forwards could have used are not stored (an
-agent that changes every layer at once only ever replays what runs before its first layer).
+first, and only cuts that one of the last :data:`RECENT` forwards could have used are stored (an
+agent that changes every layer at once only ever replays what runs before its first layer, and keeps
+nothing deeper).
 """
 from __future__ import annotations
 
@@ -212,7 +213,7 @@ class PrefixCache:
         held = {c for j in kept for c in self.cuts[j].stored}
         budget = self.max_bytes - others - sum(_nbytes(entry.outputs[c]) for c in held)
         chosen, start = [], (-1 if use is None else use)
-        reach = max(self._recent_changes) if len(self._recent_changes) == RECENT else math.inf
+        reach = max(self._recent_changes, default=-math.inf)
         for j in range(start + 1, len(self.cuts)):
             cut = self.cuts[j]
             if cut.event > reach:     # no recent plan could have replayed this far
