@@ -29,7 +29,7 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 import torch
 from torch import nn
 
-from .prefix_trace import Cut, copy_output, find_cuts, flat_tensors, replaced_forwards, trace_forward
+from .prefix_trace import Cut, copy_output, find_cuts, flat_tensors, map_tensors, replaced_forwards, trace_forward
 
 __all__ = ["PrefixCache", "PrefixCacheStats"]
 
@@ -68,26 +68,17 @@ class _Entry:
 
     @property
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for out in self.outputs.values() for t in flat_tensors(out))
+        return sum(_nbytes(out) for out in self.outputs.values())
 
 
 def _meta(obj):
-    if isinstance(obj, torch.Tensor):
-        return torch.empty_like(obj, device="meta")
-    if obj is None:
-        return None
-    items = [_meta(item) for item in obj]
-    return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    """Shapes and dtypes only: what a placeholder needs."""
+    return map_tensors(obj, lambda t: torch.empty_like(t, device="meta"))
 
 
 def _nan_like(meta, device):
-    if isinstance(meta, torch.Tensor):
-        fill = float("nan") if meta.is_floating_point() else 0
-        return torch.full(meta.shape, fill, dtype=meta.dtype, device=device)
-    if meta is None:
-        return None
-    items = [_nan_like(item, device) for item in meta]
-    return type(meta)(*items) if hasattr(meta, "_fields") else type(meta)(items)
+    return map_tensors(meta, lambda m: torch.full(m.shape, float("nan") if m.is_floating_point() else 0,
+                                                  dtype=m.dtype, device=device))
 
 
 class PrefixCache:

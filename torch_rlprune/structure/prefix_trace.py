@@ -25,7 +25,7 @@ from torch import nn
 from .inputs import Inputs, run_model
 
 __all__ = ["ForwardTrace", "Cut", "trace_forward", "find_cuts", "flat_tensors", "copy_output", "placeholder",
-           "storable", "replaced_forwards"]
+           "storable", "replaced_forwards", "map_tensors"]
 
 CallKey = Tuple[int, int]          # (module index, call number within one forward)
 
@@ -50,12 +50,13 @@ def storable(obj) -> bool:
     return isinstance(obj, (tuple, list)) and all(storable(item) or item is None for item in obj)
 
 
-def _rebuild(obj, fn: Callable[[torch.Tensor], Any]):
+def map_tensors(obj, fn: Callable[[torch.Tensor], Any]):
+    """``obj`` (a tensor, or (named) tuples and lists of them and None) with ``fn`` applied to each tensor."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if obj is None:
         return None
-    items = [_rebuild(item, fn) for item in obj]
+    items = [map_tensors(item, fn) for item in obj]
     if hasattr(obj, "_fields"):          # a namedtuple
         return type(obj)(*items)
     return type(obj)(items)
@@ -63,13 +64,13 @@ def _rebuild(obj, fn: Callable[[torch.Tensor], Any]):
 
 def copy_output(obj):
     """A copy no later in-place operation can change (a ReLU(inplace=True) after a convolution)."""
-    return _rebuild(obj, lambda t: t.clone())
+    return map_tensors(obj, lambda t: t.clone())
 
 
 def placeholder(obj):
     """An output of the same shapes whose values nothing reads (the poison check showed it): NaN
     where the dtype has one, so that a read would show."""
-    return _rebuild(obj, lambda t: torch.full_like(t, float("nan")) if t.is_floating_point() else t.clone())
+    return map_tensors(obj, lambda t: torch.full_like(t, float("nan")) if t.is_floating_point() else t.clone())
 
 
 @dataclass
