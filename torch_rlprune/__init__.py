@@ -11,6 +11,7 @@ from .plan import PlanError, PruningPlan, apply_plan
 from .rewards.repair import LeastSquaresRefit
 from .rewards.scores import AccuracyReward, CallableReward, FidelityReward, Reward
 from .structure.channel.measured import Latency
+from .structure.costs import BudgetMeasure, register_budget
 from .structure.deploy import export
 from .structure.methods import PolicyUnstructured, policy_unstructured
 from .structure.sparse_format import load_sparse, save_sparse
@@ -21,4 +22,4 @@ __all__ = ["rl_prune", "global_rl_unstructured", "compact", "PruneResult", "Prun
            "PolicyUnstructured", "policy_unstructured",
            "lamp_unstructured", "global_magnitude_unstructured", "uniform_unstructured", "LayerwisePruningEnv", "Agent", "register_agent",
            "create_agent", "list_agents", "Reward", "FidelityReward", "AccuracyReward", "CallableReward",
-           "LeastSquaresRefit", "Latency", "save_sparse", "load_sparse", "export", "__version__"]
+           "LeastSquaresRefit", "Latency", "BudgetMeasure", "register_budget", "save_sparse", "load_sparse", "export", "__version__"]

@@ -83,10 +83,10 @@ class SearchQuality:
 
 def check_budget(budget, structure: str, name: Spelling = PYTHON) -> None:
     """Raise a ValueError naming ``budget`` and the values allowed for ``structure``."""
-    allowed = STRUCTURE_DEFAULTS[structure].budgets
+    allowed = SPACES[structure].budgets
     if budget in allowed:
         return
-    takers = [s for s, d in STRUCTURE_DEFAULTS.items() if budget in d.budgets]
+    takers = [s for s, kind in SPACES.items() if budget in kind.budgets]
     why = f" ({budget!r} needs {' or '.join(name.given('structure', s) for s in takers)})" if takers else ""
     raise ValueError(f"{name('budget')} must be one of {name.allowed(allowed)} with "
                      f"{name.given('structure', structure)}, got {budget!r}{why}")

@@ -11,9 +11,9 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .env.layerwise import BUDGETS
 from .env.spaces import SPACES, STRUCTURES, space_kind
 from .structure.apply import PlanError
+from .structure.costs import budget_names
 
 __all__ = ["PruningPlan", "apply_plan", "PlanError"]
 
@@ -91,13 +91,13 @@ class PruningPlan:
         for key in ("budget", "structure", "agent", "reward"):
             if key in data and not isinstance(data[key], str):
                 raise PlanError(f"plan {key!r} must be a string")
-        if data.get("budget", "params") not in BUDGETS:
-            raise PlanError(f"plan 'budget' must be one of {BUDGETS}, got {data['budget']!r}")
+        if data.get("budget", "params") not in budget_names():
+            raise PlanError(f"plan 'budget' must be one of {budget_names()}, got {data['budget']!r}")
         structure, budget = data.get("structure", "unstructured"), data.get("budget", "params")
         if structure not in STRUCTURES:
             raise PlanError(f"plan 'structure' must be one of {STRUCTURES}, got {structure!r}")
-        if budget not in SPACES[structure].defaults.budgets:
-            takers = [s for s, kind in SPACES.items() if budget in kind.defaults.budgets]
+        if budget not in SPACES[structure].budgets:
+            takers = [s for s, kind in SPACES.items() if budget in kind.budgets]
             raise PlanError(f"plan 'budget' {budget!r} comes from {' or '.join(takers)} searches only "
                             f"(structure {' or '.join(repr(s) for s in takers)})")
         for key in ("seed", "episodes"):

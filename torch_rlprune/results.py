@@ -15,12 +15,13 @@ from .env.spaces import space_kind
 from .plan import PruningPlan, apply_plan
 from .rewards.recalibration import BatchNormRecalibration
 from .rewards.repair import LeastSquaresRefit
-from .structure.channel.counting import count_macs_params, macs_or_params
+from .structure.channel.counting import count_macs_params
 from .structure.compact import compact
+from .structure.costs import budget_measure, pruned_fraction
 from .structure.inputs import run_model
-from .structure.tensors import PrunableTensor, find_prunable, pruned_fraction, trace_execution
+from .structure.tensors import PrunableTensor, find_prunable, trace_execution
 
-__all__ = ["PruneResult", "MultiTargetResult", "pruned_fraction"]  # pruned_fraction: structure/tensors.py
+__all__ = ["PruneResult", "MultiTargetResult", "pruned_fraction"]  # pruned_fraction: structure/costs.py
 
 
 @dataclass
@@ -69,12 +70,15 @@ class PruneResult:
         """When ``compact`` could not remove every planned group, ``sparsity`` becomes what it
         really removed (of the dense model's MACs or params, per the budget)."""
         dense = self.plan.metadata.get("dense") or {}
-        counted = "params" if self.plan.budget == "params" else "macs"
-        if not (info.get("failed") or info.get("partial")) or not dense.get(counted):
+        measure = budget_measure(self.plan.budget)
+        if measure.of_counts is None:   # a measured budget: what compact removed, counted in MACs
+            measure = budget_measure("macs")
+        if not (info.get("failed") or info.get("partial")) or not dense.get("macs") or not dense.get("params"):
             return
-        planned, self.sparsity = self.sparsity, 1.0 - info[f"{counted}_after"] / dense[counted]
+        planned, self.sparsity = self.sparsity, measure.removed_fraction(
+            (dense["macs"], dense["params"]), (info["macs_after"], info["params_after"]))
         info["sparsity"] = self.sparsity
-        warnings.warn(f"compact: result.sparsity is now {self.sparsity:.4f} of the dense model's {counted} "
+        warnings.warn(f"compact: result.sparsity is now {self.sparsity:.4f} of the dense model's {measure.name} "
                       f"(planned {planned:.4f}); the groups in info['failed'] stay masked at full size",
                       UserWarning, stacklevel=3)
 
@@ -159,11 +163,11 @@ class MultiTargetResult(Mapping):
             dense = count_macs_params(model, result.example_inputs)
             apply_plan(model, result.plan, example_inputs=result.example_inputs)
             after = count_macs_params(model, result.example_inputs)
-            return 1.0 - macs_or_params(after, result.plan.budget) / macs_or_params(dense, result.plan.budget)
+            return budget_measure(result.plan.budget).removed_fraction(dense, after)
         apply_plan(model, result.plan)
         names = set(result.plan.amounts)
         layers = [lay for lay in find_prunable(model, None) if lay.name in names]
-        if result.plan.budget == "macs":  # a weight's MACs come from a traced forward (feature-map sizes)
+        if budget_measure(result.plan.budget).traced:  # e.g. a weight's MACs: feature-map sizes of a forward
             def run():
                 with torch.inference_mode():
                     run_model(model, result.example_inputs)

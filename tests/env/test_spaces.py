@@ -15,7 +15,7 @@ from torch_rlprune.options import STRUCTURE_DEFAULTS, PruneOptions
 def test_each_kind_is_consistent_with_itself(structure):
     kind = space_kind(structure)
     assert kind.name == structure and STRUCTURE_DEFAULTS[structure] is kind.defaults
-    assert kind.defaults.budget in kind.defaults.budgets and kind.defaults.repair in kind.defaults.repairs
+    assert kind.defaults.budget in kind.budgets and kind.defaults.repair in kind.defaults.repairs
     assert set(kind.best_of) <= set(kind.priors)
 
 

@@ -7,6 +7,7 @@ import difflib
 import textwrap
 from typing import Sequence
 
+from ..structure.costs import budget_names
 from .commands import cmd_agents, cmd_apply, cmd_compact, cmd_report
 from .errors import PROG
 from .loading import IMAGEFOLDER_DEFAULT_SIZE
@@ -141,7 +142,7 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--structure", metavar="unstructured|channel", default=None,
                    help="unstructured weights (default) or whole channels")
     g.add_argument("--agent", metavar="|".join(list_agents()), default=None, help="the RL agent (default: amc)")
-    g.add_argument("--budget", metavar="params|macs|latency", default=None,
+    g.add_argument("--budget", metavar="|".join(budget_names()), default=None,
                    help="what the target counts (default: params for unstructured, macs for channel; "
                         "latency: channel only)")
     g.add_argument("--latency-batch", type=int, metavar="N", default=None,

@@ -12,7 +12,7 @@ from typing import List, Sequence
 import numpy as np
 from torch import nn
 
-from ..structure.channel.counting import macs_or_params
+from ..structure.costs import budget_measure
 from ..structure.tensors import PRUNABLE_TYPES, RECURRENT_TYPES, PrunableTensor, describe_tensor, trace_execution
 from .budget import Budget
 
@@ -37,7 +37,7 @@ class GroupMask:
 
 
 class ChannelBudget(Budget):
-    """MACs or params removed by a vector of per-group unit counts.
+    """A counted budget (MACs, params, or any function of the two, :mod:`~torch_rlprune.structure.costs`) removed by a vector of per-group unit counts.
 
     Not additive: a conv's MACs scale with its alive inputs *times* its alive outputs,
     which two different groups decide. The structure's arithmetic cost model answers
@@ -46,14 +46,14 @@ class ChannelBudget(Budget):
 
     def __init__(self, structure, budget: str, max_amount: float):
         self.structure = structure
-        self.budget = budget
+        self.budget, self.measure = budget, budget_measure(budget)
         groups = structure.groups
         self.k_min, self.k_max = _count_range(groups, max_amount)
-        self.total = float(macs_or_params(structure.cost(np.zeros(len(groups), dtype=np.int64)), budget))
-        self.step_cost = np.array([float(macs_or_params((g.macs, g.params), budget)) for g in groups])
+        self.total = self.measure.cost_of_counts(structure.cost(np.zeros(len(groups), dtype=np.int64)))
+        self.step_cost = np.array([self.measure.cost_of_counts((g.macs, g.params)) for g in groups])
 
     def removed(self, k: np.ndarray) -> float:
-        return self.total - float(macs_or_params(self.structure.cost(np.asarray(k, dtype=np.int64)), self.budget))
+        return self.total - self.measure.cost_of_counts(self.structure.cost(np.asarray(k, dtype=np.int64)))
 
 
 class LatencyBudget(Budget):

@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from ..structure.channel import apply_channel_plan
-from ..structure.channel.counting import count_macs_params, macs_or_params
+from ..structure.channel.counting import count_macs_params
+from ..structure.costs import budget_measure
 from ..structure.depth import (DEPTH_MASK_TAG, RemovableBlock, RemovedBlock, find_removable_blocks, is_inside,
                                mask_block, unmask_block)
 from .budget import Budget
@@ -179,18 +180,18 @@ class DepthCost:
 
 
 class CountedCost:
-    """The budget's measure of a depth-and-width plan when it is MACs or parameters: arithmetic
+    """The budget's measure of a depth-and-width plan when it is counted (MACs, parameters, ...): arithmetic
     (:class:`DepthCost`). :class:`~torch_rlprune.env.depth_latency.DepthLatency` is its latency twin;
     both give ``total``, ``remaining(removed, counts)`` and ``group_costs`` (a state feature)."""
 
     def __init__(self, cost_model: DepthCost, budget: str):
-        self.cost_model, self.budget = cost_model, budget
-        self.total = float(macs_or_params(cost_model.dense, budget))
-        self.group_costs = np.array([float(macs_or_params((g.macs, g.params), budget))
+        self.cost_model, self.budget, self.measure = cost_model, budget, budget_measure(budget)
+        self.total = self.measure.cost_of_counts(cost_model.dense)
+        self.group_costs = np.array([self.measure.cost_of_counts((g.macs, g.params))
                                      for g in cost_model.structure.groups], dtype=np.float64)
 
     def remaining(self, removed, counts) -> float:
-        return float(macs_or_params(self.cost_model.cost(removed, counts), self.budget))
+        return self.measure.cost_of_counts(self.cost_model.cost(removed, counts))
 
 
 class _EpisodeBudget(Budget):
@@ -590,4 +591,4 @@ class DepthChannelSpace:
             counts = self.structure.resolve_plan(plan.counts())
             return self.budget_cost.fraction_removed(removed, np.where(self.cost_model.inactive_groups(removed), 0, counts))
         left = count_macs_params_removed(self.model, self.example)
-        return 1.0 - macs_or_params(left, self.budget) / macs_or_params(self.dense, self.budget)
+        return budget_measure(self.budget).removed_fraction(self.dense, left)

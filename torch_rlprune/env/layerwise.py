@@ -19,15 +19,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..structure.costs import budget_measure
 from ..structure.masks import InPlaceMask
 from ..structure.tensors import PrunableTensor
 from ..threads import intra_op_threads
 from .budget import AdditiveBudget, Budget
 
-__all__ = ["LayerwisePruningEnv", "EpisodeRecord", "BUDGETS", "STATE_FEATURES", "ANCHORED_STATE_FEATURES",
+__all__ = ["LayerwisePruningEnv", "EpisodeRecord", "STATE_FEATURES", "ANCHORED_STATE_FEATURES",
            "CONSTRAINTS", "anchored_amount", "anchored_action", "PRIOR_SPREAD"]
 
-BUDGETS = ("params", "macs", "latency")   # which structure takes which: its SpaceKind (env/spaces.py)
 # "clip": AMC's action clipping keeps every episode on budget. "free": actions are only kept
 # inside each layer's range; the agent sees the violation and must learn the budget itself
 # (CRL's Lagrangian); the plans kept as results are projected onto the budget.
@@ -244,9 +244,10 @@ class LayerwisePruningEnv(BestPlanResults):
         masks: one :class:`InPlaceMask` per layer, same order.
         score_fn: scores the model as currently masked (higher is better).
         target: fraction of the budget's total cost to remove, in (0, 1).
-        budget: ``"params"`` (each weight costs 1), ``"macs"`` (each weight costs the
-            multiply-accumulates it takes part in per sample) or ``"latency"`` (channel
-            groups only: needs ``cost``, a :class:`~torch_rlprune.env.channel_steps.LatencyBudget`).
+        budget: a registered budget (:mod:`~torch_rlprune.structure.costs`): ``"params"`` (each
+            weight costs 1), ``"macs"`` (each weight costs the multiply-accumulates it takes part in
+            per sample), ...; one weights carry none of (``"latency"``) needs ``cost``, e.g. a
+            :class:`~torch_rlprune.env.channel_steps.LatencyBudget` over channel groups.
         max_amount: the largest fraction of any single layer that may be removed; keeps
             every layer alive (a fully pruned layer cuts the network).
         score_floor: accuracy-guaranteed mode (AMC's second strategy): ``target`` is ignored,
@@ -266,11 +267,10 @@ class LayerwisePruningEnv(BestPlanResults):
                  score_fn: Callable[[], float], target: float, budget: str = "params",
                  max_amount: float = 0.98, cost: Optional[Budget] = None,
                  score_floor: Optional[float] = None):
-        if budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
-        if budget == "latency" and cost is None:
-            raise ValueError("budget='latency' needs cost= (a LatencyBudget over channel groups): weights "
-                             "have no per-weight latency")
+        per_weight = budget_measure(budget).per_weight
+        if per_weight is None and cost is None:
+            raise ValueError(f"budget={budget!r} needs cost= (e.g. a LatencyBudget over channel groups): weights "
+                             f"carry no {budget} of their own")
         self.layers = list(layers)
         self.masks = list(masks)
         self.score_fn = score_fn
@@ -280,8 +280,7 @@ class LayerwisePruningEnv(BestPlanResults):
         self.n = np.array([m.numel for m in self.masks], dtype=np.int64)
         if cost is None:
             k_min = [m.k_min for m in self.masks]
-            cost = AdditiveBudget(self.n, [1 if budget == "params" else layer.macs_per_weight
-                                           for layer in self.layers],
+            cost = AdditiveBudget(self.n, [per_weight(layer) for layer in self.layers],
                                   k_min, np.maximum(k_min, np.floor(max_amount * self.n).astype(np.int64)))
         self.cost = cost
         self.k_min, self.k_max = cost.k_min, cost.k_max

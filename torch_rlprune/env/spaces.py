@@ -20,14 +20,14 @@ from torch import nn
 
 from ..structure.apply import PlanError, apply_group_counts, apply_tensor_amounts
 from ..structure.channel import ChannelStructure, apply_channel_plan, count_macs_params
-from ..structure.channel.counting import macs_or_params
 from ..structure.channel.latency import LatencyTable
 from ..structure.channel.measured import (CalibratedLatency, CompactedTimer, Latency, MeasuredCalibration, WidthPlans,
                                           measurement_cache_path)
+from ..structure.costs import BudgetMeasure, budget_measure, budget_names, pruned_fraction
 from ..structure.importance import IMPORTANCES, activation_scores
 from ..structure.inputs import as_example
 from ..structure.masks import InPlaceMask
-from ..structure.tensors import PrunableTensor, pruned_fraction, trace_execution
+from ..structure.tensors import PrunableTensor, trace_execution
 from ..threads import intra_op_threads
 from ..validation import check_count
 from .channel_steps import ChannelBudget, GroupMask, LatencyBudget, group_descriptors, trace_descriptors
@@ -255,7 +255,7 @@ class ChannelSpace:
         if self.latency is not None:  # calibrated on measurements (the returned plan's own, see close_on_measurement)
             return self.latency.fraction_removed(plan.counts())
         after = self._count(self.model, self.example)
-        return 1.0 - macs_or_params(after, self.budget) / macs_or_params(self.dense, self.budget)
+        return budget_measure(self.budget).removed_fraction(self.dense, after)
 
 
 def _unstructured(model, layers, options, batches, run_first_batch, exclude) -> UnstructuredSpace:
@@ -278,7 +278,6 @@ class StructureDefaults:
     """What ``None`` means for a structure's options, and how close a plan must land."""
 
     budget: str
-    budgets: tuple          # the budgets it accepts
     max_amount: float       # AMC's channel search keeps at least 20% of a layer (its lbound); weights go to 98%
     bn_recalibration: int   # measured (rl_prune's docstring, benchmarks/ablation.py): the largest single gain
     repair: str
@@ -297,9 +296,15 @@ class SpaceKind:
     build: Callable             # (model, layers, options, batches, run_first_batch, exclude) -> space
     apply_plan: Callable        # (model, plan, importance_scores, example_inputs) -> None
     check_options: Callable     # (options, name) -> None: the arguments only this structure takes
+    counts: Callable            # (BudgetMeasure) -> bool: the budgets it can count (structure/costs.py)
     removes_channels: bool      # compact() shrinks it; residual blocks and the least-squares refit apply
     step_label: str             # what one step is, in reports
     size_label: str             # what a step's size counts, in reports
+
+    @property
+    def budgets(self) -> Tuple[str, ...]:
+        """The registered budgets (:mod:`~torch_rlprune.structure.costs`) this structure can count."""
+        return tuple(name for name in budget_names() if self.counts(budget_measure(name)))
 
 
 SPACES: Dict[str, SpaceKind] = {}
@@ -361,16 +366,27 @@ def _check_channel_options(o, name) -> None:
         o.round_to = LATENCY_ROUND_TO
 
 
+def _counts_per_weight(measure: BudgetMeasure) -> bool:
+    """Weights are removed one by one: a budget each weight carries a share of adds up."""
+    return measure.per_weight is not None
+
+
+def _counts_groups(measure: BudgetMeasure) -> bool:
+    """The channel cost model counts MACs and parameters without a forward; latency is timed and
+    calibrated (``ChannelSpace``), the one measured budget it has a cost model for."""
+    return measure.of_counts is not None or measure.name == "latency"
+
+
 register_space(SpaceKind(
-    "unstructured", StructureDefaults(budget="params", budgets=("params", "macs"), max_amount=0.98,
+    "unstructured", StructureDefaults(budget="params", max_amount=0.98,
                                       bn_recalibration=4, repair="none", repairs=("none",), tolerance=0.005),
     priors=("lamp", "global", "uniform"), best_of=("lamp", "global"), build=_unstructured,
-    apply_plan=_apply_unstructured, check_options=_check_unstructured_options, removes_channels=False,
-    step_label="layer", size_label="params"))
+    apply_plan=_apply_unstructured, check_options=_check_unstructured_options, counts=_counts_per_weight,
+    removes_channels=False, step_label="layer", size_label="params"))
 register_space(SpaceKind(
-    "channel", StructureDefaults(budget="macs", budgets=("params", "macs", "latency"), max_amount=0.8,
+    "channel", StructureDefaults(budget="macs", max_amount=0.8,
                                  bn_recalibration=4, repair="lstsq", repairs=("none", "lstsq"), tolerance=0.02),
     priors=("global", "uniform"), best_of=("global", "uniform"), build=_channel,
-    apply_plan=_apply_channel, check_options=_check_channel_options, removes_channels=True,
-    step_label="channel group", size_label="units"))
+    apply_plan=_apply_channel, check_options=_check_channel_options, counts=_counts_groups,
+    removes_channels=True, step_label="channel group", size_label="units"))
 STRUCTURES = tuple(SPACES)

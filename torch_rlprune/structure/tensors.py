@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 __all__ = ["PRUNABLE_TYPES", "RECURRENT_TYPES", "PrunableTensor", "find_prunable", "trace_execution",
-           "recurrent_weight_names", "candidate_weights", "is_transposed_linear", "is_row_layer", "pruned_fraction"]
+           "recurrent_weight_names", "candidate_weights", "is_transposed_linear", "is_row_layer"]
 
 PRUNABLE_TYPES: Tuple[type, ...] = (
     nn.Linear,
@@ -434,15 +434,3 @@ def left_out_weights(model: nn.Module, layers: Sequence[PrunableTensor], exclude
                 f"{kind}.{base} (not supported yet)"
             out.setdefault(reason, []).append(name)
     return out
-
-
-def pruned_fraction(layers: List[PrunableTensor], budget: str = "params") -> float:
-    """Fraction of the layers' cost (params, or MACs) that their prune masks remove."""
-    removed = total = 0.0
-    for layer in layers:
-        mask = layer.existing_mask
-        cost = 1 if budget == "params" else layer.macs_per_weight
-        total += layer.numel * cost
-        if mask is not None:
-            removed += float((mask == 0).sum()) * cost
-    return removed / total

@@ -29,13 +29,7 @@ from .alive import alive_sizes, attention_call_macs
 from .attention import countable_attention
 from .recurrent import samples, time_steps
 
-__all__ = ["count_macs_params", "alive_sizes", "macs_or_params"]
-
-
-def macs_or_params(macs_params: Tuple[int, int], budget: str) -> int:
-    """The entry of a ``(MACs, params)`` pair that ``budget`` ("macs" or "params") counts."""
-    macs, params = macs_params
-    return macs if budget == "macs" else params
+__all__ = ["count_macs_params", "alive_sizes"]
 
 
 @torch.no_grad()
