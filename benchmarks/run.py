@@ -2,6 +2,7 @@
 
     make bench                               # python benchmarks/run.py         (about 2 hours, 2 cores)
     python benchmarks/run.py --only channel  # one structure again, its rows replaced in bench.json
+    python benchmarks/run.py --only memory   # only the peak-memory probes again
     python benchmarks/run.py --quick         # one seed, one target each, small budgets (minutes)
 
 Set-up: timm resnet18 (in_chans=1, 10 classes, pretrained=False) trained by the suite on
@@ -718,15 +719,18 @@ def _order(method: str) -> tuple:
 
 
 def merged_rerun(previous: dict, rerun: dict, structure: str) -> dict:
-    """``previous`` with every row and curve of ``structure`` replaced by the re-run's, and the
-    re-run recorded (commit, date, minutes) so the report can say which rows are newer."""
+    """``previous`` with every row and curve of ``structure`` (or, for ``"memory"``, the memory probes)
+    replaced by the re-run's, and the re-run recorded (commit, date, minutes) so the report can say which rows are newer."""
     import subprocess
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     merged = dict(previous)
-    merged["rows"] = [r for r in previous["rows"] if r["structure"] != structure] + rerun["rows"]
-    merged["curves"] = {k: v for k, v in previous["curves"].items() if f"/{structure}/" not in k}
-    merged["curves"].update(rerun["curves"])
-    merged["dense"] = {**previous["dense"], **rerun["dense"]}
+    if structure == "memory":
+        merged["memory"] = rerun["memory"]
+    else:
+        merged["rows"] = [r for r in previous["rows"] if r["structure"] != structure] + rerun["rows"]
+        merged["curves"] = {k: v for k, v in previous["curves"].items() if f"/{structure}/" not in k}
+        merged["curves"].update(rerun["curves"])
+        merged["dense"] = {**previous["dense"], **rerun["dense"]}
     merged["reruns"] = previous.get("reruns", []) + [{
         "structure": structure, "commit": commit.strip() or None, "date": time.strftime("%Y-%m-%d"),
         "wall_s": rerun["wall_s"]}]
@@ -740,9 +744,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--no-readme", action="store_true", help="do not update docs/BENCHMARKS.md (full runs do)")
     parser.add_argument("--report", metavar="JSON", help="only regenerate the markdown (and README) from a JSON")
-    parser.add_argument("--only", choices=["unstructured", "channel"],
-                        help="re-run one structure (no memory probes) and replace its rows in the existing JSON; "
-                             "the report says which part was re-run when")
+    parser.add_argument("--only", choices=["unstructured", "channel", "memory"],
+                        help="re-run one structure (no memory probes), or only the memory probes, and replace its "
+                             "rows in the existing JSON; the report says which part was re-run when")
     parser.add_argument("--memory-probe", metavar="AGENT", help=argparse.SUPPRESS)
     parser.add_argument("--structure", default="unstructured", help=argparse.SUPPRESS)
     parser.add_argument("--target", type=float, default=0.8, help=argparse.SUPPRESS)
@@ -765,7 +769,11 @@ def main(argv=None) -> dict:
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
         suite = Suite(cfg, log=lambda s: print(s, flush=True))
         try:
-            report = suite.run(parts=(args.only,), memory=False) if args.only else suite.run()
+            if args.only:
+                report = suite.run(parts=(args.only,), memory=False) if args.only != "memory" else \
+                    suite.run(parts=(), memory=True)
+            else:
+                report = suite.run()
         except BaseException:  # keep what an hour of measuring produced
             (out / f"{name}.partial.json").write_text(json.dumps({"rows": suite.rows, "curves": suite.curves}))
             raise
