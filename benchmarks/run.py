@@ -237,6 +237,7 @@ class Suite:
         self.dense_macs, self.dense_params = count_macs_params(self.dense, self.x_cal[:1])
         self.rows: List[dict] = []       # one per pruned model
         self.curves: Dict[str, List[float]] = {}
+        self.refusals: List[dict] = []   # searches rl_prune refused on this machine, with its message
 
     # ------------------------------------------------------------------ model outcomes
     def fresh(self) -> nn.Module:
@@ -379,7 +380,13 @@ class Suite:
         after ``compact`` (rl_prune's closing step); checked again by the suite's own timing of the
         compacted model, beside what the latency table alone predicted."""
         self.log(f"amc channel budget=latency {target} seed {seed} ...")
-        model, result, seconds = self.search("amc", target, "channel", seed, budget="latency")
+        try:
+            model, result, seconds = self.search("amc", target, "channel", seed, budget="latency")
+        except ValueError as refusal:   # measured latency: a target this machine's per-call overhead puts out of reach
+            self.log(f"  refused: {refusal}")
+            self.refusals.append({"method": "amc, budget=latency", "structure": "channel", "target": target,
+                                  "seed": seed, "refused": str(refusal)})
+            return
         row = self.search_row("amc, budget=latency", result, seconds, "channel", target, seed)
         latency = result.plan.metadata.get("latency") or {}
         row["predicted_latency_removed"] = latency["measured"]["rounds"][latency["measured"]["chosen"]]["table"]
@@ -488,7 +495,7 @@ class Suite:
                                                    "load_average_end": os.getloadavg()[0]},
                 "dense": {"test_acc": self.dense_acc, "macs": self.dense_macs, "params": self.dense_params,
                           "train_or_load_s": self.train_seconds, "test_acc_finetuned": self.dense_finetuned()},
-                "memory": memory_rows, "rows": self.rows, "curves": self.curves,
+                "memory": memory_rows, "rows": self.rows, "curves": self.curves, "refusals": self.refusals,
                 "wall_s": time.perf_counter() - started}
 
 
@@ -637,6 +644,9 @@ def to_markdown(report: dict, command: str) -> str:
                               f"latency): the latency table alone predicted {r['predicted_latency_removed']:.1%} removed"
                               + ("" if searched is None else f", rl_prune measured {searched:.1%} after `compact`")
                               + f"; this suite's timing after `compact`: {measured:.1%} (MACs x{r['macs_ratio']:.2f})."]
+    for r in report.get("refusals", []):
+        lines += ["", f"`{r['method']}` (seed {r['seed']}, target {r['target']:.0%}): refused by `rl_prune` on this "
+                      f"machine, the model untouched: {r['refused']}"]
     lines += criteria(report)
     return "\n".join(lines) + "\n"
 
@@ -728,6 +738,8 @@ def merged_rerun(previous: dict, rerun: dict, structure: str) -> dict:
         merged["memory"] = rerun["memory"]
     else:
         merged["rows"] = [r for r in previous["rows"] if r["structure"] != structure] + rerun["rows"]
+        merged["refusals"] = [r for r in previous.get("refusals", []) if r["structure"] != structure] + \
+            rerun.get("refusals", [])
         merged["curves"] = {k: v for k, v in previous["curves"].items() if f"/{structure}/" not in k}
         merged["curves"].update(rerun["curves"])
         merged["dense"] = {**previous["dense"], **rerun["dense"]}
