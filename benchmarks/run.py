@@ -781,13 +781,11 @@ def main(argv=None) -> dict:
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
         suite = Suite(cfg, log=lambda s: print(s, flush=True))
         try:
-            if args.only:
-                report = suite.run(parts=(args.only,), memory=False) if args.only != "memory" else \
-                    suite.run(parts=(), memory=True)
-            else:
-                report = suite.run()
+            report = suite.run() if not args.only else suite.run(
+                parts=() if args.only == "memory" else (args.only,), memory=args.only == "memory")
         except BaseException:  # keep what an hour of measuring produced
-            (out / f"{name}.partial.json").write_text(json.dumps({"rows": suite.rows, "curves": suite.curves}))
+            (out / f"{name}.partial.json").write_text(json.dumps({"rows": suite.rows, "curves": suite.curves,
+                                                                   "refusals": suite.refusals}))
             raise
         if args.only:
             report = merged_rerun(json.loads((out / f"{name}.json").read_text()), report, args.only)
