@@ -70,7 +70,7 @@ class SearchQuality:
 
     prior: the heuristic the agents act around, scored first (:data:`~torch_rlprune.env.priors.PRIOR_CHOICES`).
     selection: fraction of the calibration samples held out to choose the result (0: off).
-    select_top: how many of the search's best plans the held-out part compares.
+    select_top: how many of the search's best plans the held-out part compares (with the prior).
     protect_first_last: unstructured pruning leaves the first layer and the classifier dense.
     """
 

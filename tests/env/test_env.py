@@ -389,10 +389,12 @@ def test_with_screening_only_measured_plans_become_results(model, x):
     assert len(measured) == 2 and len(env.screening.asked) == len(set(env.screening.asked)) > 2
     top = env.top_by_target[0.6]
     assert {tuple(int(v) for v in p.k) for p in top} == set(measured) and not set(measured) & env.estimated_keys
-    assert env.plan_to_beat() == (tuple(int(v) for v in top[-1].k), top[-1].reward)
+    # once the runners-up are kept, a new plan has to beat the best: the first of them
+    assert env.plan_to_beat() == (tuple(int(v) for v in top[0].k), top[0].reward) and top[0].reward > top[-1].reward
     assert env.best_reward == max(h.reward for h in env.history[:2])
-    # the later plans were asked against the plan to beat, and got an estimate below it
-    assert all(h.reward < top[-1].reward for h in env.history[2:])
+    # the later plans were asked against the best, and got an estimate below it
+    assert all(bar == env.plan_to_beat() for _, bar, _ in env.screening.asked[2:])
+    assert all(h.reward < top[0].reward for h in env.history[2:])
     assert env.scoring_seconds > 0 and score.calls == 2
 
 

@@ -59,3 +59,30 @@ def test_the_unstructured_space_applies_tensor_amounts():
                        target=0.3, sparsity=0.3)
     spaces.SPACES["unstructured"].apply_plan(model, plan, None, None)
     assert int((model[0].weight_mask == 0).sum()) == 16 and int((model[2].weight_mask == 0).sum()) == 8
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "activation"])
+def test_the_heuristics_see_every_tensor_sorted_with_removed_entries_first(importance):
+    """The sorted magnitudes the priors threshold reuse the masks' order when both rank the same
+    scores: they must equal a fresh sort, an existing mask's entries first (at -inf)."""
+    from torch.nn.utils import prune
+    from helpers import inputs, seeded, small_cnn
+    from torch_rlprune.env.spaces import UnstructuredSpace
+    from torch_rlprune.structure.tensors import find_prunable
+
+    model = seeded(small_cnn, 0).eval()
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    prune.random_unstructured(first, "weight", amount=0.3)
+    x = inputs((16, 1, 16, 16))
+
+    def run():
+        with torch.inference_mode():
+            model(x)
+    space = UnstructuredSpace(model, find_prunable(model), run, None, "params", 0.98, importance=importance,
+                              batches=[x])
+    for layer, ordered in zip(space.steps, space._sorted_magnitudes()):
+        scores = layer.original.detach().abs().float().reshape(-1)
+        if layer.existing_mask is not None:
+            scores = scores.masked_fill(layer.existing_mask.reshape(-1) == 0, float("-inf"))
+        assert torch.equal(torch.from_numpy(ordered), torch.sort(scores).values)
+    assert any(layer.existing_mask is not None for layer in space.steps)

@@ -49,7 +49,7 @@ def test_a_plan_clearly_worse_than_the_plan_to_beat_gets_an_estimate_below_it_an
     screen = Screening(model, "fidelity", calibration, 48, seed=0, recalibrate=False, baseline=1.0)
     assert screen.slice.num_samples == 48
     unpruned = screen.score((0,), None, lambda: 1.0, lambda key: None)
-    assert unpruned == (1.0, True) and torch.equal(screen.gains[(0,)], torch.ones(48, dtype=torch.float64))
+    assert unpruned == (1.0, True) and torch.equal(screen.gains[(0,)].gains, torch.ones(48, dtype=torch.float64))
     assert screen.score((0,), None, lambda: 0.25, lambda key: None, shaping=True) == (1.0, False)
 
     def never():
@@ -64,6 +64,65 @@ def test_a_plan_clearly_worse_than_the_plan_to_beat_gets_an_estimate_below_it_an
     assert (1,) not in screen.gains   # never a plan to beat
     assert screen.stats.as_dict() == {"samples": 48, "z": screening.PROMOTION_Z, "screened": 3, "promoted": 1,
                                       "kept_out": 1, "shaping_estimates": 1}
+
+
+def _screen(model, samples=48, recalibrate=False):
+    data = torch.randn(200, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    return Screening(model, "fidelity", build_calibration(model, data), samples, seed=0, recalibrate=recalibrate,
+                     baseline=1.0)
+
+
+@pytest.mark.parametrize("statistic,kept_out", [("divergence", True), ("gains", False)])
+def test_the_promotion_test_sees_a_plan_that_agrees_everywhere_but_drifts(statistic, kept_out, monkeypatch):
+    """Halving the classifier keeps every decision (agreement 1 on every sample, as the unpruned
+    model) but flattens every softmax: only the smooth statistic can tell it is worse."""
+    monkeypatch.setattr(screening, "PROMOTION_STATISTIC", statistic)
+    model = seeded(small_cnn, 0).eval()
+    screen = _screen(model)
+    screen.score((0,), None, lambda: 1.0, lambda key: None)
+    with torch.no_grad():
+        model[-1].weight.mul_(0.5)
+        model[-1].bias.mul_(0.5)
+    value, full = screen.score((1,), ((0,), 1.0), lambda: 1.0, lambda key: None)
+    assert float(screen.reward.sample_gains(model).mean()) == 1.0
+    assert full is not kept_out and value == 1.0   # an estimate never above the plan to beat
+
+
+def test_a_plan_kept_out_is_never_estimated_above_the_plan_to_beat(monkeypatch):
+    """The statistic that keeps a plan out need not be the score: a plan that agrees more often on the
+    slice than the plan to beat, kept out anyway, is estimated at the plan to beat's score, not above."""
+    model = seeded(small_cnn, 0).eval()
+    screen = _screen(model)
+    original = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.mul_(-1.0)
+    screen.score((1,), None, lambda: 0.4, lambda key: None)     # the damaged plan, measured
+    with torch.no_grad():
+        model[0].weight.copy_(original)
+    monkeypatch.setattr(screening, "promising", lambda differences: False)
+    value, full = screen.score((0,), ((1,), 0.4), lambda: 1.0, lambda key: None)
+    assert not full and value == 0.4
+
+
+def test_a_one_batch_slice_is_read_with_its_own_statistics_and_leaves_the_running_ones(fmnist_train_split):
+    """One forward with batch statistics: the outputs of re-estimating BatchNorm on the slice and
+    evaluating it (up to the unbiased variance's n/(n-1)), and no running statistic moves."""
+    from helpers import fmnist_cnn
+    from torch_rlprune.rewards.recalibration import BatchNormRecalibration
+
+    model = seeded(fmnist_cnn, 0).eval()
+    screen = Screening(model, "fidelity", build_calibration(model, fmnist_train_split[1][0]), 64, seed=0,
+                       recalibrate=True, baseline=1.0)
+    assert len(screen.slice.inputs) == 1
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    read = screen._slice_outputs()
+    assert all(torch.equal(m.running_mean, a) and torch.equal(m.running_var, b) for m, (a, b) in zip(norms, before))
+    assert all(not m.training and m.track_running_stats for m in norms)
+    BatchNormRecalibration(model, screen.slice.inputs)()
+    evaluated = screen.reward.outputs(model)
+    assert torch.allclose(read[0], evaluated[0], atol=1e-3)
+    assert not torch.allclose(read[0], screen.reward.outputs(seeded(fmnist_cnn, 0).eval())[0], atol=1e-1)
 
 
 @pytest.mark.parametrize("agent,target", [("amc", 0.85), ("cacp", [0.7, 0.85])])

@@ -51,11 +51,12 @@ def test_returned_plan_is_the_best_on_the_held_out_part():
     result = rl_prune(ThreeConvNet(), 0.85, data=x, agent="random", episodes=12, select_top=4, **QUIET)
     sel = result.plan.metadata["selection"]
     held = [c[1] for c in sel["candidates"]]
-    assert 1 <= len(held) <= 4
+    assert 1 <= len(held) <= 5   # the top 4, and the prior when it is not one of them
     assert sel["selection_score"] == max(held)
     assert sel["samples"] == 16
     search_scores = [c[0] for c in sel["candidates"]]
-    assert search_scores == sorted(search_scores, reverse=True), "the search's top plans, best first"
+    top = search_scores[:4]
+    assert top == sorted(top, reverse=True), "the search's top plans, best first"
     assert result.plan.score == search_scores[sel["chosen"]], "the plan's score stays its search score"
     assert "held-out" in result.summary()
 
@@ -256,3 +257,36 @@ def test_the_no_data_one_liner_reports_its_comparison_with_the_prior():
     assert test["prior_kept"] and selection["search_score"] == result.plan.metadata["prior"]["score"]
     assert test["z"] == 2.0 and test["samples"] == result.plan.metadata["selection"]["samples"]
     assert ("the prior kept" if test["prior_kept"] else "the search beat the prior") in result.summary()
+
+
+class ScriptedResults:
+    """What select_plans reads from an environment: kept plans, the best, the prior, and scores."""
+
+    def __init__(self, top, prior, held_out):
+        from torch_rlprune.env.layerwise import BestPlan
+        self.top_by_target = {0.5: [BestPlan(r, r, np.array(k)) for r, k in top]}
+        best = self.top_by_target[0.5][0]
+        self.best_by_target = {0.5: BestPlan(best.reward, best.score, best.k.copy())}
+        self.priors = {0.5: np.array(prior)}
+        self.search_scores = {tuple(k): r for r, k in top}
+        self.search_scores[tuple(prior)] = 0.70
+        self.held_out = held_out
+
+    def evaluate(self, k):
+        return self.search_scores[tuple(int(v) for v in k)]
+
+    def measure(self, k, fn):
+        return self.held_out[tuple(int(v) for v in k)]
+
+
+@pytest.mark.parametrize("prior_held_out,chosen", [(0.9, "prior"), (0.5, "top")])
+def test_the_prior_is_a_candidate_even_when_every_top_plan_beat_it_on_the_search_part(prior_held_out, chosen):
+    from torch_rlprune.search.selection import select_plans
+
+    top = [(0.80, (3, 1)), (0.78, (2, 2)), (0.75, (1, 3))]
+    env = ScriptedResults(top, (0, 4), {(3, 1): 0.60, (2, 2): 0.65, (1, 3): 0.55, (0, 4): prior_held_out})
+    selection = select_plans(env, [0.5], lambda: 0.0)[0.5]
+    assert [c[0] for c in selection.candidates] == [0.80, 0.78, 0.75, 0.70]
+    expected = (0, 4) if chosen == "prior" else (2, 2)
+    assert tuple(env.best_by_target[0.5].k) == expected
+    assert selection.selection_score == max(prior_held_out, 0.65)

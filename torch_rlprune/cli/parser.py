@@ -161,8 +161,8 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patience", type=int, metavar="N", default=None,
                    help="stop once N episodes in a row found no better plan (default: none)")
     g.add_argument("--screen", type=int, metavar="N", default=None,
-                   help="score each plan first on N calibration samples, in full only if it may beat the plans "
-                        "kept (default: 64 when the search part holds 256; 0: every plan in full)")
+                   help="score each plan first on N calibration samples, in full only if it may beat the best "
+                        "so far (default: 64 when the search part holds 256; 0: every plan in full)")
     g.add_argument("--cache-mb", type=float, metavar="MB", default=None,
                    help="keep at most MB megabytes of activations for prefix caching, which replays the layers "
                         "a plan shares with the one before it: same scores, sooner (default: 256; 0: off)")

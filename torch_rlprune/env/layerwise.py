@@ -138,12 +138,16 @@ class BestPlanResults:
     agent's and the environment's own work."""
 
     def plan_to_beat(self) -> Optional[Tuple[Tuple[int, ...], float]]:
-        """``(plan, reward)`` a new plan of the current target must beat to become a result: the last
-        of the ``keep_top`` kept, or None while fewer are kept (anything may become a result)."""
+        """``(plan, reward)`` a new plan of the current target is screened against (``screening``):
+        None while fewer than ``keep_top`` plans are kept (anything may become a result), then the
+        best. Against the best, not the last kept: a search that has filled its runners-up needs a
+        new plan only if it may be the best, and a search that has converged proposes many plans
+        that may beat its fifth best but few that may beat its best (measured on AMC,
+        benchmarks/search_cost.py)."""
         top = self.top_by_target.get(self._best_key(), [])
         if len(top) < max(1, self.keep_top):
             return None
-        return tuple(int(v) for v in top[-1].k), float(top[-1].reward)
+        return tuple(int(v) for v in top[0].k), float(top[0].reward)
 
     def _offer(self, reward: float, score: float, k: np.ndarray) -> None:
         """A candidate result of the current target: the best if it beats it, and one of the top

@@ -140,13 +140,17 @@ class UnstructuredSpace:
         removed first at -inf: the order a magnitude threshold removes them in."""
         if getattr(self, "_magnitudes", None) is None:
             self._magnitudes = []
-            for layer in self.steps:
+            for layer, mask in zip(self.steps, self.masks):
                 scores = self.allocation_scores.get(layer.name, layer.original)
                 scores = scores.detach().abs().float().reshape(-1).cpu()
                 existing = layer.existing_mask
                 if existing is not None:
                     scores = scores.masked_fill(existing.reshape(-1).cpu() == 0, -math.inf)
-                self._magnitudes.append(torch.sort(scores).values.numpy())
+                # the mask sorted the same scores already (a stable sort of |w|, removed entries first):
+                # a gather, where sorting a resnet18's weights again took a second
+                ranked_alike = self.scores.get(layer.name) is self.allocation_scores.get(layer.name)
+                ordered = scores[mask.order.cpu()] if ranked_alike else torch.sort(scores).values
+                self._magnitudes.append(ordered.numpy())
         return self._magnitudes
 
     def prior_plan(self, method: str, budget, goal: float) -> np.ndarray:

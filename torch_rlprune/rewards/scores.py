@@ -102,14 +102,21 @@ class FidelityReward(Reward):
     def __call__(self, model: nn.Module) -> float:
         return self.from_sums(*self.partial_sums(model))
 
+    def outputs(self, model: nn.Module) -> List[torch.Tensor]:
+        """The model's outputs on the calibration batches (what :meth:`gains_of_outputs` reads)."""
+        return list(_forward_all(model, self.calibration.inputs))
+
     def sample_gains(self, model: nn.Module) -> torch.Tensor:
         """One term per sample, higher better, that :meth:`score_of_gains` turns into the score:
         agreement (1/0) for classifiers, minus the squared error of each row of the output otherwise
         (what a paired comparison of two plans on the same samples compares, :mod:`.screening`)."""
+        return self.gains_of_outputs(self.outputs(model))
+
+    def gains_of_outputs(self, outputs: List[torch.Tensor]) -> torch.Tensor:
         if self._teacher is None:
             raise RuntimeError("FidelityReward.prepare(model) must run on the unpruned model first")
         gains = []
-        for out, teacher in zip(_forward_all(model, self.calibration.inputs), self._teacher):
+        for out, teacher in zip(outputs, self._teacher):
             if self._classifier:
                 gains.append((out.argmax(1) == teacher).double())
             else:
@@ -158,10 +165,16 @@ class AccuracyReward(Reward):
     def __call__(self, model: nn.Module) -> float:
         return self.from_sums(*self.partial_sums(model))
 
+    def outputs(self, model: nn.Module) -> List[torch.Tensor]:
+        """The model's outputs on the calibration batches (what :meth:`gains_of_outputs` reads)."""
+        return list(_forward_all(model, self.calibration.inputs))
+
     def sample_gains(self, model: nn.Module) -> torch.Tensor:
         """1 for each sample classified correctly, 0 otherwise."""
-        return torch.cat([(out.argmax(1) == y).double()
-                          for out, y in zip(_forward_all(model, self.calibration.inputs), self.calibration.labels)])
+        return self.gains_of_outputs(self.outputs(model))
+
+    def gains_of_outputs(self, outputs: List[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([(out.argmax(1) == y).double() for out, y in zip(outputs, self.calibration.labels)])
 
     def score_of_gains(self, gains: torch.Tensor) -> float:
         return self.from_sums(float(gains.sum()), len(gains))

@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..env.layerwise import BestPlan
 from ..env.spaces import SPACES
 from ..rewards.calibration import CalibrationSet, subset
 
@@ -109,9 +110,11 @@ class Selection:
 
 
 def select_plans(env, keys: Sequence[Optional[float]], measure: Callable[[], float]) -> Dict[Optional[float], Selection]:
-    """For each target key, re-score its top plans with ``measure`` (the selection part) and make
-    the best the environment's best plan (``best_by_target``); ties keep the better search score.
-    Targets whose search kept a single plan are measured too, so the summary can report it."""
+    """For each target key, re-score its top plans and its prior with ``measure`` (the selection
+    part) and make the best the environment's best plan (``best_by_target``); ties keep the better
+    search score. Targets whose search kept a single plan are measured too, so the summary can
+    report it. The prior is always a candidate: a search whose top plans all beat it on the search
+    part but not on the held-out part returns it, not the least bad of them."""
     chosen = {}
     for key in keys:
         top = list(env.top_by_target.get(key, ()))
@@ -120,6 +123,10 @@ def select_plans(env, keys: Sequence[Optional[float]], measure: Callable[[], flo
             continue
         if not top or not any(np.array_equal(p.k, best.k) for p in top):
             top.insert(0, best)
+        prior = getattr(env, "priors", {}).get(key)
+        if prior is not None and not any(np.array_equal(p.k, prior) for p in top):
+            score = env.evaluate(prior)   # on record: every search scores its prior first
+            top.append(BestPlan(score, score, np.array(prior, dtype=np.int64)))
         held = [env.measure(p.k, measure) for p in top]
         finite = [i for i, v in enumerate(held) if math.isfinite(v)]
         index = max(finite, key=lambda i: (held[i], top[i].reward)) if finite else 0

@@ -12,7 +12,9 @@ Exact by construction: a replayed module ran on the same inputs with the same we
 plan entry it reads is unchanged), and its output is the stored copy. BatchNorm re-estimation
 forwards (train mode) always run in full; an eval forward's stored outputs are keyed by the
 re-estimation batches before it as well as by its own batch, since both decide the statistics
-the replayed modules used. Stored outputs never exceed ``max_bytes``: deeper cuts are dropped
+the replayed modules used. A forward whose only train-mode modules are BatchNorm layers that track
+no running statistics (a screening slice normalised with its own statistics) depends on the plan and
+its batch alone, and is keyed and replayed as such. Stored outputs never exceed ``max_bytes``: deeper cuts are dropped
 first, and only cuts that one of the last :data:`RECENT` forwards could have used are stored (an
 agent that changes every layer at once only ever replays what runs before its first layer, and keeps
 nothing deeper).
@@ -152,23 +154,26 @@ class PrefixCache:
         return min((self.entry_events[i] for i, (a, b) in enumerate(zip(stored, self.plan)) if a != b),
                    default=math.inf)
 
-    def _entry(self, inputs: List[torch.Tensor]) -> _Entry:
-        key = (tuple(id(t) for t in self._recal_done), tuple(id(t) for t in inputs))
+    def _entry(self, inputs: List[torch.Tensor], own_statistics: bool) -> _Entry:
+        statistics = [] if own_statistics else list(self._recal_done)
+        key = (own_statistics, tuple(id(t) for t in statistics), tuple(id(t) for t in inputs))
         entry = self._entries.get(key)
         if entry is None:   # the entry holds the tensors, so their ids cannot be reused meanwhile
-            entry = self._entries[key] = _Entry(inputs=list(self._recal_done) + list(inputs))
+            entry = self._entries[key] = _Entry(inputs=statistics + list(inputs))
         return entry
 
     def _before(self, module, args, kwargs):
         inputs = flat_tensors((args, kwargs))
-        if module.training or any(m.training for m in self.modules):
+        training = [m for m in (module, *self.modules) if m.training]
+        own_statistics = bool(training) and all(_own_statistics(m) for m in training)
+        if training and not own_statistics:
             self._recal_pending = (self._recal_pending or []) + inputs
             return
-        if self._recal_pending is not None:
+        if self._recal_pending is not None and not own_statistics:
             self._recal_done, self._recal_pending = self._recal_pending, None
         if self.plan is None or not inputs:
             return
-        entry = self._entry(inputs)
+        entry = self._entry(inputs, own_statistics)
         changed = self._first_changed(entry.plan)
         if entry.plan:
             self._recent_changes.append(changed)
@@ -257,6 +262,11 @@ class PrefixCache:
             keep = {c for j in entry.cuts for c in self.cuts[j].stored}
             entry.outputs = {c: v for c, v in entry.outputs.items() if c in keep}
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.bytes)
+
+
+def _own_statistics(module: nn.Module) -> bool:
+    """A train-mode module whose output depends on its batch alone: BatchNorm without running statistics."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats
 
 
 def _nbytes(out) -> int:
