@@ -24,7 +24,7 @@ from study import study_main  # noqa: E402
 from torch_rlprune import rl_prune  # noqa: E402
 from torch_rlprune.demo.training import evaluate_accuracy  # noqa: E402
 
-TARGETS = (0.9,)
+TARGETS = (0.9, 0.95)
 SEEDS = (0, 1, 2)
 EPISODES = 100
 
