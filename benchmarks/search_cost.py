@@ -208,16 +208,19 @@ def _agents_markdown(part: dict, calibration: int) -> list:
     lines = [f"Per agent (measured at {part['measured']['commit']}, {part['measured']['date']}): the bench's "
              f"trained resnet18, 1x28x28, {calibration} calibration images (a quarter held out for the choice), "
              "90% of the weights, seed 0. `screen 0` scores every plan in full (the protocol before multi-fidelity "
-             "scoring); `64` screens each plan on 64 samples first, kept out when the paired bound of width z "
-             "(standard errors) says it is worse than the plan to beat. `cache`: prefix caching at its default "
-             "bound (256 MB), `-` off; replayed: the forwards that replayed a prefix / all eval forwards, and the "
+             "scoring); `64` screens each plan on 64 samples first (one forward, BatchNorm on the slice's own "
+             "statistics), kept out when the paired bound of width z (standard errors of the per-sample KL "
+             "closeness to the unpruned model) says it is worse than the search's best. `cache`: prefix caching at "
+             "its default bound (256 MB), `-` off; replayed: the forwards that replayed a prefix / all eval and "
+             "slice forwards, and the "
              "share of module calls replayed; exact: the same plan and history of scores as the run without the "
              "cache. Passes per plan scored: the search's wall time in forward passes of the unpruned model over "
              "the search part, per plan scored, one forward timed as the median of every run's own timing "
              f"({statistics.median(r['forward_seconds'] for r in part['agents']):.2f} s; a single run's varied "
              f"{min(r['forward_seconds'] for r in part['agents']):.2f}-"
              f"{max(r['forward_seconds'] for r in part['agents']):.2f} s on the shared cores). Agent share: the "
-             "part of the search's wall time not spent scoring.",
+             "part of the search's wall time not spent scoring (the agent's updates and actions, the "
+             "environment's steps, the set-up).",
              "", "| agent | screen | cache | plans scored | promoted / kept out / shaping | replayed (share) | "
              "peak MB | exact | search s | passes per plan scored | agent share | plan score | test acc (no FT) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

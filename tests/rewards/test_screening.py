@@ -49,7 +49,7 @@ def test_a_plan_clearly_worse_than_the_plan_to_beat_gets_an_estimate_below_it_an
     screen = Screening(model, "fidelity", calibration, 48, seed=0, recalibrate=False, baseline=1.0)
     assert screen.slice.num_samples == 48
     unpruned = screen.score((0,), None, lambda: 1.0, lambda key: None)
-    assert unpruned == (1.0, True) and torch.equal(screen.gains[(0,)].gains, torch.ones(48, dtype=torch.float64))
+    assert unpruned == (1.0, True) and torch.equal(screen.reads[(0,)].gains, torch.ones(48, dtype=torch.float64))
     assert screen.score((0,), None, lambda: 0.25, lambda key: None, shaping=True) == (1.0, False)
 
     def never():
@@ -61,7 +61,7 @@ def test_a_plan_clearly_worse_than_the_plan_to_beat_gets_an_estimate_below_it_an
     agreement = float(screen.reward.sample_gains(model).mean())
     assert not full and agreement < 0.8
     assert value == pytest.approx(0.9 + agreement - 1.0) and value < 0.9
-    assert (1,) not in screen.gains   # never a plan to beat
+    assert (1,) not in screen.reads   # never a plan to beat
     assert screen.stats.as_dict() == {"samples": 48, "z": screening.PROMOTION_Z, "screened": 3, "promoted": 1,
                                       "kept_out": 1, "shaping_estimates": 1}
 
