@@ -72,11 +72,12 @@ def _screen(model, samples=48, recalibrate=False):
                      baseline=1.0)
 
 
-@pytest.mark.parametrize("statistic,kept_out", [("divergence", True), ("gains", False)])
-def test_the_promotion_test_sees_a_plan_that_agrees_everywhere_but_drifts(statistic, kept_out, monkeypatch):
+@pytest.mark.parametrize("tests,kept_out", [(("closeness", "gains"), True), (("closeness",), True),
+                                             (("gains",), False)])
+def test_the_promotion_test_sees_a_plan_that_agrees_everywhere_but_drifts(tests, kept_out, monkeypatch):
     """Halving the classifier keeps every decision (agreement 1 on every sample, as the unpruned
     model) but flattens every softmax: only the smooth statistic can tell it is worse."""
-    monkeypatch.setattr(screening, "PROMOTION_STATISTIC", statistic)
+    monkeypatch.setattr(screening, "PROMOTION_TESTS", tests)
     model = seeded(small_cnn, 0).eval()
     screen = _screen(model)
     screen.score((0,), None, lambda: 1.0, lambda key: None)
@@ -86,6 +87,21 @@ def test_the_promotion_test_sees_a_plan_that_agrees_everywhere_but_drifts(statis
     value, full = screen.score((1,), ((0,), 1.0), lambda: 1.0, lambda key: None)
     assert float(screen.reward.sample_gains(model).mean()) == 1.0
     assert full is not kept_out and value == 1.0   # an estimate never above the plan to beat
+
+
+@pytest.mark.parametrize("tests,kept_out", [(("closeness", "gains"), True), (("closeness",), False)])
+def test_a_plan_closer_in_softmax_but_clearly_worse_in_decisions_is_kept_out(tests, kept_out, monkeypatch):
+    from torch_rlprune.rewards.screening import SliceRead
+
+    monkeypatch.setattr(screening, "PROMOTION_TESTS", tests)
+    screen = _screen(seeded(small_cnn, 0).eval())
+    n = screen.slice.num_samples
+    screen.reads[(1,)] = SliceRead(torch.ones(n, dtype=torch.float64), torch.full((n,), -2.0, dtype=torch.float64))
+    lost = torch.cat([torch.zeros(10), torch.ones(n - 10)]).double()   # 10 decisions lost, none won
+    monkeypatch.setattr(screen, "_read_slice", lambda: SliceRead(lost, torch.full((n,), -1.0, dtype=torch.float64)))
+    value, full = screen.score((2,), ((1,), 0.9), lambda: 0.95, lambda key: None)
+    assert full is not kept_out
+    assert value == (pytest.approx(0.9 - 10 / n) if kept_out else 0.95)
 
 
 def test_a_plan_kept_out_is_never_estimated_above_the_plan_to_beat(monkeypatch):
