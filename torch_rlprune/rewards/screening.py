@@ -47,10 +47,10 @@ __all__ = ["Screening", "ScreeningStats", "PROMOTION_Z", "PROMOTION_TESTS", "DEF
 PROMOTION_Z = 1.0
 """Width of the paired bound, in standard errors: a plan is kept out only when its slice says it is
 worse than the plan to beat by more than one standard error. Measured (benchmarks/search_cost.py,
-random search on the bench's resnet18, 5 seeds, screening against the best on the divergence): at 1
-and at 0 the returned plan was the full search's in 4 of 5 seeds (mean test accuracy 88.96% and
-88.84%, in full 88.86%), 1 keeping out 147 of 210 plans and 0 171. (Against the fifth best on 0/1
-agreement: at 1 and 2 in 5 of 5, at 0 in 2 of 5.)"""
+random search on the bench's resnet18, 5 seeds, screening against the best on both tests): at 1 the
+returned plan was the full search's in 4 of 5 seeds, at 0 in 3 of 5 (mean test accuracy 88.96% and
+88.82%, in full 88.86%), 1 keeping out 156 of 210 plans and 0 178. (Against the fifth best on 0/1
+agreement alone: at 1 and 2 in 5 of 5, at 0 in 2 of 5.)"""
 DEFAULT_SCREEN_SAMPLES = 64
 """Samples of the slice when ``screen`` is not given: one forward of a batch of 64 (BatchNorm on
 its own statistics) costs a twentieth of the full score of a 384-sample search part with 4
