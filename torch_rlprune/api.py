@@ -86,8 +86,9 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         screen: multi-fidelity scoring (:mod:`torch_rlprune.rewards.screening`): every plan is scored
             first on this many calibration samples (BatchNorm on their own statistics) and in full
             only if a paired test on them says it may beat the best plan so far; the others get an
-            estimate no higher than the best's, so they never become results. ``None``: 64 samples when the search
-            part holds at least 256 and the reward is built in; ``0``: every plan scored in full.
+            estimate no higher than the best's, so they never become results. ``None``: 64 samples
+            when the search part holds at least 256 and the reward is built in; ``0``: every plan
+            scored in full.
             ``metadata["screening"]`` counts the plans promoted and kept out.
         cache_mb: prefix caching (:mod:`torch_rlprune.structure.prefix_cache`, unstructured searches
             with a built-in reward): a plan that changes only layers from some point on replays what

@@ -7,7 +7,8 @@ plan is worth rather than how stale the statistics are.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+import contextlib
+from typing import Iterator, List, Sequence
 
 import torch
 from torch import nn
@@ -48,6 +49,21 @@ class BatchNormRecalibration:
         finally:
             for m, (_, _, _, momentum) in zip(self.norms, self.saved):
                 m.momentum = momentum
+                m.eval()
+
+    @contextlib.contextmanager
+    def own_statistics(self) -> Iterator[None]:
+        """Inside the block every BatchNorm normalises each batch with that batch's statistics and
+        leaves its running ones alone: one forward gives what re-estimating on the batch and
+        evaluating it would (up to the n/(n-1) of an unbiased variance)."""
+        for m in self.norms:
+            m.track_running_stats = False
+            m.train()
+        try:
+            yield
+        finally:
+            for m in self.norms:
+                m.track_running_stats = True
                 m.eval()
 
     @torch.no_grad()

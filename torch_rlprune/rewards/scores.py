@@ -50,7 +50,17 @@ def check_outputs(outs: List[Optional[torch.Tensor]], inputs: List[torch.Tensor]
                              "(NaN or inf); check the inputs and the model before pruning")
 
 
-class FidelityReward(Reward):
+class CalibrationReward(Reward):
+    """A reward read from the model's outputs on fixed calibration batches (``self.calibration``)."""
+
+    calibration: CalibrationSet
+
+    def outputs(self, model: nn.Module) -> List[torch.Tensor]:
+        """The model's outputs on the calibration batches (what ``gains_of_outputs`` reads)."""
+        return list(_forward_all(model, self.calibration.inputs))
+
+
+class FidelityReward(CalibrationReward):
     """Label-free agreement of the pruned model with the original.
 
     For classifier outputs ``(N, C)`` the score is the top-1 agreement: the fraction of
@@ -102,10 +112,6 @@ class FidelityReward(Reward):
     def __call__(self, model: nn.Module) -> float:
         return self.from_sums(*self.partial_sums(model))
 
-    def outputs(self, model: nn.Module) -> List[torch.Tensor]:
-        """The model's outputs on the calibration batches (what :meth:`gains_of_outputs` reads)."""
-        return list(_forward_all(model, self.calibration.inputs))
-
     def sample_gains(self, model: nn.Module) -> torch.Tensor:
         """One term per sample, higher better, that :meth:`score_of_gains` turns into the score:
         agreement (1/0) for classifiers, minus the squared error of each row of the output otherwise
@@ -130,7 +136,7 @@ class FidelityReward(Reward):
         return self.from_sums(-float(gains.sum()), 0)
 
 
-class AccuracyReward(Reward):
+class AccuracyReward(CalibrationReward):
     """Top-1 accuracy on the labelled calibration batches."""
 
     name = "accuracy"
@@ -164,10 +170,6 @@ class AccuracyReward(Reward):
 
     def __call__(self, model: nn.Module) -> float:
         return self.from_sums(*self.partial_sums(model))
-
-    def outputs(self, model: nn.Module) -> List[torch.Tensor]:
-        """The model's outputs on the calibration batches (what :meth:`gains_of_outputs` reads)."""
-        return list(_forward_all(model, self.calibration.inputs))
 
     def sample_gains(self, model: nn.Module) -> torch.Tensor:
         """1 for each sample classified correctly, 0 otherwise."""

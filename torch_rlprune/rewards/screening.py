@@ -30,9 +30,8 @@ the unpruned model's full score plus the slice difference to the unpruned model.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -134,15 +133,14 @@ class Screening:
         return SliceRead(gains, -torch.cat(divergence).double())
 
     def _slice_outputs(self) -> List[torch.Tensor]:
-        """The plan's outputs on the slice, BatchNorm fitted to the slice. One batch (the default) is
-        normalised with its own statistics in one forward: what re-estimating the statistics on it and
-        evaluating it again gives (up to the n/(n-1) of an unbiased variance), at half the cost."""
+        """The plan's outputs on the slice, BatchNorm fitted to the slice: one batch (the default) in
+        one forward on its own statistics, half the cost of re-estimating them and evaluating."""
         if not self.recalibrate:
             return self.reward.outputs(self.model)
         if len(self.slice.inputs) > 1:
             self.recalibrate()
             return self.reward.outputs(self.model)
-        with batch_statistics(self.recalibrate.norms):
+        with self.recalibrate.own_statistics():
             return self.reward.outputs(self.model)
 
     def score(self, key: Key, plan_to_beat: Optional[Tuple[Key, float]], full_score: Callable[[], float],
@@ -175,20 +173,6 @@ class Screening:
             self.reads[key] = self._read_slice()
             apply_plan(current)   # the full score, if it follows, re-estimates BatchNorm for it
         return self.reads[key]
-
-
-@contextlib.contextmanager
-def batch_statistics(norms: List[nn.modules.batchnorm._BatchNorm]) -> Iterator[None]:
-    """BatchNorm layers normalise with each batch's statistics and leave their running ones alone."""
-    for m in norms:
-        m.track_running_stats = False
-        m.train()
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
-            m.eval()
 
 
 def promising(differences: torch.Tensor) -> bool:

@@ -14,10 +14,10 @@ forwards (train mode) always run in full; an eval forward's stored outputs are k
 re-estimation batches before it as well as by its own batch, since both decide the statistics
 the replayed modules used. A forward whose only train-mode modules are BatchNorm layers that track
 no running statistics (a screening slice normalised with its own statistics) depends on the plan and
-its batch alone, and is keyed and replayed as such. Stored outputs never exceed ``max_bytes``: deeper cuts are dropped
-first, and only cuts that one of the last :data:`RECENT` forwards could have used are stored (an
-agent that changes every layer at once only ever replays what runs before its first layer, and keeps
-nothing deeper).
+its batch alone, and is keyed and replayed as such. Stored outputs never exceed ``max_bytes``:
+deeper cuts are dropped first, and only cuts that one of the last :data:`RECENT` forwards could
+have used are stored (an agent that changes every layer at once only ever replays what runs before
+its first layer, and keeps nothing deeper).
 """
 from __future__ import annotations
 
