@@ -211,7 +211,8 @@ def _agents_markdown(part: dict, calibration: int) -> list:
              "scoring); `64` screens each plan on 64 samples first (one forward, BatchNorm on the slice's own "
              "statistics), kept out when the paired bound of width z (standard errors) on the per-sample KL "
              "closeness to the unpruned model or on the per-sample agreement says it is worse than the "
-             "search's best. `cache`: prefix caching at "
+             "search's best, and a plan not kept out is read on a second slice (three times larger) and "
+             "tested again on both before its full score (second reads). `cache`: prefix caching at "
              "its default bound (256 MB), `-` off; replayed: the forwards that replayed a prefix / all eval and "
              "slice forwards, and the "
              "share of module calls replayed; exact: the same plan and history of scores as the run without the "
@@ -220,16 +221,18 @@ def _agents_markdown(part: dict, calibration: int) -> list:
              f"({statistics.median(r['forward_seconds'] for r in part['agents']):.2f} s; a single run's varied "
              f"{min(r['forward_seconds'] for r in part['agents']):.2f}-"
              f"{max(r['forward_seconds'] for r in part['agents']):.2f} s on the shared cores). Agent share: the "
-             "part of the search's wall time not spent scoring (the agent's updates and actions, the "
-             "environment's steps, the set-up).",
-             "", "| agent | screen | cache | plans scored | promoted / kept out / shaping | replayed (share) | "
+             "part of the search's wall time not spent scoring (the agent's actions and the updates it waits for, "
+             "the environment's steps, the set-up; AMC's updates run on a learner thread while the next "
+             "episode is scored, and count only where the search waits for them).",
+             "", "| agent | screen | cache | plans scored | promoted / second reads / kept out / shaping | replayed (share) | "
              "peak MB | exact | search s | passes per plan scored | agent share | plan score | test acc (no FT) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     forward = statistics.median(r["forward_seconds"] for r in part["agents"])
     for r in part["agents"]:
         r = dict(r, passes_per_plan=r["search_seconds"] / (r["plans_scored"] * forward))
         s, c = r["screening"], r.get("prefix_cache")
-        screened = f"{s['promoted']} / {s['kept_out']} / {s['shaping_estimates']}" if s else "all in full"
+        screened = (f"{s['promoted']} / {s.get('second_reads', '-')} / {s['kept_out']} / {s['shaping_estimates']}"
+                    if s else "all in full")
         replayed = f"{c['reused']} / {c['forwards']} ({c['skipped_share']:.0%})" if c else "-"
         lines.append(f"| {r['agent']} | {s['samples'] if s else 0} | {'256 MB' if c else '-'} | {r['plans_scored']} | "
                      f"{screened} | {replayed} | {c['peak_mb']:.0f} | {'yes' if r.get('same_as_uncached') else 'NO'} | "

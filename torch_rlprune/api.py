@@ -85,8 +85,9 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         patience: stop once this many episodes in a row found no better plan (reproducible).
         screen: multi-fidelity scoring (:mod:`torch_rlprune.rewards.screening`): every plan is scored
             first on this many calibration samples (BatchNorm on their own statistics) and in full
-            only if a paired test on them says it may beat the best plan so far; the others get an
-            estimate no higher than the best's, so they never become results. ``None``: 64 samples
+            only if a paired test on them, and then on a second slice three times larger, says it
+            may beat the best plan so far; the others get an estimate no higher than the best's, so
+            they never become results. ``None``: 64 samples
             when the search part holds at least 256 and the reward is built in; ``0``: every plan
             scored in full.
             ``metadata["screening"]`` counts the plans promoted and kept out.

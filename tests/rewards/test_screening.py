@@ -47,9 +47,9 @@ def test_a_plan_clearly_worse_than_the_plan_to_beat_gets_an_estimate_below_it_an
     baseline = FidelityReward(calibration)
     baseline.prepare(model)
     screen = Screening(model, "fidelity", calibration, 48, seed=0, recalibrate=False, baseline=1.0)
-    assert screen.slice.num_samples == 48
+    assert [len(x) for x in screen.slices.inputs] == [48, 76]   # the second: half of the 152 others
     unpruned = screen.score((0,), None, lambda: 1.0, lambda key: None)
-    assert unpruned == (1.0, True) and torch.equal(screen.reads[(0,)].gains, torch.ones(48, dtype=torch.float64))
+    assert unpruned == (1.0, True) and torch.equal(screen.reads[(0,)].gains, torch.ones(124, dtype=torch.float64))
     assert screen.score((0,), None, lambda: 0.25, lambda key: None, shaping=True) == (1.0, False)
 
     def never():
@@ -58,12 +58,13 @@ def test_a_plan_clearly_worse_than_the_plan_to_beat_gets_an_estimate_below_it_an
     with torch.no_grad():
         model[0].weight.mul_(-1.0)   # flips the first layer: most decisions change
     value, full = screen.score((1,), ((0,), 0.9), never, lambda key: None)
-    agreement = float(screen.reward.sample_gains(model).mean())
+    agreement = float(screen.reward.gains_of_outputs(screen.reward.outputs(model, [0])).mean())
     assert not full and agreement < 0.8
     assert value == pytest.approx(0.9 + agreement - 1.0) and value < 0.9
     assert (1,) not in screen.reads   # never a plan to beat
-    assert screen.stats.as_dict() == {"samples": 48, "z": screening.PROMOTION_Z, "screened": 3, "promoted": 1,
-                                      "kept_out": 1, "shaping_estimates": 1}
+    assert screen.stats.as_dict() == {"samples": 48, "second_samples": 76, "z": screening.PROMOTION_Z,
+                                      "screened": 3, "second_reads": 0, "promoted": 1, "kept_out": 1,
+                                      "shaping_estimates": 1}
 
 
 def _screen(model, samples=48, recalibrate=False):
@@ -95,10 +96,10 @@ def test_a_plan_closer_in_softmax_but_clearly_worse_in_decisions_is_kept_out(tes
 
     monkeypatch.setattr(screening, "PROMOTION_TESTS", tests)
     screen = _screen(seeded(small_cnn, 0).eval())
-    n = screen.slice.num_samples
+    n = len(screen.slices.inputs[0])
     screen.reads[(1,)] = SliceRead(torch.ones(n, dtype=torch.float64), torch.full((n,), -2.0, dtype=torch.float64))
     lost = torch.cat([torch.zeros(10), torch.ones(n - 10)]).double()   # 10 decisions lost, none won
-    monkeypatch.setattr(screen, "_read_slice", lambda: SliceRead(lost, torch.full((n,), -1.0, dtype=torch.float64)))
+    monkeypatch.setattr(screen, "_read", lambda outputs: SliceRead(lost, torch.full((n,), -1.0, dtype=torch.float64)))
     value, full = screen.score((2,), ((1,), 0.9), lambda: 0.95, lambda key: None)
     assert full is not kept_out
     assert value == (pytest.approx(0.9 - 10 / n) if kept_out else 0.95)
@@ -129,16 +130,17 @@ def test_a_one_batch_slice_is_read_with_its_own_statistics_and_leaves_the_runnin
     model = seeded(fmnist_cnn, 0).eval()
     screen = Screening(model, "fidelity", build_calibration(model, fmnist_train_split[1][0]), 64, seed=0,
                        recalibrate=True, baseline=1.0)
-    assert len(screen.slice.inputs) == 1
+    first = screen.slices.inputs[0]
+    assert len(first) == 64
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     before = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
-    read = screen._slice_outputs()
+    read = screen._outputs([0])
     assert all(torch.equal(m.running_mean, a) and torch.equal(m.running_var, b) for m, (a, b) in zip(norms, before))
     assert all(not m.training and m.track_running_stats for m in norms)
-    BatchNormRecalibration(model, screen.slice.inputs)()
-    evaluated = screen.reward.outputs(model)
+    BatchNormRecalibration(model, [first])()
+    evaluated = screen.reward.outputs(model, [0])
     assert torch.allclose(read[0], evaluated[0], atol=1e-3)
-    assert not torch.allclose(read[0], screen.reward.outputs(seeded(fmnist_cnn, 0).eval())[0], atol=1e-1)
+    assert not torch.allclose(read[0], screen.reward.outputs(seeded(fmnist_cnn, 0).eval(), [0])[0], atol=1e-1)
 
 
 @pytest.mark.parametrize("agent,target", [("amc", 0.85), ("cacp", [0.7, 0.85])])
@@ -217,3 +219,53 @@ def test_bad_screen_sizes_are_refused_before_anything_runs(screen, small_cnn_mod
 def test_screening_is_off_where_it_cannot_pay(small_cnn_model, cnn_batch):
     result = rl_prune(small_cnn_model, 0.5, data=cnn_batch, agent="random", episodes=3, verbose=False)
     assert "screening" not in result.plan.metadata   # 32 samples: under four slices of 64
+
+
+def _staged_reads(gains: torch.Tensor, closeness: torch.Tensor):
+    """A ``Screening._read`` that reads fixed per-sample terms on the slices read so far."""
+    def read(outputs):
+        n = sum(len(o) for o in outputs)
+        return screening.SliceRead(gains[:n], closeness[:n])
+    return read
+
+
+def _never():
+    raise AssertionError("a plan kept out must not be scored in full")
+
+
+def test_a_plan_even_with_the_best_on_the_first_slice_but_clearly_worse_on_both_is_kept_out(monkeypatch):
+    screen = _screen(seeded(small_cnn, 0).eval())
+    first, second = (len(x) for x in screen.slices.inputs)
+    n = first + second
+    screen.reads[(1,)] = screening.SliceRead(torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64))
+    lost = torch.cat([torch.ones(first), torch.zeros(20), torch.ones(second - 20)]).double()  # 20 lost, all on the second
+    drift = torch.cat([torch.zeros(first), torch.full((20,), -1.0), torch.zeros(second - 20)]).double()
+    monkeypatch.setattr(screen, "_read", _staged_reads(lost, drift))
+    value, full = screen.score((2,), ((1,), 0.9), _never, lambda key: None)
+    assert not full and value == pytest.approx(0.9 - 20 / n)   # the estimate reads both slices
+    assert (screen.stats.second_reads, screen.stats.kept_out, screen.stats.promoted) == (1, 1, 0)
+
+
+def test_a_plan_promising_on_both_slices_is_promoted_with_both_reads_kept(monkeypatch):
+    screen = _screen(seeded(small_cnn, 0).eval())
+    n = screen.slices.num_samples
+    screen.reads[(1,)] = screening.SliceRead(torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64))
+    monkeypatch.setattr(screen, "_read", _staged_reads(torch.ones(n, dtype=torch.float64),
+                                                       torch.zeros(n, dtype=torch.float64)))
+    assert screen.score((2,), ((1,), 0.9), lambda: 0.93, lambda key: None) == (0.93, True)
+    assert screen.stats.second_reads == 1 and len(screen.reads[(2,)].gains) == n   # a plan to beat from now on
+
+
+@pytest.mark.parametrize("total,sizes", [(300, [64, 118]), (1000, [64, 192]), (150, [64])])
+def test_the_slices_are_disjoint_seeded_samples_the_second_at_most_half_of_the_rest(total, sizes):
+    from torch_rlprune.rewards.calibration import CalibrationSet
+    from torch_rlprune.rewards.screening import staged_slices
+
+    search_part = CalibrationSet(list(torch.arange(total, dtype=torch.float32)[:, None].split(128)), None, False)
+    slices = staged_slices(search_part, 64, seed=3)
+    assert [len(x) for x in slices.inputs] == sizes
+    ids = torch.cat(slices.inputs).flatten().long()
+    assert len(set(ids.tolist())) == len(ids) and 0 <= int(ids.min()) and int(ids.max()) < total
+    assert all(bool((x.flatten()[1:] > x.flatten()[:-1]).all()) for x in slices.inputs)   # in their order
+    assert torch.equal(staged_slices(search_part, 64, seed=3).inputs[0], slices.inputs[0])
+    assert not torch.equal(staged_slices(search_part, 64, seed=4).inputs[0], slices.inputs[0])

@@ -290,3 +290,21 @@ def test_the_prior_is_a_candidate_even_when_every_top_plan_beat_it_on_the_search
     expected = (0, 4) if chosen == "prior" else (2, 2)
     assert tuple(env.best_by_target[0.5].k) == expected
     assert selection.selection_score == max(prior_held_out, 0.65)
+
+
+@pytest.mark.parametrize("other_held_out,chosen", [(0.9, (4, 0)), (0.5, (2, 2))])
+def test_every_prior_candidate_is_compared_not_only_the_anchor(other_held_out, chosen):
+    """The actions were anchored to global magnitude (best on the search part); LAMP, worse there,
+    may still be the best on held-out data, and then the search returns it, as agent="prior" would."""
+    from torch_rlprune.search.selection import PriorChoice, select_plans
+
+    top = [(0.80, (3, 1)), (0.78, (2, 2))]
+    env = ScriptedResults(top, (0, 4), {(3, 1): 0.60, (2, 2): 0.65, (0, 4): 0.55, (4, 0): other_held_out})
+    env.search_scores[(4, 0)] = 0.68
+    priors = {0.5: PriorChoice("global", 0.70, {"global": 0.70, "lamp": 0.68},
+                               {"global": np.array((0, 4)), "lamp": np.array((4, 0))})}
+    selection = select_plans(env, [0.5], lambda: 0.0, priors)[0.5]
+    assert [c[0] for c in selection.candidates] == [0.80, 0.78, 0.70, 0.68]   # the anchor before the other
+    assert tuple(env.best_by_target[0.5].k) == chosen
+    assert select_plans(ScriptedResults(top, (0, 4), env.held_out), [0.5], lambda: 0.0)[0.5].candidates == \
+        [(0.80, 0.60), (0.78, 0.65), (0.70, 0.55)]   # without the choice's plans: the anchor only

@@ -26,6 +26,8 @@ class Agent:
     """One search serves every target in ``env.targets`` (it calls ``env.set_target``)."""
     needs_prior = False
     """Returns nothing but what the prior offers (``rl_prune(prior="none")`` is refused)."""
+    transient = ()
+    """Attributes that are not part of what the agent learned (threads): left out of snapshots."""
 
     def __init__(self, config: Optional[Any] = None, seed: int = 0, **overrides):
         if config is None:
@@ -46,6 +48,10 @@ class Agent:
 
     def search(self, env, episodes: int) -> None:
         raise NotImplementedError
+
+    def settle(self) -> None:
+        """Finish any work in flight (AMC's learner thread), so the agent's state is what a
+        sequential run holds at this point of the search. Agents that work on one thread: nothing."""
 
     def hyperparameters(self) -> Dict[str, Any]:
         return dataclasses.asdict(self.config)

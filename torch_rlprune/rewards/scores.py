@@ -3,7 +3,7 @@ mode under ``inference_mode`` on the fixed calibration batches."""
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -55,9 +55,11 @@ class CalibrationReward(Reward):
 
     calibration: CalibrationSet
 
-    def outputs(self, model: nn.Module) -> List[torch.Tensor]:
-        """The model's outputs on the calibration batches (what ``gains_of_outputs`` reads)."""
-        return list(_forward_all(model, self.calibration.inputs))
+    def outputs(self, model: nn.Module, batches: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+        """The model's outputs on the calibration batches (what ``gains_of_outputs`` reads), or on
+        the batches at positions ``batches`` only."""
+        inputs = self.calibration.inputs
+        return list(_forward_all(model, inputs if batches is None else [inputs[i] for i in batches]))
 
 
 class FidelityReward(CalibrationReward):

@@ -79,9 +79,12 @@ def _to_saveable(value: Any, depth: int = 0):
 
 
 def agent_state(agent) -> Dict[str, Any]:
-    """A snapshot of everything an agent learned and drew so far (config and callables left out)."""
+    """A snapshot of everything an agent learned and drew so far (config, callables and the agent's
+    ``transient`` attributes left out), once the work it has in flight is done (``settle()``)."""
+    getattr(agent, "settle", lambda: None)()
+    left_out = {"config", *getattr(agent, "transient", ())}
     return {name: _to_saveable(value) for name, value in sorted(vars(agent).items())
-            if name != "config" and (isinstance(value, nn.Module) or not callable(value))}
+            if name not in left_out and (isinstance(value, nn.Module) or not callable(value))}
 
 
 def states_equal(a, b) -> bool:

@@ -442,7 +442,7 @@ class Search:
             if coordinator is not None:
                 p.priors = coordinator.share_results(env, p.priors)
             if p.selector is not None:
-                p.selections = select_plans(env, list(targets), p.score_selection_part)
+                p.selections = select_plans(env, list(targets), p.score_selection_part, p.priors)
                 if self.options.synthetic_data:   # noise ranks plans only roughly: the prior unless clearly beaten
                     keep_prior_unless_clearly_better(env, p.selections, p.score_selection_part, p.selection_gains)
             if getattr(space, "timer", None) is not None and targets is not None and len(targets) == 1 \

@@ -59,6 +59,8 @@ class PriorChoice:
     method: str
     score: float
     candidates: Dict[str, float] = field(default_factory=dict)
+    plans: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    """Every candidate's plan: the held-out choice compares them all, not only the one kept."""
 
     def as_dict(self) -> dict:
         return {"method": self.method, "score": self.score, "candidates": dict(self.candidates)}
@@ -87,7 +89,8 @@ def seed_priors(env, plan_of: Callable[[str], np.ndarray], structure: str, prior
             continue
         method = max(scored, key=lambda m: scored[m][0])  # ties: the first in best_of's order
         env.set_prior(scored[method][1], method)
-        choices[target] = PriorChoice(method, scored[method][0], {m: v[0] for m, v in scored.items()})
+        choices[target] = PriorChoice(method, scored[method][0], {m: v[0] for m, v in scored.items()},
+                                      {m: np.array(v[1], dtype=np.int64) for m, v in scored.items()})
     if targets:
         env.set_target(targets[0])
     return choices
@@ -109,12 +112,15 @@ class Selection:
                 **({"prior_test": dict(self.prior_test)} if self.prior_test is not None else {})}
 
 
-def select_plans(env, keys: Sequence[Optional[float]], measure: Callable[[], float]) -> Dict[Optional[float], Selection]:
-    """For each target key, re-score its top plans and its prior with ``measure`` (the selection
+def select_plans(env, keys: Sequence[Optional[float]], measure: Callable[[], float],
+                 priors: Optional[Dict[Optional[float], PriorChoice]] = None) -> Dict[Optional[float], Selection]:
+    """For each target key, re-score its top plans and its priors with ``measure`` (the selection
     part) and make the best the environment's best plan (``best_by_target``); ties keep the better
     search score. Targets whose search kept a single plan are measured too, so the summary can
-    report it. The prior is always a candidate: a search whose top plans all beat it on the search
-    part but not on the held-out part returns it, not the least bad of them."""
+    report it. Every prior candidate (``priors``: LAMP and global magnitude, not only the one the
+    actions were anchored to) is compared: a search whose top plans all beat them on the search
+    part but not on the held-out part returns the best of them on the held-out part, as
+    ``agent="prior"`` would."""
     chosen = {}
     for key in keys:
         top = list(env.top_by_target.get(key, ()))
@@ -123,10 +129,10 @@ def select_plans(env, keys: Sequence[Optional[float]], measure: Callable[[], flo
             continue
         if not top or not any(np.array_equal(p.k, best.k) for p in top):
             top.insert(0, best)
-        prior = getattr(env, "priors", {}).get(key)
-        if prior is not None and not any(np.array_equal(p.k, prior) for p in top):
-            score = env.evaluate(prior)   # on record: every search scores its prior first
-            top.append(BestPlan(score, score, np.array(prior, dtype=np.int64)))
+        for prior, score in _prior_plans(env, key, priors):
+            if not any(np.array_equal(p.k, prior) for p in top):
+                score = env.evaluate(prior) if score is None else score   # on record: scored first
+                top.append(BestPlan(score, score, np.array(prior, dtype=np.int64)))
         held = [env.measure(p.k, measure) for p in top]
         finite = [i for i, v in enumerate(held) if math.isfinite(v)]
         index = max(finite, key=lambda i: (held[i], top[i].reward)) if finite else 0
@@ -134,6 +140,20 @@ def select_plans(env, keys: Sequence[Optional[float]], measure: Callable[[], flo
         best.reward, best.score, best.k = pick.reward, pick.score, np.array(pick.k, dtype=np.int64)
         chosen[key] = Selection(pick.score, held[index], [(p.score, h) for p, h in zip(top, held)], index)
     return chosen
+
+
+def _prior_plans(env, key: Optional[float], priors: Optional[Dict[Optional[float], PriorChoice]]) -> List:
+    """``(plan, search score)`` of target ``key``'s priors, the anchor first. The scores are rank 0's
+    record (every rank of a distributed search selects alone); ``None``: read from ``env``."""
+    plans = []
+    choice = (priors or {}).get(key)
+    if choice is not None and choice.method in choice.plans:
+        order = [choice.method] + [m for m in choice.plans if m != choice.method]
+        plans = [(choice.plans[m], choice.candidates[m]) for m in order]
+    anchor = getattr(env, "priors", {}).get(key)
+    if anchor is not None and not any(np.array_equal(anchor, k) for k, _ in plans):
+        plans.insert(0, (anchor, None))
+    return plans
 
 
 def keep_prior_unless_clearly_better(env, selections: Dict[Optional[float], Selection], measure: Callable[[], float],
