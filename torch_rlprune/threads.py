@@ -7,6 +7,8 @@ which more threads only multiply. Measured on 2 cores (one DDPG update of AMC's 
 actor and critic sizes, Adam): 1.1 ms on 1 thread; on 2 threads 4.6-6 ms, and 61-86 ms
 while another process loads the machine with OpenMP's default busy-waiting. So a search
 runs its agent on one thread and switches back to the caller's count for every scoring pass.
+AMC's learner thread (``AMCConfig.overlap_updates``) updates on one thread too, while the search's
+thread scores the next episode.
 """
 from __future__ import annotations
 
