@@ -43,8 +43,8 @@ class BothPlansMeasured:
     def __init__(self, suite: Suite):
         self.suite, self.choose, self.last = suite, engine.select_plans, None
 
-    def __call__(self, env, keys, measure):
-        chosen = self.choose(env, keys, measure)
+    def __call__(self, env, keys, measure, priors=None):
+        chosen = self.choose(env, keys, measure, priors)
         prepared = measure.__self__          # the bound score_selection_part of the search's PreparedSearch
         key = keys[0]
         chosen_plan, prior = env.best_by_target[key].k, env.priors[key]

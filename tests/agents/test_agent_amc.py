@@ -125,11 +125,17 @@ def test_the_updates_run_off_the_search_thread_and_the_next_episode_acts_one_epi
     assert agent.act(state, explore=False) != acted   # the learned policy, from now on
 
 
-def test_without_overlap_every_episode_acts_with_the_policy_its_predecessor_learned():
-    agent = AMCAgent({"hidden": 16, "warmup": 1, "overlap_updates": False}, seed=0)
-    agent.search(ScriptedEnv(), 4)
-    assert agent.learner is None
-    assert all(torch.equal(a, b) for a, b in zip(agent.actor.parameters(), agent.behaviour.parameters()))
+@pytest.mark.parametrize("overlap", [False, True])
+def test_without_overlap_the_next_episode_acts_with_the_policy_just_learned(overlap):
+    agent = AMCAgent({"hidden": 16, "warmup": 1, "overlap_updates": overlap}, seed=0)
+    env = ScriptedEnv()
+    agent.search(env, 3)
+    before = copy.deepcopy(agent.actor)
+    agent.learn(env.num_steps)   # no settle(): what the next episode would act with
+    learned = all(torch.equal(a, b) for a, b in zip(agent.actor.parameters(), agent.behaviour.parameters()))
+    behind = all(torch.equal(a, b) for a, b in zip(before.parameters(), agent.behaviour.parameters()))
+    assert (learned and not behind) if not overlap else (behind and agent.learner is not None)
+    agent.settle()
 
 
 def test_an_error_in_the_learner_thread_ends_the_search_on_the_search_thread(monkeypatch):

@@ -269,3 +269,23 @@ def test_the_slices_are_disjoint_seeded_samples_the_second_at_most_half_of_the_r
     assert all(bool((x.flatten()[1:] > x.flatten()[:-1]).all()) for x in slices.inputs)   # in their order
     assert torch.equal(staged_slices(search_part, 64, seed=3).inputs[0], slices.inputs[0])
     assert not torch.equal(staged_slices(search_part, 64, seed=4).inputs[0], slices.inputs[0])
+
+
+def test_a_regression_models_first_slice_estimate_is_scaled_by_that_slice():
+    """Squared errors are scaled by the spread of the outputs read: a first-slice estimate read with
+    both slices' spread would be several times too close to the unpruned model."""
+    from torch import nn
+
+    from torch_rlprune.rewards.calibration import CalibrationSet
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1)).eval()
+    torch.manual_seed(0)
+    data = torch.randn(400, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    screen = Screening(model, "fidelity", build_calibration(model, data), 32, seed=0, recalibrate=False, baseline=1.0)
+    assert screen.teacher is None and len(screen.slices.inputs) == 2
+    first = FidelityReward(CalibrationSet(screen.slices.inputs[:1], None, False))
+    first.prepare(model)
+    with torch.no_grad():
+        model[1].weight.mul_(0.5)
+    value, full = screen.score((1,), None, lambda: 0.0, lambda key: None, shaping=True)
+    assert not full and value == pytest.approx(1.0 + first(model) - 1.0) and value < 0.99

@@ -300,7 +300,7 @@ def test_every_prior_candidate_is_compared_not_only_the_anchor(other_held_out, c
 
     top = [(0.80, (3, 1)), (0.78, (2, 2))]
     env = ScriptedResults(top, (0, 4), {(3, 1): 0.60, (2, 2): 0.65, (0, 4): 0.55, (4, 0): other_held_out})
-    env.search_scores[(4, 0)] = 0.68
+    # (4, 0) has no score in env: its search score must come from the record (a follower never scores)
     priors = {0.5: PriorChoice("global", 0.70, {"global": 0.70, "lamp": 0.68},
                                {"global": np.array((0, 4)), "lamp": np.array((4, 0))})}
     selection = select_plans(env, [0.5], lambda: 0.0, priors)[0.5]

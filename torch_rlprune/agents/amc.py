@@ -16,13 +16,15 @@ Algorithm, as in the paper (Sec. 3) and its reference code:
             actor:  maximise Q(s, mu(s));  soft-update target networks (tau)
         delta <- delta * decay
 
-One change of schedule, not of algorithm (``overlap_updates``): an episode's updates run on a
+Two changes of schedule, not of algorithm: an episode's transitions are all stored before its
+updates (the reference code interleaves the two), and (``overlap_updates``) the updates run on a
 learner thread while the next episode is played and scored, so that episode acts with the policy
 from before them (a one-episode lag, as actor-learner DDPG such as Ape-X's). The updates'
 minibatches are drawn on the search's thread, so a seeded search is the same run after run.
 """
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass
 from typing import List, Optional
@@ -83,8 +85,9 @@ class AMCConfig:
     """Uniform init range of the output layers (DDPG, Lillicrap et al. 2016)."""
     overlap_updates: bool = True
     """Run an episode's updates on a learner thread while the next episode is played and scored
-    (that episode acts with the policy one episode behind); ``False``: the paper's order, the
-    updates between the episodes. A third of AMC's screened search time was its updates (1,577
+    (that episode acts with the policy one episode behind); ``False``: the updates between the
+    episodes, after the episode's transitions are stored (the reference code interleaves each
+    write with an update). A third of AMC's screened search time was its updates (1,577
     of ~3 ms each per 100 episodes on one core, the other idle; ``benchmarks/search_cost.py``).
     Whether the policy collapsed on the as-published learning fixture did not depend on it (6 of 18
     seeds with, 5 of 18 without; tests/agents/test_agent_amc.py)."""
@@ -176,8 +179,7 @@ class AMCAgent(Agent):
             self.critic = Critic(state_dim, c.hidden, c.init_w)
             self.actor_target = Actor(state_dim, c.hidden, c.init_w)
             self.critic_target = Critic(state_dim, c.hidden, c.init_w)
-        self.behaviour = Actor(state_dim, c.hidden, c.init_w)   # the policy episodes act with
-        self.behaviour.load_state_dict(self.actor.state_dict())
+        self.behaviour = copy.deepcopy(self.actor)   # the policy episodes act with
         self.learner: Optional[threading.Thread] = None
         self.learner_error: Optional[BaseException] = None
         self.actor_target.load_state_dict(self.actor.state_dict())
@@ -216,9 +218,9 @@ class AMCAgent(Agent):
 
     def settle(self) -> None:
         """Wait for the updates in flight; from now on the episodes act with the learned policy."""
-        learner, self.learner = self.learner, None
-        if learner is not None:
-            learner.join()
+        if self.learner is not None:
+            self.learner.join()   # cleared only once joined: an interrupted join is retried
+            self.learner = None
         error, self.learner_error = self.learner_error, None
         if error is not None:
             raise error

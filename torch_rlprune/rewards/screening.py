@@ -149,6 +149,12 @@ class Screening:
         self.slices = staged_slices(search_part, samples, seed)   # one batch per stage
         self.reward = make_reward(reward, self.slices)
         self.reward.prepare(model)
+        # a score of the first slice alone is read with that slice's reward (a regression output's
+        # error is scaled by the spread of the outputs read; for classifiers both are the same)
+        first = CalibrationSet(self.slices.inputs[:1], self.slices.labels[:1] if self.slices.labels else None,
+                               self.slices.synthetic)
+        self.first_reward = make_reward(reward, first)
+        self.first_reward.prepare(model)
         self.teacher = _log_softmax_rows(self.reward.outputs(model))
         self.norms = BatchNormRecalibration(model, self.slices.inputs) if recalibrate else None
         sizes = [len(x) for x in self.slices.inputs]
@@ -173,7 +179,8 @@ class Screening:
         return SliceRead(gains, -torch.cat(divergence).double())
 
     def _score(self, read: SliceRead) -> float:
-        return self.reward.score_of_gains(read.gains)
+        first = len(read.gains) == len(self.slices.inputs[0])
+        return (self.first_reward if first else self.reward).score_of_gains(read.gains)
 
     def score(self, key: Key, plan_to_beat: Optional[Tuple[Key, float]], full_score: Callable[[], float],
               apply_plan: Callable[[Key], None], shaping: bool = False) -> Tuple[float, bool]:

@@ -60,7 +60,8 @@ class PriorChoice:
     score: float
     candidates: Dict[str, float] = field(default_factory=dict)
     plans: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-    """Every candidate's plan: the held-out choice compares them all, not only the one kept."""
+    """Every candidate's plan that was scored in full (not a screening estimate): the held-out
+    choice compares them all, not only the one kept."""
 
     def as_dict(self) -> dict:
         return {"method": self.method, "score": self.score, "candidates": dict(self.candidates)}
@@ -89,8 +90,10 @@ def seed_priors(env, plan_of: Callable[[str], np.ndarray], structure: str, prior
             continue
         method = max(scored, key=lambda m: scored[m][0])  # ties: the first in best_of's order
         env.set_prior(scored[method][1], method)
+        estimated = getattr(env, "estimated_keys", set())
         choices[target] = PriorChoice(method, scored[method][0], {m: v[0] for m, v in scored.items()},
-                                      {m: np.array(v[1], dtype=np.int64) for m, v in scored.items()})
+                                      {m: np.array(v[1], dtype=np.int64) for m, v in scored.items()
+                                       if tuple(int(x) for x in v[1]) not in estimated})
     if targets:
         env.set_target(targets[0])
     return choices
