@@ -215,3 +215,25 @@ def test_amc_learns_plans_better_than_its_random_warmup(seed, trained_fmnist_cnn
     # learned (the two asserts above); what must hold is that the search never loses it
     assert result.plan.score >= max(warmup), "the search returned a plan worse than its best warm-up plan"
     assert_budget_met(mask_sparsity(trained_fmnist_cnn), LEARNING_TARGET)
+
+
+def test_an_error_in_the_learner_is_not_lost_when_the_search_stops_normally(monkeypatch):
+    """Patience or a time budget end the loop with SearchStopped; the learner's failure must still surface."""
+    from torch_rlprune.search.stopping import SearchStopped
+
+    class StoppingEnv(ScriptedEnv):
+        def step(self, action):
+            out = super().step(action)
+            if out[2] and len(self.rewards) == 3:
+                raise SearchStopped("patience")
+            return out
+
+    def failing(self, idx=None):
+        raise FloatingPointError("update failed")
+
+    monkeypatch.setattr(AMCAgent, "update", failing)
+    with pytest.raises(FloatingPointError, match="update failed"):
+        AMCAgent({"hidden": 16, "warmup": 1}, seed=0).search(StoppingEnv(), 10)
+    monkeypatch.undo()
+    with pytest.raises(SearchStopped):   # without a failure, the stop itself goes through
+        AMCAgent({"hidden": 16, "warmup": 1}, seed=0).search(StoppingEnv(), 10)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..search.stopping import SearchStopped
 from ..threads import agent_threads
 from . import register_agent
 from .base import Agent
@@ -295,6 +296,9 @@ class AMCAgent(Agent):
                     self.learn(len(trajectory))
                     self.delta *= decay
             self.settle()
+        except SearchStopped:   # a normal end (patience, time budget): the learner's error still counts
+            self.settle()
+            raise
         except BaseException:
             self._abandon_learner()
             raise
