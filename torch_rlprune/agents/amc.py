@@ -33,10 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..search.stopping import SearchStopped
 from ..threads import agent_threads
 from . import register_agent
-from .base import Agent
+from .base import Agent, LoopEnded
 
 
 @dataclass
@@ -296,7 +295,7 @@ class AMCAgent(Agent):
                     self.learn(len(trajectory))
                     self.delta *= decay
             self.settle()
-        except SearchStopped:   # a normal end (patience, time budget): the learner's error still counts
+        except LoopEnded:   # a normal end (patience, time budget): the learner's error still counts
             self.settle()
             raise
         except BaseException:

@@ -6,7 +6,12 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-__all__ = ["Agent"]
+__all__ = ["Agent", "LoopEnded"]
+
+
+class LoopEnded(Exception):
+    """Raised from the environment (an episode callback) to end an agent's loop on purpose, not as a
+    failure: the search's stop rule (``search/stopping.py``) raises a subclass."""
 
 
 class Agent:

@@ -12,10 +12,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
+from ..agents.base import LoopEnded
+
 __all__ = ["SearchStopped", "StopRule"]
 
 
-class SearchStopped(Exception):
+class SearchStopped(LoopEnded):
     """Raised at the end of an episode to end the agent's loop; never leaves the search."""
 
     def __init__(self, reason: str):
