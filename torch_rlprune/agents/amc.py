@@ -203,7 +203,7 @@ class AMCAgent(Agent):
         batches = [self.memory.draw(self.rng, self.config.batch_size) for _ in range(steps)]
         if not self.config.overlap_updates:
             self._updates(batches)
-            self.settle()
+            self._adopt_learned()
             return
         self.learner = threading.Thread(target=self._updates, args=(batches,), name="amc-learner", daemon=True)
         self.learner.start()
@@ -217,10 +217,16 @@ class AMCAgent(Agent):
             self.learner_error = error
 
     def settle(self) -> None:
-        """Wait for the updates in flight; from now on the episodes act with the learned policy."""
-        if self.learner is not None:
-            self.learner.join()   # cleared only once joined: an interrupted join is retried
-            self.learner = None
+        """Wait for the updates in flight; from now on the episodes act with the learned policy.
+        Nothing in flight: nothing to do (the behaviour policy already is the learned one)."""
+        if self.learner is None:
+            return
+        self.learner.join()   # cleared only once joined: an interrupted join is retried
+        self.learner = None
+        self._adopt_learned()
+
+    def _adopt_learned(self) -> None:
+        """After updates: raise their error, or make the learned policy the one episodes act with."""
         error, self.learner_error = self.learner_error, None
         if error is not None:
             raise error
