@@ -368,8 +368,9 @@ class ScriptedScreening:
     """Keeps out every plan it may and remembers what it was asked. The contract it plays: a plan
     kept out is estimated below the plan to beat; a shaping plan is always an estimate."""
 
-    def __init__(self):
+    def __init__(self, below: float = 1.0):
         self.asked = []
+        self.below = below
 
     def score(self, key, plan_to_beat, full_score, apply_plan, shaping=False):
         self.asked.append((key, plan_to_beat, shaping))
@@ -377,12 +378,14 @@ class ScriptedScreening:
             return 5.0, False        # above anything measured: it must never become a result
         if plan_to_beat is None:
             return float(full_score()), True
-        return plan_to_beat[1] - 1.0, False
+        return plan_to_beat[1] - self.below, False
 
 
-def test_with_screening_only_measured_plans_become_results(model, x):
+# just below the best: above the runner-up, yet an estimate is never a candidate for the held-out choice
+@pytest.mark.parametrize("below", [1.0, 1e-6])
+def test_with_screening_only_measured_plans_become_results(model, x, below):
     env, score = build_env(model, x, target=0.6)
-    env.screening, env.keep_top = ScriptedScreening(), 2
+    env.screening, env.keep_top = ScriptedScreening(below), 2
     for name in ("alternating", "alternating from 1", "scattered", "always 0", "always 1"):
         run_episode(env, POLICIES[name])
     measured = [key for key, bar, _ in env.screening.asked if bar is None]

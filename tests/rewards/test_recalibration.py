@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from torch_rlprune import rl_prune
-from torch_rlprune.rewards.recalibration import BatchNormRecalibration
+from torch_rlprune.rewards.recalibration import BatchNormRecalibration, PlanStatistics
 
 from helpers import ModelState, RaisingReward, inputs, seeded
 
@@ -103,6 +103,61 @@ def test_a_multi_target_plan_is_applied_with_the_statistics_it_was_scored_with()
     scorer = make_reward("fidelity", build_calibration(model, x, None, 256, seed=0))
     scorer.prepare(model)
     assert scorer(host) == pytest.approx(multi[0.7].plan.score, abs=1e-9)  # the model that was scored
+
+
+def test_kept_statistics_equal_a_fresh_estimate_and_stay_within_their_bound():
+    model = seeded(small_cnn, 0).eval()
+    x = inputs((64, 1, 16, 16))
+    recalibrate = BatchNormRecalibration(model, [x[:32], x[32:]])
+    conv = model[3]
+    plans = {name: torch.rand_like(conv.weight).gt(fraction).float()
+             for name, fraction in (("a", 0.3), ("b", 0.6), ("c", 0.8))}
+    original = conv.weight.detach().clone()
+
+    def mask(name):
+        with torch.no_grad():
+            conv.weight.copy_(original * plans[name])
+
+    fresh = {}
+    for name in plans:
+        mask(name)
+        recalibrate()
+        fresh[name] = running_stats(model)
+    kept = PlanStatistics(recalibrate, max_bytes=2 * PlanStatistics(recalibrate, 0).bytes_per_plan)
+    for name in ("a", "b", "a"):          # "a" last used: "b" is the oldest when "c" arrives
+        mask(name)
+        kept.refresh(name)
+    assert (kept.estimated, kept.reused) == (2, 1)
+    assert all(torch.equal(u[0], v[0]) and torch.equal(u[1], v[1]) for u, v in zip(running_stats(model), fresh["a"]))
+    mask("c")
+    kept.refresh("c")
+    assert list(kept.kept) == ["a", "c"]
+    mask("b")
+    kept.refresh(None)                    # a plan nobody named is estimated, never kept
+    kept.refresh("b")                     # dropped by the bound: estimated again
+    assert (kept.estimated, kept.reused, list(kept.kept)) == (5, 1, ["c", "b"])
+    assert all(torch.equal(u[0], v[0]) for u, v in zip(running_stats(model), fresh["b"]))
+
+
+def test_held_out_choice_reuses_each_plans_statistics_with_the_same_results(monkeypatch):
+    """The held-out choice loads the statistics its candidates' full scores estimated instead of
+    estimating them again: the same choice, scores and model as when every score re-estimates."""
+    import torch_rlprune.search.engine as engine
+
+    x = inputs((384, 1, 16, 16))
+    runs, default = {}, engine.STATISTICS_BYTES
+    for bound in (default, 0):
+        monkeypatch.setattr(engine, "STATISTICS_BYTES", bound)
+        model = seeded(small_cnn, 0).eval()
+        result = rl_prune(model, 0.8, data=x, agent="random", episodes=8, verbose=False,
+                          calibration_samples=384, seed=1)
+        runs[bound] = (result.plan.metadata, model.state_dict())
+    (kept, kept_state), (fresh, fresh_state) = runs[default], runs[0]
+    assert kept["bn_statistics"]["reused"] >= len(kept["selection"]["candidates"]) - 1
+    assert fresh["bn_statistics"]["reused"] == 0
+    assert kept["selection"] == fresh["selection"]
+    assert list(kept_state) == list(fresh_state)
+    assert all(torch.equal(kept_state[name], fresh_state[name]) for name in kept_state)
 
 
 def test_failed_search_with_recalibration_leaves_the_model_untouched():

@@ -435,6 +435,7 @@ class DepthWidthEnv(BestPlanResults):
     # ----------------------------------------------------------------- scoring
     def apply(self, k: np.ndarray) -> None:
         """Mask the plan in place: blocks through the prune API, channels with the structure's masks."""
+        self.scoring_key = None   # named again by whoever scores this plan: nothing keyed on a stale plan
         removed, counts = self.split(k)
         if not np.array_equal(removed, self._masked):
             # in-place channel zeros off first: (un)masking a block re-parametrises its tensors

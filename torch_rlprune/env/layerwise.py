@@ -151,12 +151,17 @@ class BestPlanResults:
 
     def _offer(self, reward: float, score: float, k: np.ndarray) -> None:
         """A candidate result of the current target: the best if it beats it, and one of the top
-        ``keep_top`` (distinct plans) if it beats the last of them."""
+        ``keep_top`` (distinct plans) if it beats the last of them. A plan whose score is a
+        screening estimate is no candidate: kept out as unlikely to beat the best, it may still
+        look better than the last runner-up, and the held-out choice would then compare (and
+        report) a score nobody measured."""
+        key = tuple(int(v) for v in k)
+        if key in self.estimated_keys:
+            return
         best = self._best
         if reward > best.reward:
             best.reward, best.score, best.k = reward, score, np.array(k, dtype=np.int64)
         top = self.top_by_target.setdefault(self._best_key(), [])
-        key = tuple(int(v) for v in k)
         if any(tuple(int(v) for v in p.k) == key for p in top):
             return
         if len(top) < self.keep_top or reward > top[-1].reward:
@@ -172,6 +177,7 @@ class BestPlanResults:
     def on_plan(self, k: np.ndarray, fn: Callable):
         """``fn()`` with plan ``k`` applied, as :meth:`measure` scores, whatever ``fn`` returns."""
         self.apply(np.asarray(k, dtype=np.int64))
+        self.scoring_key = tuple(int(v) for v in k)
         return self._scoring(fn)
 
     def _scoring(self, score_fn: Callable):
@@ -479,6 +485,7 @@ class LayerwisePruningEnv(BestPlanResults):
         return self._score_plan(tuple(int(v) for v in k), shaping=True)
 
     def apply(self, k) -> None:
+        self.scoring_key = None   # named again by whoever scores this plan: nothing keyed on a stale plan
         for mask, kk in zip(self.masks, k):
             mask.set_k(int(kk))
         if self.prefix_cache is not None:

@@ -8,14 +8,15 @@ plan is worth rather than how stale the statistics are.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Sequence
+from collections import OrderedDict
+from typing import Hashable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..structure.inputs import run_model
 
-__all__ = ["BatchNormRecalibration"]
+__all__ = ["BatchNormRecalibration", "PlanStatistics"]
 
 
 class BatchNormRecalibration:
@@ -66,6 +67,17 @@ class BatchNormRecalibration:
                 m.track_running_stats = True
                 m.eval()
 
+    def statistics(self) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """A copy of every BatchNorm's running statistics (mean, variance, count), as :meth:`load` takes."""
+        return [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in self.norms]
+
+    @torch.no_grad()
+    def load(self, statistics: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        for m, (mean, var, count) in zip(self.norms, statistics):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+
     @torch.no_grad()
     def restore(self) -> None:
         for m, (mean, var, count, momentum) in zip(self.norms, self.saved):
@@ -73,3 +85,44 @@ class BatchNormRecalibration:
             m.running_var.copy_(var)
             m.num_batches_tracked.copy_(count)
             m.momentum = momentum
+
+
+class PlanStatistics:
+    """Each plan's re-estimated statistics, kept from the score that estimated them.
+
+    A search re-estimates BatchNorm before every full score; the held-out choice then scores its
+    candidates again, on other data but with statistics from the same batches, so re-estimating
+    them there repeats a forward per candidate for the same numbers. ``refresh(key)`` loads the
+    statistics kept for plan ``key`` (the plan whose masks are applied) or re-estimates and keeps
+    them; ``key=None`` (a plan nobody named) always re-estimates. At most ``max_bytes`` are kept,
+    the least recently used dropped first: a dropped plan is re-estimated, never scored otherwise.
+    """
+
+    def __init__(self, recalibrate: BatchNormRecalibration, max_bytes: int):
+        self.recalibrate = recalibrate
+        self.max_bytes = int(max_bytes)
+        self.kept: "OrderedDict[Hashable, list]" = OrderedDict()
+        self.bytes_per_plan = sum(2 * m.running_mean.numel() * m.running_mean.element_size() + 8
+                                  for m in recalibrate.norms)
+        self.reused = 0
+        self.estimated = 0
+
+    def as_dict(self) -> dict:
+        """What the search's metadata reports: estimates made, estimates reused, and the bound."""
+        return {"estimated": self.estimated, "reused": self.reused, "kept": len(self.kept),
+                "bytes_per_plan": self.bytes_per_plan, "max_bytes": self.max_bytes}
+
+    def refresh(self, key: Optional[Hashable]) -> None:
+        kept = None if key is None else self.kept.get(key)
+        if kept is not None:
+            self.kept.move_to_end(key)
+            self.recalibrate.load(kept)
+            self.reused += 1
+            return
+        self.recalibrate()
+        self.estimated += 1
+        if key is None or self.bytes_per_plan > self.max_bytes:
+            return
+        self.kept[key] = self.recalibrate.statistics()
+        while len(self.kept) * self.bytes_per_plan > self.max_bytes:
+            self.kept.popitem(last=False)

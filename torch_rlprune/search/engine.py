@@ -25,7 +25,7 @@ from ..options import STRUCTURE_DEFAULTS, PruneOptions, SearchQuality
 from ..plan import PruningPlan
 from ..results import MultiTargetResult, PruneResult
 from ..rewards.calibration import build_calibration, primary_output
-from ..rewards.recalibration import BatchNormRecalibration
+from ..rewards.recalibration import BatchNormRecalibration, PlanStatistics
 from ..rewards.repair import LeastSquaresRefit
 from ..rewards.scores import REWARDS, make_reward
 from ..rewards.screening import DEFAULT_SCREEN_SAMPLES, MIN_SCREENED_SHARE, Screening
@@ -38,6 +38,10 @@ from .checkpoint import SearchRecorder
 from .distributed import SplittableReward, check_same_calibration, shard
 from .selection import keep_prior_unless_clearly_better, seed_priors, select_plans, split_calibration
 from .stopping import StopRule
+
+STATISTICS_BYTES = 16 * 2 ** 20
+"""The most memory kept for plans' BatchNorm statistics (:class:`PlanStatistics`): resnet18's are
+38 KB a plan, so a search keeps every plan it scored in full; a larger model drops the oldest."""
 
 __all__ = ["PreparedSearch", "prepare_search", "score_priors", "Search", "search_fingerprint"]
 
@@ -56,6 +60,7 @@ class PreparedSearch:
     selector: Optional[object] = None          # scores the held-out selection part (None: no selection)
     priors: Dict[float, object] = field(default_factory=dict)  # target -> PriorChoice, once seeded
     selections: Dict[Optional[float], object] = field(default_factory=dict)  # key -> Selection
+    statistics: Optional[PlanStatistics] = None  # each plan's BatchNorm statistics, kept from its full score
 
     @property
     def calibration_samples(self) -> int:
@@ -71,15 +76,23 @@ class PreparedSearch:
 
     def selection_gains(self) -> torch.Tensor:
         """The current masks' per-sample gains on the selection part (:meth:`score_selection_part`'s terms)."""
-        if self.recalibrate:
-            self.recalibrate()
+        self.refresh_statistics()
         return self.selector.sample_gains(self.space.model)
 
     def score_selection_part(self) -> float:
         """The current masks scored on the selection part, BatchNorm re-estimated on the search part."""
-        if self.recalibrate:
-            self.recalibrate()
+        self.refresh_statistics()
         return float(self.selector(self.space.model))
+
+    def refresh_statistics(self) -> None:
+        """BatchNorm statistics re-estimated for the applied plan (``env.scoring_key``), or the ones
+        its full score estimated on the same batches (``statistics``)."""
+        if not self.recalibrate:
+            return
+        if self.statistics is None:
+            self.recalibrate()
+        else:
+            self.statistics.refresh(getattr(self.env, "scoring_key", None))
 
 
 def prepare_search(model: nn.Module, layers, options: PruneOptions, data, exclude=None, example_inputs=None,
@@ -102,9 +115,15 @@ def prepare_search(model: nn.Module, layers, options: PruneOptions, data, exclud
         selector = make_reward(o.reward, selection_part)
         selector.prepare(model)
     recalibrate = BatchNormRecalibration(model, calibration.inputs[:int(o.bn_recalibration)])
+    # every rank re-estimates for itself under torch.distributed: keeping statistics on one rank only
+    # would make the ranks' models differ by the rounding of two estimates
+    statistics = PlanStatistics(recalibrate, STATISTICS_BYTES) if recalibrate and distributed is None else None
+    env = None
 
     def score() -> float:
-        if recalibrate:
+        if statistics is not None:
+            statistics.refresh(getattr(env, "scoring_key", None))   # the plan the environment is scoring
+        elif recalibrate:
             recalibrate()
         return scorer(model)
 
@@ -126,7 +145,7 @@ def prepare_search(model: nn.Module, layers, options: PruneOptions, data, exclud
         recalibrate.restore()
         raise
     return PreparedSearch(space, env, scorer, calibration, recalibrate, baseline, forward_seconds, floor,
-                          o.quality, selector)
+                          o.quality, selector, statistics=statistics)
 
 
 def _space_on_data(model, layers, options: PruneOptions, calibration, exclude):
@@ -476,6 +495,8 @@ class Search:
             mode["screening"] = env.screening.stats.as_dict()
         if env.prefix_cache is not None:
             mode["prefix_cache"] = env.prefix_cache.stats.as_dict()
+        if p.statistics is not None:
+            mode["bn_statistics"] = p.statistics.as_dict()
 
         if self.resumed is not None:
             mode["resume"] = {"replayed_plans": len(env.replayed_keys), "remeasured": self.recorder.remeasured}
