@@ -401,6 +401,21 @@ def test_with_screening_only_measured_plans_become_results(model, x, below):
     assert env.scoring_seconds > 0 and score.calls == 2
 
 
+def test_a_plan_chosen_after_the_search_is_scored_in_full_never_screened_out(model, x):
+    """A result chosen after the search (e.g. rescaled onto a measured latency) gets a measured score,
+    even where screening would keep it out against the search's best."""
+    env, score = build_env(model, x, target=0.6)
+    env.screening, env.keep_top = ScriptedScreening(), 1
+    run_episode(env, POLICIES["always 0"])
+    run_episode(env, POLICIES["always 1"])            # kept out against the first: an estimate
+    estimated = next(iter(env.estimated_keys))
+    assert env.evaluate(np.array(estimated)) < env.best_reward     # as a search asks: still an estimate
+    calls = score.calls
+    measured = env.evaluate(np.array(estimated), full=True)
+    assert env.screening.asked[-1] == (estimated, None, False) and score.calls == calls + 1
+    assert estimated not in env.estimated_keys and env.evaluate(np.array(estimated)) == measured
+
+
 def test_dense_shaping_scores_are_estimates_and_a_result_is_scored_again(model, x):
     env, score = build_env(model, x, target=0.6)
     env.screening, env.dense = ScriptedScreening(), True

@@ -448,14 +448,16 @@ class DepthWidthEnv(BestPlanResults):
                 self._masked[i] = True
         self.structure.set_counts(np.where(self.cost_model.inactive_groups(removed), 0, counts))
 
-    def evaluate(self, k: np.ndarray) -> float:
-        """Score a plan; identical plans (same blocks, same counts) are scored once."""
+    def evaluate(self, k: np.ndarray, full: bool = False) -> float:
+        """Score a plan; identical plans (same blocks, same counts) are scored once (``full``: see
+        :meth:`LayerwisePruningEnv.evaluate`)."""
         removed, counts = self.split(k)
         counts = np.where(self.cost_model.inactive_groups(removed), 0, self.cost_model.effective(counts))
-        return self._score_plan(tuple(int(v) for v in self.join(removed, counts)))
+        return self._score_plan(tuple(int(v) for v in self.join(removed, counts)), full=full)
 
     def restore(self) -> None:
         """Every tensor back exactly as before the search: channel zeros first, then block masks."""
+        self.scoring_key = None
         self.structure.restore()
         for i in np.nonzero(self._masked)[0]:
             unmask_block(self.blocks[i])

@@ -211,18 +211,20 @@ class BestPlanResults:
     def best_k(self) -> Optional[np.ndarray]:
         return self._best.k
 
-    def _score_plan(self, key: Tuple[int, ...], shaping: bool = False) -> float:
+    def _score_plan(self, key: Tuple[int, ...], shaping: bool = False, full: bool = False) -> float:
         """The score of plan ``key``: from this search's cache, from the record of the search
         being resumed (``replay``, see :mod:`torch_rlprune.search.checkpoint`), or measured.
         ``shaping``: the score only shapes a reward (an estimate will do, see ``screening``); a
-        plan whose cached score is an estimate is scored again when it may become a result."""
+        plan whose cached score is an estimate is scored again when it may become a result.
+        ``full``: the plan is a result whatever the plan to beat (chosen after the search): never
+        screened out."""
         if key not in self._cache or (key in self.estimated_keys and not shaping):
             if key in self.replay:
                 self._cache[key] = self.replay.pop(key)
                 self.replayed_keys.add(key)
             else:
-                self._cache[key], full = self._measure(key, shaping)
-                (self.estimated_keys.discard if full else self.estimated_keys.add)(key)
+                self._cache[key], measured = self._measure(key, shaping, full)
+                (self.estimated_keys.discard if measured else self.estimated_keys.add)(key)
             self.evaluations += 1
         return self._cache[key]
 
@@ -236,11 +238,12 @@ class BestPlanResults:
             return self.score_fn()
         return score
 
-    def _measure(self, key: Tuple[int, ...], shaping: bool) -> Tuple[float, bool]:
-        """``(score, full)``: the full score, or the screening's (an estimate when ``full`` is False)."""
+    def _measure(self, key: Tuple[int, ...], shaping: bool, full: bool = False) -> Tuple[float, bool]:
+        """``(score, measured)``: the full score, or the screening's (an estimate when ``measured``
+        is False); ``full``: nothing to beat, so screening scores it in full."""
         if self.screening is None:
             return self.remeasure(key), True
-        bar = None if shaping else self.plan_to_beat()
+        bar = None if shaping or full else self.plan_to_beat()
         self.apply(key)
         self.scoring_key = key
         return self._scoring(lambda: self.screening.score(key, bar, self._full_score(key), self.apply, shaping))
@@ -475,9 +478,10 @@ class LayerwisePruningEnv(BestPlanResults):
         """Entries of a plan: one count per layer."""
         return len(self.layers)
 
-    def evaluate(self, k: np.ndarray) -> float:
-        """Score a plan (per-layer counts); identical plans are scored once."""
-        return self._score_plan(tuple(int(v) for v in k))
+    def evaluate(self, k: np.ndarray, full: bool = False) -> float:
+        """Score a plan (per-layer counts); identical plans are scored once. ``full``: a plan that
+        becomes a result whatever it is measured at, so never a screening estimate."""
+        return self._score_plan(tuple(int(v) for v in k), full=full)
 
     def estimate(self, k: np.ndarray) -> float:
         """Score a plan that only shapes a reward (never a result as it is): with ``screening``
@@ -575,6 +579,7 @@ class LayerwisePruningEnv(BestPlanResults):
 
     def restore(self) -> None:
         """Put every tensor back exactly as it was before the search (and free any stored prefix)."""
+        self.scoring_key = None
         for mask in self.masks:
             mask.restore()
         if self.prefix_cache is not None:

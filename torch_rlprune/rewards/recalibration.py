@@ -109,8 +109,8 @@ class PlanStatistics:
 
     def as_dict(self) -> dict:
         """What the search's metadata reports: estimates made, estimates reused, and the bound."""
-        return {"estimated": self.estimated, "reused": self.reused, "kept": len(self.kept),
-                "bytes_per_plan": self.bytes_per_plan, "max_bytes": self.max_bytes}
+        return {"estimated": self.estimated, "reused": self.reused, "bytes_per_plan": self.bytes_per_plan,
+                "max_bytes": self.max_bytes}
 
     def refresh(self, key: Optional[Hashable]) -> None:
         kept = None if key is None else self.kept.get(key)

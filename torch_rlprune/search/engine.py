@@ -115,9 +115,10 @@ def prepare_search(model: nn.Module, layers, options: PruneOptions, data, exclud
         selector = make_reward(o.reward, selection_part)
         selector.prepare(model)
     recalibrate = BatchNormRecalibration(model, calibration.inputs[:int(o.bn_recalibration)])
-    # every rank re-estimates for itself under torch.distributed: keeping statistics on one rank only
-    # would make the ranks' models differ by the rounding of two estimates
-    statistics = PlanStatistics(recalibrate, STATISTICS_BYTES) if recalibrate and distributed is None else None
+    # only the held-out choice reuses them; every rank re-estimates for itself under torch.distributed:
+    # keeping statistics on one rank only would make the ranks' models differ by the rounding of two estimates
+    statistics = PlanStatistics(recalibrate, STATISTICS_BYTES) \
+        if recalibrate and selector is not None and distributed is None else None
     env = None
 
     def score() -> float:
@@ -282,7 +283,7 @@ def rescore(prepared: PreparedSearch, key: float, k: np.ndarray) -> None:
     ``key`` with scores measured on it: the search part and, when held out, the selection part."""
     env, best = prepared.env, prepared.env.best_by_target[key]
     best.k = np.array(k, dtype=np.int64)
-    best.score = best.reward = env.evaluate(best.k)
+    best.score = best.reward = env.evaluate(best.k, full=True)   # a result: never a screening estimate
     selection = prepared.selections.get(key)
     if selection is not None:
         selection.search_score = best.score
@@ -472,6 +473,8 @@ class Search:
             bar.close()
             env.restore()
             p.recalibrate.restore()
+            if p.statistics is not None:
+                p.statistics.kept.clear()
             if getattr(space, "timer", None) is not None:
                 space.timer.close()
         self.search_seconds = time.perf_counter() - started
