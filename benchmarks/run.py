@@ -1,6 +1,6 @@
 """The benchmark suite: every agent against honest baselines at an equal evaluation budget.
 
-    make bench                               # python benchmarks/run.py         (about 2 hours, 2 cores)
+    make bench                               # python benchmarks/run.py         (about 40 min on 2 cores)
     python benchmarks/run.py --only channel  # one structure again, its rows replaced in bench.json
     python benchmarks/run.py --only memory   # only the peak-memory probes again
     python benchmarks/run.py --quick         # one seed, one target each, small budgets (minutes)
