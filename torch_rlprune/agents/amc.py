@@ -232,10 +232,10 @@ class AMCAgent(Agent):
             raise error
         self.behaviour.load_state_dict(self.actor.state_dict())
 
-    def update(self, idx: Optional[np.ndarray] = None) -> None:
-        """One DDPG update on the minibatch at positions ``idx`` of the replay (``None``: drawn now)."""
+    def update(self, idx: np.ndarray) -> None:
+        """One DDPG update on the minibatch at positions ``idx`` of the replay (drawn by :meth:`learn`)."""
         c = self.config
-        s, a, r, s2, done = self.memory.take(self.memory.draw(self.rng, c.batch_size) if idx is None else idx)
+        s, a, r, s2, done = self.memory.take(idx)
         batch_mean = float(r.mean())
         if self.moving_average is None:
             self.moving_average = batch_mean

@@ -112,6 +112,10 @@ class PlanStatistics:
         return {"estimated": self.estimated, "reused": self.reused, "bytes_per_plan": self.bytes_per_plan,
                 "max_bytes": self.max_bytes}
 
+    def clear(self) -> None:
+        """Drop every plan's statistics (the search is over); the counts stay for its report."""
+        self.kept.clear()
+
     def refresh(self, key: Optional[Hashable]) -> None:
         kept = None if key is None else self.kept.get(key)
         if kept is not None:

@@ -85,14 +85,8 @@ class PreparedSearch:
         return float(self.selector(self.space.model))
 
     def refresh_statistics(self) -> None:
-        """BatchNorm statistics re-estimated for the applied plan (``env.scoring_key``), or the ones
-        its full score estimated on the same batches (``statistics``)."""
-        if not self.recalibrate:
-            return
-        if self.statistics is None:
-            self.recalibrate()
-        else:
-            self.statistics.refresh(getattr(self.env, "scoring_key", None))
+        """BatchNorm statistics for the applied plan, as every score of it has them (:func:`_refresh`)."""
+        _refresh(self.recalibrate, self.statistics, self.env)
 
 
 def prepare_search(model: nn.Module, layers, options: PruneOptions, data, exclude=None, example_inputs=None,
@@ -122,10 +116,7 @@ def prepare_search(model: nn.Module, layers, options: PruneOptions, data, exclud
     env = None
 
     def score() -> float:
-        if statistics is not None:
-            statistics.refresh(getattr(env, "scoring_key", None))   # the plan the environment is scoring
-        elif recalibrate:
-            recalibrate()
+        _refresh(recalibrate, statistics, env)
         return scorer(model)
 
     try:  # from here on BatchNorm statistics get re-estimated in place: undo that on any failure
@@ -147,6 +138,15 @@ def prepare_search(model: nn.Module, layers, options: PruneOptions, data, exclud
         raise
     return PreparedSearch(space, env, scorer, calibration, recalibrate, baseline, forward_seconds, floor,
                           o.quality, selector, statistics=statistics)
+
+
+def _refresh(recalibrate: BatchNormRecalibration, statistics: Optional[PlanStatistics], env) -> None:
+    """BatchNorm statistics re-estimated for the plan ``env`` is scoring (``env.scoring_key``; no
+    environment yet: the unpruned model), or the ones kept from an earlier score of it (``statistics``)."""
+    if statistics is not None:
+        statistics.refresh(getattr(env, "scoring_key", None))
+    elif recalibrate:
+        recalibrate()
 
 
 def _space_on_data(model, layers, options: PruneOptions, calibration, exclude):
@@ -474,7 +474,7 @@ class Search:
             env.restore()
             p.recalibrate.restore()
             if p.statistics is not None:
-                p.statistics.kept.clear()
+                p.statistics.clear()
             if getattr(space, "timer", None) is not None:
                 space.timer.close()
         self.search_seconds = time.perf_counter() - started
