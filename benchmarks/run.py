@@ -18,7 +18,8 @@ docs/BENCHMARKS.md section between the ``bench`` markers):
 * quality -- unstructured targets 0.5/0.8/0.9/0.95 of the weights and channel target 0.5 of
   the MACs, over seeds (mean and min-max): test accuracy with no fine-tune and after the same
   fixed short fine-tune (masks kept) for the one-liners (uniform per-layer L1, global
-  magnitude, LAMP), the same heuristics with the searches' BatchNorm repair (``agent="prior"``),
+  magnitude, LAMP), the same heuristics with the searches' BatchNorm repair (``agent="prior"``;
+  LAMP also with the least-squares refit rl_prune adds from 90% of the weights),
   torch-pruning uniform and global channel pruning (group L2 magnitude, the channel ratio
   bisected onto the MACs target, the same BatchNorm re-estimation), the best channel prior
   with and without the least-squares refit (``repair``), random search with everything the
@@ -66,6 +67,7 @@ from torch_rlprune.demo.data import fashion_mnist, tensor_subset  # noqa: E402
 from torch_rlprune.env.depth_width import count_macs_params_removed  # noqa: E402
 from torch_rlprune.env.priors import global_magnitude_unstructured, lamp_unstructured, uniform_unstructured  # noqa: E402
 from torch_rlprune.rewards.recalibration import BatchNormRecalibration  # noqa: E402
+from torch_rlprune.rewards.repair import AUTO_REFIT_FROM  # noqa: E402
 from torch_rlprune.report import publish_section  # noqa: E402
 from torch_rlprune.structure.tensors import find_prunable  # noqa: E402
 from torch_rlprune.demo.training import evaluate_accuracy, train_classifier  # noqa: E402
@@ -406,8 +408,13 @@ class Suite:
             model = self.fresh()
             fn(matrices(model, skip), target)
             self.finish(model, {"method": label, "structure": "unstructured", "target": target}, "unstructured")
-        for prior, label in (("global", "global magnitude + BN repair"), ("lamp", "LAMP + BN repair")):
-            model, result, seconds = self.search("prior", target, "unstructured", 0, prior=prior, selection=0.0)
+        for prior, repair, label in (("global", "none", "global magnitude + BN repair"),
+                                     ("lamp", "none", "LAMP + BN repair"),
+                                     ("lamp", None, "LAMP + BN repair + refit (rl_prune's default)")):
+            if repair is None and target < AUTO_REFIT_FROM:
+                continue  # the default refits from AUTO_REFIT_FROM: below, the row above
+            model, result, seconds = self.search("prior", target, "unstructured", 0, prior=prior, selection=0.0,
+                                                 repair=repair)
             self.finish(model, {"method": label, "structure": "unstructured", "target": target,
                                 "wall_s": seconds}, "unstructured")
 
@@ -717,6 +724,7 @@ def _met(ok: bool, needed: Optional[float], ceiling: Optional[float]) -> str:
 
 
 _BASELINES = ["uniform per-layer L1", "global magnitude", "LAMP", "global magnitude + BN repair", "LAMP + BN repair",
+              "LAMP + BN repair + refit (rl_prune's default)",
               "torch-pruning uniform", "torch-pruning global", "best channel prior + BN repair",
               "best channel prior + BN repair + refit"]
 

@@ -41,7 +41,7 @@ BAD = [  # (options, what rl_prune's message says, what rlprune prune's says)
      "--structure must be one of unstructured, channel"),
     (dict(budget="latency"), "budget must be one of ('params', 'macs') with structure='unstructured'",
      "--budget must be one of params, macs with --structure unstructured"),
-    (dict(repair="lstsq"), "repair='lstsq' refits", "--repair lstsq refits"),
+    (dict(repair="ls"), "repair must be one of ('lstsq', 'auto', 'none')", "--repair must be one of lstsq, auto, none"),
     (dict(agent="n2n"), "agent='n2n' removes residual blocks", "--agent n2n removes residual blocks"),
     (dict(prior="nope"), "prior must be one of ('best',", "--prior must be one of best,"),
     (dict(target=[0.5, 0.5]), "target: the list has repeated values", "--target: the list has repeated values"),

@@ -26,7 +26,7 @@ __all__ = ["STRUCTURES", "StructureDefaults", "STRUCTURE_DEFAULTS", "SearchQuali
 
 STRUCTURE_DEFAULTS = {name: kind.defaults for name, kind in SPACES.items()}
 """Per-structure defaults, as registered with the search spaces (:mod:`torch_rlprune.env.spaces`)."""
-REPAIR_NEEDS = {"lstsq": "refits layers that lost whole input channels"}
+REPAIR_NEEDS = {"lstsq": "refits pruned layers by least squares", "auto": "refits pruned layers by least squares"}
 
 
 @dataclass(frozen=True)

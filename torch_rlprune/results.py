@@ -6,7 +6,7 @@ import numbers
 import statistics
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from torch import nn
 from .env.spaces import space_kind
 from .plan import PruningPlan, apply_plan
 from .rewards.recalibration import BatchNormRecalibration
-from .rewards.repair import LeastSquaresRefit
+from .rewards.repair import LeastSquaresRefit, keep_or_undo, refit_wanted
 from .structure.channel.counting import count_macs_params
 from .structure.compact import compact
 from .structure.costs import budget_measure, pruned_fraction
@@ -110,12 +110,15 @@ class MultiTargetResult(Mapping):
 
     def __init__(self, model: nn.Module, results: Dict[float, PruneResult], agent: str, wall_time: float,
                  history: List[dict], latency=None, bn_batches: Sequence[torch.Tensor] = (),
-                 refit_batches: Sequence = ()):
+                 refit_batches: Sequence = (), repair: str = "lstsq", auto_refit_from: float = 0.0,
+                 judge: Optional[Callable[[nn.Module], dict]] = None):
         self.model, self._results, self.agent, self.wall_time, self.history = model, results, agent, wall_time, \
             history
         self.latency = latency  # the search's LatencyTable (budget="latency")
         self.bn_batches = list(bn_batches)  # what the search re-estimated BatchNorm on before each score
-        self.refit_batches = list(refit_batches)  # repair="lstsq": what apply() refits the layers on
+        self.refit_batches = list(refit_batches)  # what apply() refits the layers on (empty: no refit)
+        self.repair, self.auto_refit_from = repair, auto_refit_from  # refit_wanted decides per plan
+        self.judge = judge  # a model's scores after a refit (the search's scorers); None: not judged
 
     def __getitem__(self, target: float) -> PruneResult:
         return self._results[self._key(target)]
@@ -146,13 +149,21 @@ class MultiTargetResult(Mapping):
         model = self.model if model is None else model
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        refit = LeastSquaresRefit(model, self.refit_batches, seed=result.plan.seed) if self.refit_batches else None
+        plan = result.plan
+        refit = (LeastSquaresRefit(model, self.refit_batches, seed=plan.seed)
+                 if self.refit_batches and refit_wanted(self.repair, plan.sparsity, self.auto_refit_from) else None)
         achieved = self._apply(model, result)
-        if refit is not None:
-            result.plan.metadata["repair"] = refit().as_dict()
+        record = refit().as_dict() if refit is not None else None
         recalibrate = BatchNormRecalibration(model, self.bn_batches)
         if recalibrate:
             recalibrate()
+        if record is not None:
+            def undo():
+                refit.restore()
+                if recalibrate:
+                    recalibrate()
+            scores = self.judge(model) if self.judge is not None else {}
+            plan.metadata["repair"] = keep_or_undo({**record, **scores}, plan, undo)
         return achieved
 
     def _apply(self, model: nn.Module, result: PruneResult) -> float:

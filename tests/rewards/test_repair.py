@@ -8,7 +8,8 @@ from torch.nn.utils import prune
 from helpers import ModelState, fmnist_cnn, inputs, seeded, weight_masks
 from torch_rlprune import rl_prune
 from torch_rlprune.structure.channel import compact
-from torch_rlprune.rewards.repair import LeastSquaresRefit
+from torch_rlprune.rewards import repair as repair_module
+from torch_rlprune.rewards.repair import AUTO_REFIT_FROM, LeastSquaresRefit, masked_ridge_solve, refit_wanted
 
 
 def mask_inputs(module: nn.Module, removed) -> None:
@@ -84,14 +85,78 @@ def test_layers_it_cannot_fit_are_left_as_they_were_and_named():
     assert torch.equal(model.shared.weight_orig.detach(), before)
 
 
-def test_an_unstructured_mask_is_not_refitted():
+def test_the_masked_solve_is_each_outputs_own_ridge_regression():
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 7, generator=generator, dtype=torch.float64), torch.randn(40, 5, generator=generator,
+                                                                                      dtype=torch.float64)
+    start = torch.randn(5, 7, generator=generator, dtype=torch.float64)
+    keep = torch.rand(5, 7, generator=generator) < 0.5
+    keep[0], keep[1] = False, True  # an output with nothing kept, one with everything
+    ridge = 0.3
+    weights, solved = masked_ridge_solve(x.T @ x, x.T @ y, keep, start, ridge)
+    assert solved.tolist() == [False] + [bool(k.any()) for k in keep[1:]]
+    for i in range(5):
+        kept = keep[i]
+        expected = start[i].clone()
+        if kept.any():
+            a = x[:, kept]
+            expected[kept] = torch.linalg.solve(a.T @ a + ridge * torch.eye(int(kept.sum()), dtype=a.dtype),
+                                                a.T @ y[:, i] + ridge * start[i, kept])
+        assert torch.allclose(weights[i], expected, atol=1e-10), i
+    # outputs with more kept weights than allowed rows keep their weights
+    capped, solved = masked_ridge_solve(x.T @ x, x.T @ y, keep, start, ridge, max_kept=2)
+    for i in range(5):
+        assert bool(solved[i]) == (0 < int(keep[i].sum()) <= 2)
+        if not solved[i]:
+            assert torch.equal(capped[i], start[i])
+
+
+def mask_entries(module: nn.Module, entries) -> None:
+    mask = torch.ones_like(module.weight)
+    for row, column in entries:
+        mask[row, column] = 0
+    prune.custom_from_mask(module, "weight", mask)
+
+
+def test_an_unstructured_mask_is_refitted_output_by_output():
+    """Unit 5 copies unit 0: an output that lost one of the two can compute what it did through
+    the other (outputs 0-3); output 4 also lost unit 2, which nothing else carries: the fit only
+    comes closer."""
     model = seeded(Duplicated, 0, False)
-    x = inputs((32, 4))
-    refit = LeastSquaresRefit(model, [x])
-    prune.random_unstructured(model.second, "weight", amount=0.5)
+    x = inputs((64, 4), seed=1)
+    dense = model(x).detach()
+    refit = LeastSquaresRefit(model, [x[:32], x[32:]], ridge=1e-9)
+    mask_entries(model.second, [(0, 5), (1, 5), (2, 5), (3, 0), (4, 0), (4, 2)])
     before = model.second.weight_orig.detach().clone()
-    assert refit().refitted == []
+    masked_error = (model(x) - dense).pow(2).mean(0).detach()
+    assert masked_error.min() > 1e-4
+    report = refit()
+    assert report.refitted == ["second"] and report.skipped == {}
+    assert torch.allclose(model(x)[:, :4], dense[:, :4], atol=1e-4)
+    assert (model(x)[:, 4] - dense[:, 4]).pow(2).mean() < 0.9 * masked_error[4]
+    after = model.second.weight_orig.detach()
+    mask = model.second.weight_mask
+    assert torch.equal(after[mask == 0], before[mask == 0]), "masked weights keep their values"
+    refit.restore()
     assert torch.equal(model.second.weight_orig.detach(), before)
+
+
+def test_too_few_calibration_rows_leave_an_unstructured_layer_alone():
+    model = seeded(Duplicated, 0, False)
+    x = inputs((3, 4), seed=1)
+    refit = LeastSquaresRefit(model, [x])
+    mask_entries(model.second, [(i, i) for i in range(5)])  # 5 kept weights per output, 3 rows
+    before = model.second.weight_orig.detach().clone()
+    report = refit()
+    assert report.refitted == [] and "3 calibration rows" in report.skipped["second"]
+    assert torch.equal(model.second.weight_orig.detach(), before)
+
+
+def test_refit_wanted_follows_the_repair_and_the_auto_threshold():
+    assert refit_wanted("lstsq", 0.1, AUTO_REFIT_FROM) and not refit_wanted("none", 0.9, 0.0)
+    assert refit_wanted("auto", 0.1, 0.0)
+    assert refit_wanted("auto", AUTO_REFIT_FROM, AUTO_REFIT_FROM)
+    assert not refit_wanted("auto", AUTO_REFIT_FROM - 0.01, AUTO_REFIT_FROM)
 
 
 # --------------------------------------------------------------------------- through rl_prune
@@ -138,7 +203,7 @@ def test_rl_prune_refits_channel_plans_by_default_with_the_same_masks():
     record = refitted.plan.metadata["repair"]
     assert record["refitted"] == ["4"] and "9" in record["skipped"] and "repair" not in unrepaired.plan.metadata
     assert 0.0 <= record["selection_score"] <= 1.0 and 0.0 <= record["search_score"] <= 1.0
-    assert "least-squares refit of 1 layers" in refitted.summary()
+    assert "least-squares refit of 1 pruned layers" in refitted.summary()
     kept = model[4].weight_mask.abs().sum((1, 2, 3)) > 0
     # the refit's objective: the refitted conv's output closer to the unpruned model's (the model's
     # own output need not be: BatchNorm re-estimation moves it either way on this small model)
@@ -153,8 +218,8 @@ def test_rl_prune_refits_channel_plans_by_default_with_the_same_masks():
 
 
 @pytest.mark.parametrize("repair, structure, match", [
-    ("lstsq", "unstructured", "needs structure='channel'"),
-    ("least-squares", "channel", r"repair must be one of \('lstsq', 'none'\)"),
+    ("least-squares", "unstructured", r"repair must be one of \('lstsq', 'auto', 'none'\)"),
+    ("least-squares", "channel", r"repair must be one of \('lstsq', 'auto', 'none'\)"),
     (True, "channel", "repair must be one of")])
 def test_bad_repair_is_refused_before_the_model_is_touched(repair, structure, match):
     model, x = trained_cnn()
@@ -192,3 +257,48 @@ def test_a_multi_target_search_refits_what_it_applies():
     assert multi[0.5].plan.metadata["repair"]["refitted"] == ["4"]
     kept = fresh[4].weight_mask.abs().sum((0, 2, 3)) > 0
     assert not torch.equal(fresh[4].weight_orig.detach()[:, kept], before[:, kept])
+
+
+# --------------------------------------------------------------------------- unstructured, through rl_prune
+def unstructured(model, x, target=0.9, **options):
+    return rl_prune(model, target, data=x, structure="unstructured", agent="random", episodes=3, seed=0,
+                    verbose=False, **options)
+
+
+def copy_of(model):
+    twin = seeded(fmnist_cnn)
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
+def test_auto_refits_unstructured_plans_from_the_threshold_with_the_same_masks():
+    model, x = trained_cnn()
+    plain, low = copy_of(model), copy_of(model)
+    refitted = unstructured(model, x)
+    unrepaired = unstructured(plain, x, repair="none")
+    assert refitted.plan.amounts == unrepaired.plan.amounts
+    masks, plain_masks = weight_masks(model), weight_masks(plain)
+    assert all(torch.equal(masks[k], plain_masks[k]) for k in masks)
+    record = refitted.plan.metadata["repair"]
+    assert record["refitted"] and "repair" not in unrepaired.plan.metadata
+    if record["kept"]:
+        changed = [n for n in record["refitted"]
+                   if not torch.equal(dict(model.named_modules())[n].weight_orig, dict(plain.named_modules())[n].weight_orig)]
+        assert changed == record["refitted"]
+    assert "repair" not in unstructured(low, x, target=0.5).plan.metadata, "auto: no refit below the threshold"
+
+
+def test_a_refit_scoring_lower_on_held_out_data_is_undone(monkeypatch):
+    model, x = trained_cnn()
+    plain = copy_of(model)
+
+    def harmful(gram, cross, keep, start, ridge, max_kept=None):
+        return start.double() + 3.0 * torch.randn(start.shape, dtype=torch.float64), keep.any(1)
+    monkeypatch.setattr(repair_module, "masked_ridge_solve", harmful)
+    result = unstructured(model, x, repair="lstsq")
+    record = result.plan.metadata["repair"]
+    assert record["kept"] is False and record["selection_score"] < record["score_without"]
+    assert "undone" in result.summary()
+    unstructured(plain, x, repair="none")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values())), \
+        "undone: the model is the plan without the refit, BatchNorm statistics included"

@@ -87,7 +87,7 @@ def cmd_apply(args) -> int:
                      "batch(es); this model keeps its old ones: re-estimate them (torch_rlprune.rewards.recalibration."
                      "BatchNormRecalibration(model, batches)()) or fine-tune before measuring it")
     repair = plan.metadata.get("repair") if isinstance(plan.metadata, dict) else None
-    if isinstance(repair, dict) and repair.get("refitted"):
+    if isinstance(repair, dict) and repair.get("refitted") and repair.get("kept", True):
         console.warn(f"the search refitted {len(repair['refitted'])} layer(s) by least squares after masking; a plan "
                      "holds no weights, so this model has its old ones: refit them (torch_rlprune.rewards.repair."
                      "LeastSquaresRefit(model, batches), created before apply_plan, called after) or fine-tune")

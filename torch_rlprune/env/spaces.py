@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..rewards.repair import AUTO_REFIT_FROM
 from ..structure.apply import PlanError, apply_group_counts, apply_tensor_amounts
 from ..structure.channel import ChannelStructure, apply_channel_plan, count_macs_params
 from ..structure.channel.latency import LatencyTable
@@ -286,6 +287,7 @@ class StructureDefaults:
     bn_recalibration: int   # measured (rl_prune's docstring, benchmarks/ablation.py): the largest single gain
     repair: str
     repairs: tuple          # the repairs it accepts
+    auto_refit_from: float  # repair="auto" refits plans removing at least this much (rewards/repair.py)
     tolerance: float        # |achieved - target| a returned plan may differ by
 
 
@@ -383,13 +385,15 @@ def _counts_groups(measure: BudgetMeasure) -> bool:
 
 register_space(SpaceKind(
     "unstructured", StructureDefaults(budget="params", max_amount=0.98,
-                                      bn_recalibration=4, repair="none", repairs=("none",), tolerance=0.005),
+                                      bn_recalibration=4, repair="auto", repairs=("none", "lstsq", "auto"), tolerance=0.005,
+                                      auto_refit_from=AUTO_REFIT_FROM),
     priors=("lamp", "global", "uniform"), best_of=("lamp", "global"), build=_unstructured,
     apply_plan=_apply_unstructured, check_options=_check_unstructured_options, counts=_counts_per_weight,
     removes_channels=False, step_label="layer", size_label="params"))
 register_space(SpaceKind(
     "channel", StructureDefaults(budget="macs", max_amount=0.8,
-                                 bn_recalibration=4, repair="lstsq", repairs=("none", "lstsq"), tolerance=0.02),
+                                 bn_recalibration=4, repair="lstsq", repairs=("none", "lstsq", "auto"), tolerance=0.02,
+                                 auto_refit_from=0.0),
     priors=("global", "uniform"), best_of=("global", "uniform"), build=_channel,
     apply_plan=_apply_channel, check_options=_check_channel_options, counts=_counts_groups,
     removes_channels=True, step_label="channel group", size_label="units"))

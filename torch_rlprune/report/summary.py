@@ -309,9 +309,12 @@ def _quality_lines(record: dict) -> List[str]:
         after = [f"{label} {format_number(repair[key])}" for key, label in (("selection_score", "held-out"),
                                                                    ("search_score", "search part"))
                  if is_number(repair.get(key))]
-        lines.append(f"least-squares refit of {len(repair.get('refitted') or [])} layers that lost input channels"
+        undone = repair.get("kept") is False
+        lines.append(f"least-squares refit of {len(repair.get('refitted') or [])} pruned layers"
                      + (f"; score after it: {', '.join(after)}" if after else "")
-                     + (f"; {len(repair['skipped'])} left as they were" if repair.get("skipped") else ""))
+                     + (f"; {len(repair['skipped'])} left as they were" if repair.get("skipped") else "")
+                     + (f"; undone: below the {format_number(repair.get('score_without'))} held-out "
+                        "without it" if undone else ""))
     return lines
 
 

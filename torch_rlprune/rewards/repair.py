@@ -1,4 +1,4 @@
-"""Least-squares refit: the layers that lost input channels learn to do without them.
+"""Least-squares refit: the layers that lost inputs or weights learn to do without them.
 
 Removing a channel takes its contribution out of every layer that reads it. AMC (He et al.
 2018, after He et al. 2017's channel pruning and ThiNet) refits each such layer by linear
@@ -15,6 +15,19 @@ sample, drawn with a seeded generator, keep the memory bounded on large feature 
 values of kept weights change: every mask, and so the plan, stays exactly as it was, and
 ``torch.nn.utils.prune.remove`` / ``compact`` see ordinary weights.
 
+After unstructured pruning every output of a layer keeps its own subset of weights, so each output
+is its own regression over its kept inputs (OBC's and SparseGPT's layer-wise reconstruction, solved
+exactly per output rather than by SparseGPT's column sweep), regularised towards the weights it had
+rather than towards zero, so directions the calibration data never excites keep their values:
+
+    W_i[K_i] = argmin ||X[:, K_i] w - Y_i||^2 + ridge * mean(diag(X^T X)) * ||w - W_i[K_i]||^2
+
+Measured on the Fashion-MNIST resnet18 (LAMP's plan with BatchNorm repair, seed 0, no fine-tune; 512
+calibration images): 95% of the weights 84.9% -> 88.2% test accuracy, 90% 88.8% -> 89.3%, 80% 89.6%
+-> 89.5% (and 50 s instead of 16 s at 95%: the solves grow with the kept weights), hence
+``repair="auto"``, the unstructured default: refit from ``AUTO_REFIT_FROM`` of the weights removed.
+Regularised towards zero instead: 88.1 / 87.9% at ridge 1e-3 / 1e-2 (95%).
+
 Measured by ``make bench`` (timm resnet18 on Fashion-MNIST at 50% of the MACs, 512 calibration
 images, BatchNorm re-estimated afterwards): the best channel prior's plan 85.4% -> 88.2% test
 accuracy, every agent 88.3-88.6%. The design choices were measured on the same model and plan
@@ -27,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +49,46 @@ from torch import nn
 from ..structure.channel._util import restore_training, training_flags
 from ..structure.inputs import run_model
 
-__all__ = ["REPAIRS", "LeastSquaresRefit", "RefitReport"]
+__all__ = ["REPAIRS", "AUTO_REFIT_FROM", "LeastSquaresRefit", "RefitReport", "refit_wanted", "masked_ridge_solve",
+           "keep_or_undo"]
 
-REPAIRS = ("lstsq", "none")
+REPAIRS = ("lstsq", "auto", "none")
 """What ``rl_prune(repair=...)`` takes: ``"lstsq"`` refits the layers that lost input channels
-(channel pruning only), ``"none"`` leaves the kept weights as they are. BatchNorm re-estimation
-is separate (``bn_recalibration``)."""
+or weights, ``"auto"`` does so for channel plans and for unstructured plans removing at least
+``AUTO_REFIT_FROM`` of the weights (each structure's ``auto_refit_from``), ``"none"`` leaves the kept weights as they are. BatchNorm
+re-estimation is separate (``bn_recalibration``)."""
+
+AUTO_REFIT_FROM = 0.9
+"""``repair="auto"`` refits an unstructured plan removing at least this fraction of the weights.
+Measured (module docstring): +3.3 pp at 95%, +0.5 pp at 90%, nothing at 80% for three times the
+seconds of a 95% refit."""
+
+SOLVE_ELEMENTS = 2 ** 24
+"""At most this many float64 entries (128 MB) of per-output systems solved at once."""
+
+MAX_FEATURES = 8192
+"""A layer with more inputs per output than this (its Gram matrix over 512 MB) is left as it was."""
+
+
+def refit_wanted(repair: str, sparsity: float, auto_from: float) -> bool:
+    """Whether ``repair`` refits a plan removing ``sparsity`` of its budget (``auto_from``: where
+    ``"auto"`` starts for the plan's structure)."""
+    return repair == "lstsq" or (repair == "auto" and sparsity >= auto_from - 1e-9)
+
+
+def keep_or_undo(record: dict, plan, undo: Callable[[], None]) -> dict:
+    """A refit stays unless the model scores lower with it than the plan without it: on the
+    held-out selection part when both scores are there, else on the search part (``plan.score``).
+    ``undo()`` puts the weights back (and BatchNorm statistics with them). Returns ``record`` with
+    ``kept`` and, when undone, ``score_without``."""
+    selection = (plan.metadata.get("selection") or {}).get("selection_score")
+    pairs = [(record.get("selection_score"), selection), (record.get("search_score"), plan.score)]
+    after, before = next(((a, b) for a, b in pairs if a is not None and b is not None), (None, None))
+    record["kept"] = after is None or after >= before
+    if not record["kept"]:
+        record["score_without"] = before
+        undo()
+    return record
 
 
 MIN_ROWS_PER_WEIGHT = 1
@@ -87,7 +134,51 @@ def _kept_inputs(module: nn.Module) -> Optional[torch.Tensor]:
     if bool(kept_cols.all()) or not bool(kept_cols.any()) or not bool(kept_rows.any()):
         return None
     inside = flat[kept_rows][:, kept_cols]
-    return kept_cols if bool(inside.all()) else None  # an unstructured mask: not ours to refit
+    return kept_cols if bool(inside.all()) else None
+
+
+def _is_unstructured(module: nn.Module) -> bool:
+    """The layer's mask removes weights that are not whole rows or columns."""
+    mask = getattr(module, "weight_mask", None)
+    if mask is None:
+        return False
+    flat = mask.reshape(mask.shape[0], mask.shape[1], -1) != 0
+    kept_rows, kept_cols = flat.any(2).any(1), flat.any(2).any(0)
+    return not bool(flat[kept_rows][:, kept_cols].all())
+
+
+def masked_ridge_solve(gram: torch.Tensor, cross: torch.Tensor, keep: torch.Tensor, start: torch.Tensor,
+                       ridge: float, max_kept: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per output ``i``, the kept weights ``K_i = keep[i]`` minimising
+    ``||X[:, K_i] w - Y_i||^2 + ridge * ||w - start[i, K_i]||^2``, given ``gram = X^T X`` and
+    ``cross = X^T Y``; the other weights keep ``start``'s values.
+
+    Outputs with more kept weights than ``max_kept`` (fewer regression rows than unknowns) are
+    left as they were. Returns the new weights [outputs, inputs] and which outputs were solved.
+    """
+    counts = keep.sum(1)
+    solved = (counts > 0) & (counts <= (max_kept if max_kept is not None else keep.shape[1]))
+    weights = start.double().clone()
+    order = torch.argsort(counts)  # similar sizes together: little padding
+    order = order[solved[order]]
+    widest = int(counts[order].max()) if len(order) else 0
+    per_batch = max(1, SOLVE_ELEMENTS // max(1, widest * widest))
+    for rows in order.split(per_batch) if len(order) else ():
+        width = int(counts[rows].max())
+        # each row's kept inputs first (stable: in input order), then padding
+        index = torch.argsort((~keep[rows]).to(torch.int8), dim=1, stable=True)[:, :width]
+        valid = torch.arange(width).unsqueeze(0) < counts[rows].unsqueeze(1)
+        pair = (valid.unsqueeze(2) & valid.unsqueeze(1)).to(gram.dtype)
+        system = gram[index.unsqueeze(2), index.unsqueeze(1)] * pair + torch.diag_embed(
+            torch.where(valid, torch.full_like(pair[..., 0], ridge), torch.ones_like(pair[..., 0])))
+        anchor = weights[rows.unsqueeze(1), index] * valid
+        rhs = (cross[index, rows.unsqueeze(1)] + ridge * anchor) * valid
+        factor, info = torch.linalg.cholesky_ex(system)
+        if bool((info != 0).any()):
+            raise torch.linalg.LinAlgError("a per-output system is not positive definite")
+        solution = torch.cholesky_solve(rhs.unsqueeze(2), factor).squeeze(2)
+        weights[rows.unsqueeze(1).expand_as(index)[valid], index[valid]] = solution[valid]
+    return weights, solved
 
 
 def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +202,8 @@ def _out_rows(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
 
 
 class LeastSquaresRefit:
-    """Refits, by ridge regression on ``batches``, every layer whose input channels a plan removed.
+    """Refits, by ridge regression on ``batches``, every layer whose input channels a plan removed,
+    and every output of a layer an unstructured plan masked (on its own kept weights).
 
     Create it *before* the plan is applied: it records the masks the model has then, the
     reference it reproduces. Call it after; ``restore()`` puts every weight it changed back
@@ -204,7 +296,9 @@ class LeastSquaresRefit:
                 h.remove()
         return calls
 
-    def _solve(self, module: nn.Module, kept: torch.Tensor, name: str, report: RefitReport, index: int) -> None:
+    def _features(self, module: nn.Module, index: int, kept: Optional[torch.Tensor] = None):
+        """The layer's regression rows in the pruned model (only the ``kept`` input channels when
+        given) and the positions drawn per batch, which the reference outputs are read at."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + index)
         picks: List[torch.Tensor] = []
 
@@ -216,10 +310,14 @@ class LeastSquaresRefit:
                     picks.append(torch.randperm(unfolded.shape[1], generator=generator)[:self.positions].sort().values)
                 rows.append(unfolded[:, picks[batch]])
             rows = torch.cat(rows)
-            columns = kept.repeat_interleave(rows.shape[2] // len(kept)).to(rows.device)
-            return rows[..., columns].flatten(0, 1).double()
+            if kept is not None:
+                rows = rows[..., kept.repeat_interleave(rows.shape[2] // len(kept)).to(rows.device)]
+            return rows.flatten(0, 1).double()
 
-        features = self._capture(module, "input", reduce)
+        return self._capture(module, "input", reduce), picks
+
+    def _solve(self, module: nn.Module, kept: torch.Tensor, name: str, report: RefitReport, index: int) -> None:
+        features, picks = self._features(module, index, kept)
         rows, width = sum(len(a) for a in features), features[0].shape[1]
         if rows < MIN_ROWS_PER_WEIGHT * width:
             report.skipped[name] = (f"{rows} calibration rows for {width} weights per output: a fit needs at least "
@@ -235,14 +333,47 @@ class LeastSquaresRefit:
         except torch.linalg.LinAlgError as error:  # singular even with the ridge (an all-zero input)
             report.skipped[name] = f"no solution ({error})"
             return
-        if not bool(torch.isfinite(solution).all()):
+        weight = module.weight_orig
+        shape = (weight.shape[0], int(kept.sum()), *weight.shape[2:])
+        new = weight.detach().clone()
+        new[:, kept.to(weight.device)] = solution.reshape(shape).to(weight.dtype)
+        self._write(module, new, name, report)
+
+    def _solve_masked(self, module: nn.Module, name: str, report: RefitReport, index: int) -> None:
+        """An unstructured mask: every output refitted on its own kept weights."""
+        weight = module.weight_orig
+        width = weight[0].numel()
+        if width > MAX_FEATURES:
+            report.skipped[name] = f"{width} inputs per output: its Gram matrix would exceed {MAX_FEATURES} squared"
+            return
+        features, picks = self._features(module, index)
+        rows = sum(len(a) for a in features)
+        targets = self._reference_outputs(module, picks)
+        gram = sum(a.T @ a for a in features)
+        cross = sum(a.T @ y for a, y in zip(features, targets))
+        keep = (module.weight_mask.reshape(len(weight), -1) != 0).cpu()
+        ridge = self.ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+        try:
+            new, solved = masked_ridge_solve(gram.cpu(), cross.cpu(), keep, weight.detach().reshape(len(weight), -1).cpu(),
+                                             ridge, max_kept=rows // MIN_ROWS_PER_WEIGHT)
+        except torch.linalg.LinAlgError as error:
+            report.skipped[name] = f"no solution ({error})"
+            return
+        if not bool(solved.any()):
+            report.skipped[name] = (f"{rows} calibration rows for at least {int(keep.sum(1).min())} kept weights per "
+                                    f"output: a fit needs at least as many rows (more calibration samples)")
+            return
+        self._write(module, new.reshape(weight.shape).to(weight), name, report)
+
+    def _write(self, module: nn.Module, new: torch.Tensor, name: str, report: RefitReport) -> None:
+        """The refitted weights into ``weight_orig`` (the old ones saved for ``restore``)."""
+        if not bool(torch.isfinite(new).all()):
             report.skipped[name] = "no finite solution"
             return
         weight = module.weight_orig
         self.saved[module] = weight.detach().clone()
-        shape = (weight.shape[0], int(kept.sum()), *weight.shape[2:])
         with torch.no_grad():
-            weight[:, kept.to(weight.device)] = solution.reshape(shape).to(weight.dtype)
+            weight.copy_(new)
         setattr(module, "weight", weight * module.weight_mask)  # what prune's hook computes next forward
         report.refitted.append(name)
 
@@ -255,12 +386,15 @@ class LeastSquaresRefit:
         try:
             for index, (module, calls) in enumerate(self._called_once().items()):
                 kept = _kept_inputs(module)
-                if kept is None or not hasattr(module, "weight_orig"):
+                unstructured = kept is None and _is_unstructured(module)
+                if (kept is None and not unstructured) or not hasattr(module, "weight_orig"):
                     continue
                 if calls != 1:
                     report.skipped[names[module]] = f"runs {calls} times per forward (one refit cannot fit all)"
-                    continue
-                self._solve(module, kept, names[module], report, index)
+                elif unstructured:
+                    self._solve_masked(module, names[module], report, index)
+                else:
+                    self._solve(module, kept, names[module], report, index)
         except BaseException:
             self.restore()
             raise

@@ -7,6 +7,7 @@ holds the :class:`~torch_rlprune.structure.snapshot.ModelSnapshot` that undoes e
 """
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from ..plan import PruningPlan
 from ..results import MultiTargetResult, PruneResult
 from ..rewards.calibration import build_calibration, primary_output
 from ..rewards.recalibration import BatchNormRecalibration, PlanStatistics
-from ..rewards.repair import LeastSquaresRefit
+from ..rewards.repair import LeastSquaresRefit, keep_or_undo, refit_wanted
 from ..rewards.scores import REWARDS, make_reward
 from ..rewards.screening import DEFAULT_SCREEN_SAMPLES, MIN_SCREENED_SHARE, Screening
 from ..structure.channel.measured import calibrate_before_search, close_on_measurement
@@ -348,10 +349,10 @@ def run_search(agent: Agent, fresh_agent, prepared: PreparedSearch, structure: s
         coordinator.finish()
 
 
-def measured_repair(report, prepared: "PreparedSearch", coordinator, model: nn.Module) -> dict:
-    """What the refit changed and the scores measured after it (BatchNorm re-estimated): on the
-    held-out selection part when there is one, and on the search part in one process."""
-    record = report.as_dict()
+def measured_scores(prepared: "PreparedSearch", coordinator, model: nn.Module) -> dict:
+    """``model``'s scores as it is (a refit's, BatchNorm re-estimated): on the held-out selection
+    part when there is one, and on the search part in one process."""
+    record = {}
     if prepared.selector is not None:
         record["selection_score"] = float(prepared.selector(model))
     if coordinator is None:
@@ -530,20 +531,25 @@ class Search:
         return MultiTargetResult(self.model, results, self.agent.name, time.perf_counter() - started,
                                  [h.as_dict() for h in env.history], latency=getattr(p.space, "latency", None),
                                  bn_batches=p.recalibrate.batches,
-                                 refit_batches=p.calibration.inputs if self.options.repair == "lstsq" else ())
+                                 refit_batches=p.calibration.inputs if self.options.repair != "none" else (),
+                                 repair=self.options.repair,
+                                 auto_refit_from=STRUCTURE_DEFAULTS[self.options.structure].auto_refit_from,
+                                 judge=functools.partial(measured_scores, p, self.coordinator))
 
     def apply(self, started: float) -> PruneResult:
         """One target (or none): its plan applied for good, refitted and recalibrated, checked on target."""
         p, o, targets = self.prepared, self.options, self.options.targets
         plan = self.plan_for(None if targets is None else targets[0])
-        if o.repair == "lstsq":  # created before the masks: it reproduces the model as it is now
+        # created before the masks: the refit reproduces the model as it is now
+        if refit_wanted(o.repair, plan.sparsity, STRUCTURE_DEFAULTS[o.structure].auto_refit_from):
             self.refit = LeastSquaresRefit(self.model, p.calibration.inputs, seed=int(o.seed))
         achieved = p.space.apply(plan)
         report = self.refit() if self.refit is not None else None
         if p.recalibrate:
             p.recalibrate()
         if report is not None:
-            plan.metadata["repair"] = measured_repair(report, p, self.coordinator, self.model)
+            record = {**report.as_dict(), **measured_scores(p, self.coordinator, self.model)}
+            plan.metadata["repair"] = keep_or_undo(record, plan, self.undo_refit)
         measured = self.measured_latency
         if measured is not None:  # the target is met as measured, or a warning says by how much not
             plan.metadata["latency"]["measured"] = measured
@@ -557,6 +563,12 @@ class Search:
                            time.perf_counter() - started, p.forward_seconds, p.space.steps,
                            example_inputs=p.example, search_seconds=self.search_seconds,
                            scoring_seconds=p.env.scoring_seconds)
+
+    def undo_refit(self) -> None:
+        """The refit's weights back, BatchNorm statistics re-estimated for them."""
+        self.refit.restore()
+        if self.prepared.recalibrate:
+            self.prepared.recalibrate()
 
     def undo(self) -> None:
         """Values written into the user's own tensors, put back (the refit first: it wrote last)."""
