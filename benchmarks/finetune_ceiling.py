@@ -28,6 +28,7 @@ from study import ROOT, study_main  # noqa: E402
 
 from torch_rlprune.demo.data import fashion_mnist, tensor_subset  # noqa: E402
 from torch_rlprune.env.priors import global_magnitude_unstructured, lamp_unstructured  # noqa: E402
+from torch_rlprune.rewards.repair import AUTO_REFIT_FROM  # noqa: E402
 from torch_rlprune.demo.training import evaluate_accuracy, train_classifier  # noqa: E402
 
 LEARNING_RATES = (0.03, 0.01, 0.003, 0.001)
@@ -49,7 +50,8 @@ def pruned_models(suite: Suite, targets):
             model = suite.fresh()
             prune_fn(matrices(model, skip), target)
             yield target, method, True, model
-        yield target, "rl_prune prior (BN repair)", False, suite.search("prior", target, "unstructured", 0)[0]
+        label = "rl_prune prior (BN repair" + (" + refit)" if target >= AUTO_REFIT_FROM else ")")
+        yield target, label, False, suite.search("prior", target, "unstructured", 0)[0]
     for global_pruning, method in ((False, "torch-pruning uniform"), (True, "torch-pruning global")):
         yield "channel 0.5", method, True, suite.torch_pruning(0.5, global_pruning)
     yield "channel 0.5", "rl_prune prior (BN repair + refit)", False, suite.search("prior", 0.5, "channel", 0)[0]

@@ -9,7 +9,8 @@ from helpers import ModelState, fmnist_cnn, inputs, seeded, weight_masks
 from torch_rlprune import rl_prune
 from torch_rlprune.structure.channel import compact
 from torch_rlprune.rewards import repair as repair_module
-from torch_rlprune.rewards.repair import AUTO_REFIT_FROM, LeastSquaresRefit, masked_ridge_solve, refit_wanted
+from torch_rlprune.rewards.repair import (AUTO_REFIT_FROM, LeastSquaresRefit, keep_or_undo, masked_ridge_solve,
+                                         refit_wanted)
 
 
 def mask_inputs(module: nn.Module, removed) -> None:
@@ -302,3 +303,41 @@ def test_a_refit_scoring_lower_on_held_out_data_is_undone(monkeypatch):
     unstructured(plain, x, repair="none")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values())), \
         "undone: the model is the plan without the refit, BatchNorm statistics included"
+
+
+class _Plan:
+    def __init__(self, score, selection=None):
+        self.score = score
+        self.metadata = {} if selection is None else {"selection": {"selection_score": selection}}
+
+
+@pytest.mark.parametrize("after, error, kept", [(0.92, 0.024, True), (0.85, 0.024, False), (0.92, 0.0, False),
+                                                (0.95, None, True)])
+def test_a_refit_is_undone_only_when_clearly_below_on_the_held_out_part(after, error, kept):
+    """0.93 was the held-out score the plan was chosen by: a refit a little below it (within two
+    standard errors of a paired difference) stays; one clearly below, or below with no error known, goes."""
+    undone = []
+    record = {"selection_score": after, "search_score": 0.99, **({} if error is None else {"selection_error": error})}
+    out = keep_or_undo(record, _Plan(0.5, selection=0.93), lambda: undone.append(True))
+    assert out["kept"] is kept and bool(undone) is (not kept)
+    assert ("score_without" in out) is (not kept)
+
+
+def test_without_a_held_out_part_the_search_part_decides():
+    undone = []
+    assert keep_or_undo({"search_score": 0.6}, _Plan(0.7), lambda: undone.append(True))["kept"] is False and undone
+    assert keep_or_undo({"search_score": 0.7}, _Plan(0.7), lambda: None)["kept"] is True
+
+
+def test_the_held_out_score_with_its_error_is_the_rewards_own_score():
+    from torch_rlprune.rewards.calibration import build_calibration
+    from torch_rlprune.rewards.repair import score_with_error
+    from torch_rlprune.rewards.scores import make_reward
+    model, x = trained_cnn()
+    reward = make_reward("fidelity", build_calibration(model, x, None, 256, seed=0))
+    reward.prepare(model)
+    prune.l1_unstructured(model[0], "weight", amount=0.7)
+    score, error = score_with_error(reward, model)
+    assert score == pytest.approx(reward(model), abs=1e-12)
+    assert error is not None and 0.0 < error < 0.1
+    assert score_with_error(lambda m: 0.5, model) == (0.5, None)

@@ -38,6 +38,7 @@ re-estimated statistics): 86.6 / 87.2 / 87.2 / 86.1%.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -50,7 +51,7 @@ from ..structure.channel._util import restore_training, training_flags
 from ..structure.inputs import run_model
 
 __all__ = ["REPAIRS", "AUTO_REFIT_FROM", "LeastSquaresRefit", "RefitReport", "refit_wanted", "masked_ridge_solve",
-           "keep_or_undo"]
+           "keep_or_undo", "score_with_error"]
 
 REPAIRS = ("lstsq", "auto", "none")
 """What ``rl_prune(repair=...)`` takes: ``"lstsq"`` refits the layers that lost input channels
@@ -76,15 +77,36 @@ def refit_wanted(repair: str, sparsity: float, auto_from: float) -> bool:
     return repair == "lstsq" or (repair == "auto" and sparsity >= auto_from - 1e-9)
 
 
+def score_with_error(reward, model: nn.Module, resamples: int = 200) -> Tuple[float, Optional[float]]:
+    """``reward(model)`` and its standard error over the reward's samples (a seeded bootstrap of
+    the per-sample gains; None for a reward without them)."""
+    if not hasattr(reward, "sample_gains"):
+        return float(reward(model)), None
+    gains = reward.sample_gains(model)
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.randint(len(gains), (resamples, len(gains)), generator=generator)
+    scores = torch.tensor([reward.score_of_gains(gains[d]) for d in draws], dtype=torch.float64)
+    return float(reward.score_of_gains(gains)), float(scores.std())
+
+
 def keep_or_undo(record: dict, plan, undo: Callable[[], None]) -> dict:
-    """A refit stays unless the model scores lower with it than the plan without it: on the
-    held-out selection part when both scores are there, else on the search part (``plan.score``).
-    ``undo()`` puts the weights back (and BatchNorm statistics with them). Returns ``record`` with
-    ``kept`` and, when undone, ``score_without``."""
+    """A refit stays unless the model scores clearly lower with it than the plan without it.
+
+    On the held-out selection part when both scores are there: lower by more than two standard
+    errors of a paired difference (``sqrt(2)`` times the refitted model's, ``selection_error``).
+    The score without it is the one the held-out choice picked the plan by, the best of several
+    noisy scores on the same few samples, so a plain comparison undid refits worth +3 pp on the
+    test set (resnet18 at 95%, 128 held-out images: 0.922 against 0.930). Else on the search part
+    (``plan.score``), where the refit was fitted: lower there at all is lower. ``undo()`` puts the
+    weights back (and BatchNorm statistics with them). Returns ``record`` with ``kept`` and, when
+    undone, ``score_without``.
+    """
     selection = (plan.metadata.get("selection") or {}).get("selection_score")
-    pairs = [(record.get("selection_score"), selection), (record.get("search_score"), plan.score)]
-    after, before = next(((a, b) for a, b in pairs if a is not None and b is not None), (None, None))
-    record["kept"] = after is None or after >= before
+    margin = 2.0 * math.sqrt(2.0) * (record.get("selection_error") or 0.0)
+    pairs = [(record.get("selection_score"), selection, margin), (record.get("search_score"), plan.score, 0.0)]
+    after, before, allowed = next(((a, b, m) for a, b, m in pairs if a is not None and b is not None),
+                                  (None, None, 0.0))
+    record["kept"] = after is None or after >= before - allowed
     if not record["kept"]:
         record["score_without"] = before
         undo()

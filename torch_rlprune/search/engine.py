@@ -27,7 +27,7 @@ from ..plan import PruningPlan
 from ..results import MultiTargetResult, PruneResult
 from ..rewards.calibration import build_calibration, primary_output
 from ..rewards.recalibration import BatchNormRecalibration, PlanStatistics
-from ..rewards.repair import LeastSquaresRefit, keep_or_undo, refit_wanted
+from ..rewards.repair import LeastSquaresRefit, keep_or_undo, refit_wanted, score_with_error
 from ..rewards.scores import REWARDS, make_reward
 from ..rewards.screening import DEFAULT_SCREEN_SAMPLES, MIN_SCREENED_SHARE, Screening
 from ..structure.channel.measured import calibrate_before_search, close_on_measurement
@@ -354,7 +354,9 @@ def measured_scores(prepared: "PreparedSearch", coordinator, model: nn.Module) -
     part when there is one, and on the search part in one process."""
     record = {}
     if prepared.selector is not None:
-        record["selection_score"] = float(prepared.selector(model))
+        record["selection_score"], error = score_with_error(prepared.selector, model)
+        if error is not None:
+            record["selection_error"] = error
     if coordinator is None:
         record["search_score"] = float(prepared.scorer(model))
     return record
