@@ -152,8 +152,9 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             weights: 84.9 -> 88.2%, 88.8 -> 89.3%, 89.6 -> 89.5%). ``"auto"`` (the unstructured
             default) refits from 90% of the weights removed, where it pays for its seconds; the
             channel default is ``"lstsq"``. A refit that scores clearly below the plan without it
-            (held-out part: by two standard errors; else search part) is undone. ``"none"`` keeps the weights. The plan's
-            ``metadata["repair"]`` lists the layers refitted and the scores measured after it.
+            (held-out part: by two standard errors; else search part) is undone. ``"none"`` keeps
+            the weights. The plan's ``metadata["repair"]`` lists the layers refitted and the scores
+            measured after it.
         max_drop: with ``target=None``: the largest score drop allowed (absolute, in the
             reward's units: 0.01 = one point of fidelity or accuracy).
         checkpoint: a file the search is saved to every ``checkpoint_every`` episodes, when it

@@ -283,8 +283,9 @@ def test_auto_refits_unstructured_plans_from_the_threshold_with_the_same_masks()
     record = refitted.plan.metadata["repair"]
     assert record["refitted"] and "repair" not in unrepaired.plan.metadata
     if record["kept"]:
+        modules, plain_modules = dict(model.named_modules()), dict(plain.named_modules())
         changed = [n for n in record["refitted"]
-                   if not torch.equal(dict(model.named_modules())[n].weight_orig, dict(plain.named_modules())[n].weight_orig)]
+                   if not torch.equal(modules[n].weight_orig, plain_modules[n].weight_orig)]
         assert changed == record["refitted"]
     assert "repair" not in unstructured(low, x, target=0.5).plan.metadata, "auto: no refit below the threshold"
 

@@ -385,15 +385,15 @@ def _counts_groups(measure: BudgetMeasure) -> bool:
 
 register_space(SpaceKind(
     "unstructured", StructureDefaults(budget="params", max_amount=0.98,
-                                      bn_recalibration=4, repair="auto", repairs=("none", "lstsq", "auto"), tolerance=0.005,
-                                      auto_refit_from=AUTO_REFIT_FROM),
+                                      bn_recalibration=4, repair="auto", repairs=("none", "lstsq", "auto"),
+                                      tolerance=0.005, auto_refit_from=AUTO_REFIT_FROM),
     priors=("lamp", "global", "uniform"), best_of=("lamp", "global"), build=_unstructured,
     apply_plan=_apply_unstructured, check_options=_check_unstructured_options, counts=_counts_per_weight,
     removes_channels=False, step_label="layer", size_label="params"))
 register_space(SpaceKind(
     "channel", StructureDefaults(budget="macs", max_amount=0.8,
-                                 bn_recalibration=4, repair="lstsq", repairs=("none", "lstsq", "auto"), tolerance=0.02,
-                                 auto_refit_from=0.0),
+                                 bn_recalibration=4, repair="lstsq", repairs=("none", "lstsq", "auto"),
+                                 tolerance=0.02, auto_refit_from=0.0),
     priors=("global", "uniform"), best_of=("global", "uniform"), build=_channel,
     apply_plan=_apply_channel, check_options=_check_channel_options, counts=_counts_groups,
     removes_channels=True, step_label="channel group", size_label="units"))

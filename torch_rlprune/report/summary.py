@@ -313,7 +313,7 @@ def _quality_lines(record: dict) -> List[str]:
         lines.append(f"least-squares refit of {len(repair.get('refitted') or [])} pruned layers"
                      + (f"; score after it: {', '.join(after)}" if after else "")
                      + (f"; {len(repair['skipped'])} left as they were" if repair.get("skipped") else "")
-                     + (f"; undone: below the {format_number(repair.get('score_without'))} held-out "
+                     + (f"; undone: clearly below the plan's {format_number(repair.get('score_without'))} "
                         "without it" if undone else ""))
     return lines
 

@@ -56,8 +56,8 @@ __all__ = ["REPAIRS", "AUTO_REFIT_FROM", "LeastSquaresRefit", "RefitReport", "re
 REPAIRS = ("lstsq", "auto", "none")
 """What ``rl_prune(repair=...)`` takes: ``"lstsq"`` refits the layers that lost input channels
 or weights, ``"auto"`` does so for channel plans and for unstructured plans removing at least
-``AUTO_REFIT_FROM`` of the weights (each structure's ``auto_refit_from``), ``"none"`` leaves the kept weights as they are. BatchNorm
-re-estimation is separate (``bn_recalibration``)."""
+``AUTO_REFIT_FROM`` of the weights (each structure's ``auto_refit_from``), ``"none"`` leaves the
+kept weights as they are. BatchNorm re-estimation is separate (``bn_recalibration``)."""
 
 AUTO_REFIT_FROM = 0.9
 """``repair="auto"`` refits an unstructured plan removing at least this fraction of the weights.
@@ -191,8 +191,8 @@ def masked_ridge_solve(gram: torch.Tensor, cross: torch.Tensor, keep: torch.Tens
         index = torch.argsort((~keep[rows]).to(torch.int8), dim=1, stable=True)[:, :width]
         valid = torch.arange(width).unsqueeze(0) < counts[rows].unsqueeze(1)
         pair = (valid.unsqueeze(2) & valid.unsqueeze(1)).to(gram.dtype)
-        system = gram[index.unsqueeze(2), index.unsqueeze(1)] * pair + torch.diag_embed(
-            torch.where(valid, torch.full_like(pair[..., 0], ridge), torch.ones_like(pair[..., 0])))
+        diagonal = torch.full(valid.shape, ridge, dtype=gram.dtype).masked_fill(~valid, 1.0)  # padding: identity
+        system = gram[index.unsqueeze(2), index.unsqueeze(1)] * pair + torch.diag_embed(diagonal)
         anchor = weights[rows.unsqueeze(1), index] * valid
         rhs = (cross[index, rows.unsqueeze(1)] + ridge * anchor) * valid
         factor, info = torch.linalg.cholesky_ex(system)
@@ -338,6 +338,12 @@ class LeastSquaresRefit:
 
         return self._capture(module, "input", reduce), picks
 
+    def _normal_equations(self, module: nn.Module, features: List[torch.Tensor], picks: List[torch.Tensor]):
+        """``X^T X`` and ``X^T Y`` of the layer's regression: its rows in the pruned model against
+        its output (minus the bias) at the same positions in the model as it was."""
+        targets = self._reference_outputs(module, picks)
+        return sum(a.T @ a for a in features), sum(a.T @ y for a, y in zip(features, targets))
+
     def _solve(self, module: nn.Module, kept: torch.Tensor, name: str, report: RefitReport, index: int) -> None:
         features, picks = self._features(module, index, kept)
         rows, width = sum(len(a) for a in features), features[0].shape[1]
@@ -345,9 +351,7 @@ class LeastSquaresRefit:
             report.skipped[name] = (f"{rows} calibration rows for {width} weights per output: a fit needs at least "
                                     f"{MIN_ROWS_PER_WEIGHT * width} (more calibration samples)")
             return
-        targets = self._reference_outputs(module, picks)
-        gram = sum(a.T @ a for a in features)
-        cross = sum(a.T @ y for a, y in zip(features, targets))
+        gram, cross = self._normal_equations(module, features, picks)
         gram = gram + self.ridge * float(gram.diagonal().mean().clamp_min(1e-12)) * torch.eye(
             len(gram), dtype=gram.dtype, device=gram.device)
         try:
@@ -370,14 +374,13 @@ class LeastSquaresRefit:
             return
         features, picks = self._features(module, index)
         rows = sum(len(a) for a in features)
-        targets = self._reference_outputs(module, picks)
-        gram = sum(a.T @ a for a in features)
-        cross = sum(a.T @ y for a, y in zip(features, targets))
+        gram, cross = self._normal_equations(module, features, picks)
         keep = (module.weight_mask.reshape(len(weight), -1) != 0).cpu()
         ridge = self.ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+        start = weight.detach().reshape(len(weight), -1).cpu()
         try:
-            new, solved = masked_ridge_solve(gram.cpu(), cross.cpu(), keep, weight.detach().reshape(len(weight), -1).cpu(),
-                                             ridge, max_kept=rows // MIN_ROWS_PER_WEIGHT)
+            new, solved = masked_ridge_solve(gram.cpu(), cross.cpu(), keep, start, ridge,
+                                             max_kept=rows // MIN_ROWS_PER_WEIGHT)
         except torch.linalg.LinAlgError as error:
             report.skipped[name] = f"no solution ({error})"
             return
