@@ -303,3 +303,68 @@ def test_n2n_sees_only_the_mdp_and_its_reward_is_set_by_whoever_builds_the_envir
     plain = rl_prune(timm_model("resnet18"), TARGET, data=x, structure="channel", agent="n2n", episodes=6, seed=3,
                      verbose=False)
     assert [h["reward"] for h in plain.history] == [h["reward"] for h in result.history]
+
+
+# --------------------------------------------------------------------------- anchored to the prior
+
+class _KeptEnvN2N(N2NAgent):
+    """N2N that keeps the environment it searched, for the checks below."""
+
+    def search(self, env, episodes):
+        self.env = env
+        super().search(env, episodes)
+
+
+def _anchored_run(keep_scales, prior="best", episodes=6, reward="fidelity"):
+    x = data_for("resnet18")
+    agent = _KeptEnvN2N(seed=2, keep_scales=keep_scales, removal_share=0.0)
+    result = rl_prune(timm_model("resnet18"), TARGET, data=x, structure="channel", agent=agent, seed=2,
+                      episodes=episodes, verbose=False, prior=prior, selection=0.0, reward=reward)
+    return agent.env, result
+
+
+def test_with_a_prior_the_shrink_choices_are_offsets_around_its_widths():
+    # one choice: the middle of the anchored range, the prior's own widths, in every episode
+    env, result = _anchored_run(keep_scales=(0.5,))
+    assert env.anchored
+    no_blocks = np.zeros(env.num_blocks, dtype=bool)
+    prior_widths = env.base_widths(no_blocks) / env.n
+    shrink = [h for h in result.history if h["phase"] == "shrink"]
+    assert shrink
+    for h in shrink:
+        assert np.allclose(h["amounts"][env.num_blocks:], prior_widths)
+    # without a prior the same single scale means "keep half of every group": other widths
+    plain_env, plain = _anchored_run(keep_scales=(0.5,), prior="none")
+    assert not plain_env.anchored
+    assert not np.allclose(plain.history[-1]["amounts"][env.num_blocks:], prior_widths)
+
+
+def test_anchored_unit_options_move_the_prior_fraction_by_the_spread_in_logits():
+    env, _ = _anchored_run(keep_scales=(0.5,))
+    no_blocks = np.zeros(env.num_blocks, dtype=bool)
+    budget, base = env.episode_budget(no_blocks), env.base_widths(no_blocks)
+    checked = 0
+    for t in range(env.num_groups):
+        n, b = int(env.n[t]), int(base[t])
+        if not 0 < b < n or budget.k_max[t] <= 0:
+            continue
+        low, middle, high = env.anchored_unit_options(budget, t, base, [0.0, 0.5, 1.0])
+        group = env.structure.groups[t]
+        assert middle == min(group.effective(b), int(budget.k_max[t]))
+        logit = np.log(b / n) - np.log(1 - b / n)
+        assert low == min(group.effective(int(round(n / (1 + np.exp(-(logit - 1)))))), int(budget.k_max[t]))
+        assert high == min(group.effective(int(round(n / (1 + np.exp(-(logit + 1)))))), int(budget.k_max[t]))
+        assert low <= middle <= high
+        checked += 1
+    assert checked > 0
+
+
+def test_the_prior_competes_on_the_agents_reward_scale():
+    # N2N's reward is score ratio x C(2 - C), 0.75 for a plan scoring as the unpruned model at half the
+    # MACs: a prior ranked by its bare score (0.9 here) would outrank every plan of the same score.
+    # Every plan scores the same here, so the prior (offered first) stays the best, on the episodes' scale.
+    env, result = _anchored_run(keep_scales=(0.2, 0.5, 0.8, 1.0), episodes=8, reward=lambda model: 0.9)
+    best = env.best_by_target[TARGET]
+    assert best.reward == pytest.approx(n2n_reward(best.score, env.baseline_score, env.achieved(best.k)))
+    on_target = [h["reward"] for h in result.history if abs(h["violation"]) <= env.tolerance]
+    assert on_target and best.reward == pytest.approx(max(on_target), abs=0.01)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import torch_rlprune.env.depth_latency as depth_latency
-import torch_rlprune.env.depth_width as depth_width
+import torch_rlprune.env.depth_space as depth_space
 from helpers import (OVERHEAD, ModelState, fake_fraction, fake_table, fake_timing, inputs,  # noqa: F401 - fixtures
                      latency_resnet, private_cache_one_thread)
 from torch_rlprune import Latency, apply_plan, compact, rl_prune
@@ -33,7 +33,7 @@ def fake_block_timing(monkeypatch):
                 for b in blocks}
 
     monkeypatch.setattr(depth_latency, "time_blocks", time_blocks)
-    monkeypatch.setattr(depth_width, "time_blocks", time_blocks)   # where the depth space looks it up
+    monkeypatch.setattr(depth_space, "time_blocks", time_blocks)   # where the depth space looks it up
 
 
 def depth_latency_of(model, x, monkeypatch):

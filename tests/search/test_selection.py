@@ -219,6 +219,9 @@ class _PlansOnSelection:
     def evaluate(self, k):
         return self.search_scores[tuple(int(v) for v in k)]
 
+    def reward_of(self, score, k):   # the layer-wise environment's: the score itself
+        return score
+
     def current_gains(self):
         return self.gains[self.applied]
 
@@ -274,6 +277,9 @@ class ScriptedResults:
 
     def evaluate(self, k):
         return self.search_scores[tuple(int(v) for v in k)]
+
+    def reward_of(self, score, k):
+        return score
 
     def measure(self, k, fn):
         return self.held_out[tuple(int(v) for v in k)]

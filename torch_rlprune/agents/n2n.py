@@ -22,7 +22,9 @@ Algorithm, as in the paper (Sec. 3-4) and its reference code, with this library'
                     h_t = LSTM([embedding of group t, previous scale, budget state], h_{t-1})
                     s_t ~ softmax(head(h_t)) over keep_scales, scales that leave the budget
                         unreachable masked out (AMC's clipping as a mask)    [budget, ours];
-                        when the feasible range falls between two scales, its nearest count
+                        when the feasible range falls between two scales, its nearest count;
+                        with a prior, the choices are offsets around the prior's width of
+                        the group instead (the middle one: the prior's count) [prior, ours]
                 the counts are repaired onto the budget (rounding)
                 R as above
             shrink policy <- REINFORCE step with the running-mean baseline
@@ -39,6 +41,12 @@ Differences from the paper, and why:
       scoring is the same as for the other agents (masked model on the calibration data, BN
       statistics re-estimated when bn_recalibration is on). KD fine-tuning is not implemented.
     * The advantage is per rollout (R_i - b); the reference code uses the batch mean for all.
+    * Anchored to the prior (rl_prune's default, ``prior="best"``): the shrink stage's choices are
+      as many logit offsets around the prior's width of each group (``anchored_unit_options``, the
+      same range as the layer-wise agents' actions), so its first, near-uniform policy samples
+      plans around the prior instead of absolute widths from 20% to 100%. Measured (resnet18 on
+      Fashion-MNIST at 50% of the MACs, the bench's 60 episodes, seeds 0-2): absolute widths
+      returned 88.63% test accuracy (make bench at db4cfe5), anchored ones 88.98-89.06%.
 """
 from __future__ import annotations
 
@@ -90,7 +98,9 @@ class N2NConfig:
     our masked action sets and short searches 0.003 (the removal rate) is used for both."""
     keep_scales: Tuple[float, ...] = field(default=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
     """Fractions of a group's units that may stay (the shrink action set). The reference code's
-    lookup is 0.25, 0.5 (x5), 0.6, ..., 1.0; a scale below ``1 - max_amount`` is capped there."""
+    lookup is 0.25, 0.5 (x5), 0.6, ..., 1.0; a scale below ``1 - max_amount`` is capped there.
+    With a prior, as many choices spread evenly over the anchored range around the prior's width
+    (one scale: the prior's width itself)."""
 
 
 class RemovalPolicy(nn.Module):
@@ -165,6 +175,9 @@ class N2NAgent(Agent):
         best = env.best_k
         self.removed = env.split(best)[0] if best is not None else env.keep_first_removal()
 
+        self.anchors = env.base_widths(self.removed) if env.anchored else None
+        count = len(self.scales)
+        self.choices = np.linspace(0.0, 1.0, count) if count > 1 else np.array([0.5])
         env.phase = "shrink"
         self._run(env, episodes - stage1, self._shrink_rollout, self._shrink_log_prob, self.shrink_opt)
 
@@ -230,7 +243,8 @@ class N2NAgent(Agent):
         for t in active:
             lo, hi = budget.bounds(k, t, env.goal)
             n = int(env.n[t])
-            units = env.unit_options(budget, t, self.scales)
+            units = env.unit_options(budget, t, self.scales) if self.anchors is None else \
+                env.anchored_unit_options(budget, t, self.anchors, self.choices)
             allowed = (units >= lo) & (units <= hi)
             reduced = budget.removed(k) / budget.total
             x = np.concatenate([self.group_x[t], [previous, reduced, env.target, lo / n, hi / n]]).astype(np.float32)

@@ -17,10 +17,9 @@ environment here exposes the pieces and the agent drives them:
   cache keyed by the plan, the best plan, the episode history and the callbacks
   :func:`rl_prune` uses for its progress bar; the same result interface as the layerwise env
   (``best_by_target``, ``achieved``, ``finalize``, ``restore``...).
-* :class:`DepthChannelSpace` -- wraps the channel search space of :func:`rl_prune` with the
-  removable blocks (:func:`~torch_rlprune.structure.depth.find_removable_blocks`); a plan's vector is
-  ``[1 per removed block..., units removed per group...]`` and its JSON lists the removed blocks
-  in ``metadata["removed_blocks"]``, which :func:`~torch_rlprune.plan.apply_plan` masks again.
+* :class:`~torch_rlprune.env.depth_space.DepthChannelSpace` (its own module) -- wraps the channel
+  search space of :func:`rl_prune` with the removable blocks; a plan's vector is
+  ``[1 per removed block..., units removed per group...]``.
 
 Masks compose: a removed block is masked through the prune API (:func:`~torch_rlprune.structure.depth.mask_block`,
 exactly the identity), the channel groups through the structure's in-place masks during the
@@ -38,23 +37,19 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..structure.channel import apply_channel_plan
 from ..structure.channel.counting import count_macs_params
 from ..structure.costs import budget_measure
-from ..structure.depth import (DEPTH_MASK_TAG, RemovableBlock, RemovedBlock, find_removable_blocks, is_inside,
-                               mask_block, unmask_block)
+from ..structure.depth import DEPTH_MASK_TAG, RemovableBlock, RemovedBlock, is_inside, mask_block, unmask_block
 from .budget import Budget
-from .depth_latency import DepthLatency, DepthPlans, time_blocks
-from .layerwise import BestPlan, BestPlanResults, EpisodeRecord
+from .layerwise import PRIOR_SPREAD, BestPlan, BestPlanResults, EpisodeRecord, anchored_amount
 
-__all__ = ["DepthCost", "DepthWidthEnv", "DepthChannelSpace", "count_macs_params_removed", "masked_block_names"]
+__all__ = ["DepthCost", "DepthWidthEnv", "count_macs_params_removed", "masked_block_names"]
 
 
 def masked_block_names(model: nn.Module) -> List[str]:
@@ -386,6 +381,11 @@ class DepthWidthEnv(BestPlanResults):
         """Widths of the blocks' stage come from ``method`` (:meth:`base_widths`) instead of uniform."""
         self.prior_method = method
 
+    @property
+    def anchored(self) -> bool:
+        """A prior is set: the shrink stage's widths are offsets around its widths (:meth:`anchored_unit_options`)."""
+        return getattr(self, "prior_method", None) is not None
+
     def base_widths(self, removed) -> np.ndarray:
         """Counts for the groups once ``removed`` is decided: the prior's heuristic on the remaining
         budget (uniform when there is no prior)."""
@@ -476,6 +476,20 @@ class DepthWidthEnv(BestPlanResults):
         most = int(budget.k_max[t])
         return np.array([min(group.effective(int(round((1.0 - s) * n))), most) for s in keep_scales], dtype=np.int64)
 
+    def reward_of(self, score: float, k: np.ndarray) -> float:
+        return self.reward(score, self.achieved(k))
+
+    def anchored_unit_options(self, budget: "_EpisodeBudget", t: int, base: np.ndarray,
+                              actions: Sequence[float]) -> np.ndarray:
+        """Units of group ``t`` removed for each anchored action around ``base[t]`` (the units the prior's
+        heuristic removes from it once the blocks are decided, :meth:`base_widths`): action 0.5 asks for
+        that count, 0 and 1 for its fraction moved by ``PRIOR_SPREAD`` logits (:func:`anchored_amount`),
+        as the layer-wise agents' actions; counts the group can take, at most what ``budget`` allows."""
+        group, n = self.structure.groups[t], int(self.n[t])
+        most, prior = int(budget.k_max[t]), float(base[t]) / max(1, int(self.n[t]))
+        return np.array([min(group.effective(int(round(anchored_amount(a, prior, PRIOR_SPREAD) * n))), most)
+                         for a in actions], dtype=np.int64)
+
     def finish(self, removed, counts, repair: bool = True) -> EpisodeRecord:
         """End an episode: repair the counts onto the budget, score (cached), reward, record.
         Only plans within ``tolerance`` of the target can become the result."""
@@ -523,75 +537,3 @@ def _normalise(x: np.ndarray, keep=()) -> np.ndarray:
     for j in keep:
         out[:, j] = x[:, j]
     return out
-
-
-# --------------------------------------------------------------------------- the space rl_prune builds
-class DepthChannelSpace:
-    """The channel search space of :func:`rl_prune` plus the removable blocks of the model.
-
-    Args:
-        channel_space: the ``_ChannelSpace`` (structure, groups, descriptors) built by ``rl_prune``.
-        exclude: modules that must stay (no block containing one is removed).
-    """
-
-    def __init__(self, channel_space, exclude=None):
-        self.channel = channel_space
-        self.model, self.example, self.budget = channel_space.model, channel_space.example, channel_space.budget
-        self.structure = channel_space.structure
-        self.steps = channel_space.steps
-        self.masks = channel_space.masks
-        self.dense = channel_space.dense
-        self.blocks = find_removable_blocks(self.model, self.example, exclude=exclude)
-        self.cost_model = DepthCost(self.structure, self.blocks)
-        for i, b in enumerate(self.blocks):  # the arithmetic must say what removing the block saves
-            one = np.zeros(len(self.blocks), dtype=bool)
-            one[i] = True
-            macs, params = self.cost_model.cost(one, np.zeros(len(self.structure.groups), dtype=np.int64))
-            if (self.cost_model.dense[0] - macs, self.cost_model.dense[1] - params) != (b.macs, b.params):
-                warnings.warn(f"rl_prune: the cost model and the block counter disagree on {b.name!r} "
-                              f"({self.cost_model.dense[0] - macs} vs {b.macs} MACs); budgets may be off",
-                              RuntimeWarning, stacklevel=2)
-        # budget="latency": the channel space's calibrated table, with every block timed alone
-        self.latency_spec, self.timer = channel_space.latency_spec, channel_space.timer
-        self.latency = channel_space.latency
-        if self.latency is not None:
-            seconds = time_blocks(self.latency.table, self.blocks, self.latency_spec.thread_count)
-            self.budget_cost = DepthLatency(self.latency, self.blocks, seconds)
-        else:
-            self.budget_cost = CountedCost(self.cost_model, self.budget)
-
-    def measured_plans(self, env):
-        return DepthPlans(self, env)
-
-    def make_env(self, score_fn, target: float, max_amount: float, baseline_score: float,
-                 tolerance: float, reward=None) -> DepthWidthEnv:
-        return DepthWidthEnv(self, score_fn, target, self.budget, max_amount, baseline_score, tolerance, reward)
-
-    def split(self, k) -> Tuple[np.ndarray, np.ndarray]:
-        k = np.asarray(k, dtype=np.int64)
-        return k[:len(self.blocks)].astype(bool), k[len(self.blocks):]
-
-    def plan_entries(self, k):
-        removed, counts = self.split(k)
-        counts = np.where(self.cost_model.inactive_groups(removed), 0, counts)
-        amounts, numels, metadata = self.channel.plan_entries(counts)
-        metadata = dict(metadata)
-        if self.latency is not None:  # the table's prediction with the blocks gone
-            metadata["latency"] = {**metadata["latency"], "planned_ms": self.budget_cost.predicted(removed, counts) * 1e3}
-        metadata["removed_blocks"] = [b.name for b, r in zip(self.blocks, removed) if r]
-        metadata["removable_blocks"] = [b.name for b in self.blocks]
-        return amounts, numels, metadata
-
-    def apply(self, plan) -> float:
-        """Apply a plan for good (channel masks, then block masks) and return the fraction of the
-        budget's cost removed, counted on the model with its masked blocks removed."""
-        apply_channel_plan(self.model, plan.counts(), structure=self.structure)
-        by_name = {b.name: b for b in self.blocks}
-        for name in plan.metadata.get("removed_blocks", ()):
-            mask_block(by_name[name])
-        if self.latency is not None:  # calibrated on measurements, as the width-only space
-            removed = np.array([b.name in plan.metadata.get("removed_blocks", ()) for b in self.blocks], dtype=bool)
-            counts = self.structure.resolve_plan(plan.counts())
-            return self.budget_cost.fraction_removed(removed, np.where(self.cost_model.inactive_groups(removed), 0, counts))
-        left = count_macs_params_removed(self.model, self.example)
-        return budget_measure(self.budget).removed_fraction(self.dense, left)

@@ -137,6 +137,12 @@ class BestPlanResults:
     """Seconds spent scoring plans (both stages, the held-out choice): the rest of a search is the
     agent's and the environment's own work."""
 
+    def reward_of(self, score: float, k: np.ndarray) -> float:
+        """The reward of a plan on the current target's budget that scored ``score``: what an episode
+        ending on ``k`` would be rewarded, so a plan scored outside an episode (a prior) ranks among
+        the search's plans on the same scale."""
+        return float(score)
+
     def plan_to_beat(self) -> Optional[Tuple[Tuple[int, ...], float]]:
         """``(plan, reward)`` a new plan of the current target is screened against (``screening``):
         None while fewer than ``keep_top`` plans are kept (anything may become a result), then the

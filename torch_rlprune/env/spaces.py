@@ -32,7 +32,7 @@ from ..structure.tensors import PrunableTensor, trace_execution
 from ..threads import intra_op_threads
 from ..validation import check_count
 from .channel_steps import ChannelBudget, GroupMask, LatencyBudget, group_descriptors, trace_descriptors
-from .depth_width import DepthChannelSpace
+from .depth_space import DepthChannelSpace
 from .priors import sorted_lamp_scores, threshold_allocation, uniform_allocation
 
 __all__ = ["SPACES", "STRUCTURES", "SpaceKind", "StructureDefaults", "space_kind", "build_space", "UnstructuredSpace",

@@ -84,7 +84,7 @@ def seed_priors(env, plan_of: Callable[[str], np.ndarray], structure: str, prior
             if abs(env.achieved(k) - target) > tolerance:  # a heuristic that cannot land here
                 continue
             score = env.evaluate(k)
-            env._offer(score, score, k)
+            env._offer(env.reward_of(score, k), score, k)
             scored[method] = (score, k)
         if not scored:
             continue
@@ -135,7 +135,7 @@ def select_plans(env, keys: Sequence[Optional[float]], measure: Callable[[], flo
         for prior, score in _prior_plans(env, key, priors):
             if not any(np.array_equal(p.k, prior) for p in top):
                 score = env.evaluate(prior) if score is None else score   # on record: scored first
-                top.append(BestPlan(score, score, np.array(prior, dtype=np.int64)))
+                top.append(BestPlan(env.reward_of(score, prior), score, np.array(prior, dtype=np.int64)))
         held = [env.measure(p.k, measure) for p in top]
         finite = [i for i, v in enumerate(held) if math.isfinite(v)]
         index = max(finite, key=lambda i: (held[i], top[i].reward)) if finite else 0
@@ -177,6 +177,6 @@ def keep_prior_unless_clearly_better(env, selections: Dict[Optional[float], Sele
                                 "prior_kept": kept}
         if kept:
             score = env.evaluate(prior)      # the prior was scored first: this is its search score
-            best.reward, best.score, best.k = score, score, np.array(prior, dtype=np.int64)
+            best.reward, best.score, best.k = env.reward_of(score, prior), score, np.array(prior, dtype=np.int64)
             selection.search_score = score
             selection.selection_score = env.measure(prior, measure)
