@@ -578,7 +578,7 @@ def to_markdown(report: dict, command: str) -> str:
                 if dense.get("test_acc_finetuned") is not None else "") + "."
              + "".join(f" The {r['structure']} rows were re-run on {r['date']} at commit {r['commit']} "
                        f"({r['wall_s'] / 60:.0f} min, `python benchmarks/run.py --only {r['structure']}`)."
-                       for r in report.get("reruns", [])), ""]
+                       for r in {r["structure"]: r for r in report.get("reruns", [])}.values()), ""]  # the latest
     lines += ["| structure | target | method | removed | test acc | after fine-tune | plans scored | search s |",
               "|---|---|---|---|---|---|---|---|"]
     groups = grouped(report["rows"])
