@@ -486,7 +486,7 @@ class DepthWidthEnv(BestPlanResults):
         that count, 0 and 1 for its fraction moved by ``PRIOR_SPREAD`` logits (:func:`anchored_amount`),
         as the layer-wise agents' actions; counts the group can take, at most what ``budget`` allows."""
         group, n = self.structure.groups[t], int(self.n[t])
-        most, prior = int(budget.k_max[t]), float(base[t]) / max(1, int(self.n[t]))
+        most, prior = int(budget.k_max[t]), float(base[t]) / max(1, n)
         return np.array([min(group.effective(int(round(anchored_amount(a, prior, PRIOR_SPREAD) * n))), most)
                          for a in actions], dtype=np.int64)
 
