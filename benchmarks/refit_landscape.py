@@ -33,7 +33,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from run import FULL, QUICK, Suite  # noqa: E402
-from reward_ranking import spearman  # noqa: E402
+from reward_ranking import outputs, scored_plans, spearman  # noqa: E402
 from study import study_main  # noqa: E402
 
 from torch_rlprune import PruningPlan, apply_plan, rl_prune  # noqa: E402
@@ -44,9 +44,8 @@ CASES = (("channel", 0.5), ("unstructured", 0.95))
 HELD_OUT = 128     # rl_prune's default selection part of 512 calibration images
 
 
-@torch.inference_mode()
 def predictions(model, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([model(b).argmax(1) for b in x.split(500)])
+    return outputs(model, x).argmax(1)
 
 
 class Landscape:
@@ -66,10 +65,7 @@ class Landscape:
     def plans(self, structure: str, target: float, count: int, seed: int):
         """The prior's plan first, then ``count`` draws of the random agent around it."""
         prior = self.search(structure, target, "prior", 1, seed).plan
-        drawn = self.search(structure, target, "random", count, seed)
-        base = drawn.plan.to_dict()
-        return [prior] + [PruningPlan.from_dict({**base, "amounts": dict(zip(drawn.plan.amounts, h["amounts"]))})
-                          for h in drawn.history]
+        return [prior] + scored_plans(self.search(structure, target, "random", count, seed))
 
     def pruned(self, plan: PruningPlan, refit: bool):
         model = copy.deepcopy(self.dense)

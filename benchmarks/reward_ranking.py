@@ -99,6 +99,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------- cases
+def scored_plans(result) -> List[PruningPlan]:
+    """Every plan a search scored, one per episode: the returned plan's layout with the episode's amounts."""
+    base = result.plan.to_dict()
+    return [PruningPlan.from_dict({**base, "amounts": dict(zip(result.plan.amounts, h["amounts"]))})
+            for h in result.history]
+
+
 class Case:
     def __init__(self, name: str, model: nn.Module, structure: str, target: float, x_cal, y_cal, x_test, y_test):
         self.name, self.model, self.structure, self.target = name, model.eval(), structure, target
@@ -113,9 +120,7 @@ class Case:
                           structure=self.structure, seed=seed, verbose=False, calibration_samples=len(self.x_cal),
                           prior="best" if distribution == "around prior" else "none", selection=0.0,
                           bn_recalibration=0, protect_first_last=False)
-        base = result.plan.to_dict()
-        return [PruningPlan.from_dict({**base, "amounts": dict(zip(result.plan.amounts, h["amounts"]))})
-                for h in result.history]
+        return scored_plans(result)
 
     def measure(self, plan: PruningPlan) -> dict:
         model = copy.deepcopy(self.model)

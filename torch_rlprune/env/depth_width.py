@@ -252,6 +252,7 @@ class DepthWidthEnv(BestPlanResults):
         self.phase = "search"
         self.evaluations = 0
         self.targets = None
+        self.prior_method: Optional[str] = None   # set_prior: the heuristic the widths start from
         self._cache: Dict[Tuple[int, ...], float] = {}
         self.replay: Dict[Tuple[int, ...], float] = {}
         self.replayed_keys: set = set()   # plans whose score came from the record (checked on resume)
@@ -384,12 +385,12 @@ class DepthWidthEnv(BestPlanResults):
     @property
     def anchored(self) -> bool:
         """A prior is set: the shrink stage's widths are offsets around its widths (:meth:`anchored_unit_options`)."""
-        return getattr(self, "prior_method", None) is not None
+        return self.prior_method is not None
 
     def base_widths(self, removed) -> np.ndarray:
         """Counts for the groups once ``removed`` is decided: the prior's heuristic on the remaining
         budget (uniform when there is no prior)."""
-        method = getattr(self, "prior_method", None)
+        method = self.prior_method
         if method is None or method == "uniform":
             return self.uniform_widths(removed)
         return self.space.channel.prior_plan(method, self.episode_budget(removed), self.goal)
@@ -525,7 +526,7 @@ class DepthWidthEnv(BestPlanResults):
             k = self.closest_plan()
             score = self.evaluate(k)
             best = self._best
-            best.reward, best.score, best.k = self.reward(score, self.achieved(k)), score, k
+            best.reward, best.score, best.k = self.reward_of(score, k), score, k
 
 
 def _normalise(x: np.ndarray, keep=()) -> np.ndarray:
