@@ -188,13 +188,13 @@ def test_repeated_plans_are_scored_once():
         return float(y.softmax(1).max(1).values.mean())
 
     # one keep scale: the shrink stage can only propose what the budget leaves, again and again
+    # no refit: it would score plans again as returned (the architecture choice, the result)
     result = rl_prune(timm_model("resnet18"), TARGET, data=x, reward=reward, structure="channel", agent="n2n",
-                      episodes=8, verbose=False, bn_recalibration=0, agent_config={"keep_scales": (0.5,)})
+                      episodes=8, verbose=False, bn_recalibration=0, agent_config={"keep_scales": (0.5,)},
+                      repair="none")
     evaluations = result.history[-1]["evaluations"]
     assert len(seen) == len(set(seen)), "no architecture was scored twice"
-    # plus the refitted model's score (repair="lstsq" measures what it returns)
-    after_repair = sum(key in result.plan.metadata["repair"] for key in ("search_score", "selection_score"))
-    assert len(seen) == evaluations + 1 + after_repair, "the unpruned model once, then one score per distinct plan"
+    assert len(seen) == evaluations + 1, "the unpruned model once, then one score per distinct plan"
     assert evaluations < len(result.history), "some episodes repeated a plan and were not scored again"
     shrink = [h for h in result.history if h["phase"] == "shrink"]
     assert len(shrink) == 4 and len({(h["score"], h["sparsity"]) for h in shrink}) == 1
@@ -274,7 +274,7 @@ class _MDPOnly:
     """The depth-and-width environment as an agent may see it: no model side, nothing to set but
     the phase label."""
 
-    MODEL_SIDE = {"structure", "space", "cost_model", "blocks", "budget_cost", "score_fn"}
+    MODEL_SIDE = {"structure", "space", "cost_model", "blocks", "budget_cost", "score_fn", "returned_score"}
 
     def __init__(self, env):
         object.__setattr__(self, "_env", env)
@@ -368,3 +368,81 @@ def test_the_prior_competes_on_the_agents_reward_scale():
     assert best.reward == pytest.approx(n2n_reward(best.score, env.baseline_score, env.achieved(best.k)))
     on_target = [h["reward"] for h in result.history if abs(h["violation"]) <= env.tolerance]
     assert on_target and best.reward == pytest.approx(max(on_target), abs=0.01)
+
+
+# --------------------------------------------------------------------------- removing or narrowing, after the refit
+
+class _ScriptedReturnN2N(N2NAgent):
+    """N2N whose environment scores plans "as returned" by ``returned(k, num_blocks)``: the choice
+    of the architecture to shrink without seconds of refitting per plan."""
+
+    def __init__(self, returned, **config):
+        super().__init__(config, seed=0)
+        self.returned = returned
+
+    def search(self, env, episodes):
+        self.env = env
+        env.returned_score = lambda k: self.returned(k, env.num_blocks)
+        super().search(env, episodes)
+
+
+def _removal_rewarded(model):  # stage 1's best plan removes layer3.1
+    return 1.0 if "layer3.1" in masked_block_names(model) else 0.2
+
+
+@pytest.mark.parametrize("narrowing_wins", [True, False])
+def test_the_shrink_stage_narrows_the_architecture_that_scores_higher_once_refitted(narrowing_wins):
+    def returned(k, num_blocks):
+        return float(narrowing_wins) if not np.any(k[:num_blocks]) else float(not narrowing_wins)
+
+    agent = _ScriptedReturnN2N(returned, removal_share=0.5, lr_removal=0.03)
+    result = rl_prune(timm_model("resnet18"), TARGET, data=data_for("resnet18", 4), reward=_removal_rewarded,
+                      structure="channel", agent=agent, episodes=12, verbose=False, bn_recalibration=0, selection=0.0)
+    stage1 = [h for h in result.history if h["phase"] == "removal"]
+    assert any(np.any(h["amounts"][:agent.env.num_blocks]) for h in stage1), "stage 1 found a plan removing blocks"
+    choice = result.plan.metadata["architecture_choice"]
+    assert [bool(c["removed_blocks"]) for c in choice] == [True, False]   # stage 1's best, then narrowing only
+    assert [c["returned_score"] for c in choice] == [float(not narrowing_wins), float(narrowing_wins)]
+    shrink = [h for h in result.history if h["phase"] == "shrink"]
+    assert shrink and all(bool(np.any(h["amounts"][:agent.env.num_blocks])) != narrowing_wins for h in shrink)
+    # the result too: stage 1's plans, scored higher before the refit, are no longer candidates
+    assert bool(result.plan.metadata["removed_blocks"]) != narrowing_wins
+
+
+def test_without_a_refit_the_shrink_stage_keeps_stage_ones_best():
+    agent = _KeptEnvN2N(seed=0, removal_share=0.5, lr_removal=0.03)
+    result = rl_prune(timm_model("resnet18"), TARGET, data=data_for("resnet18", 4), reward=_removal_rewarded,
+                      structure="channel", agent=agent, episodes=12, verbose=False, bn_recalibration=0,
+                      selection=0.0, repair="none")
+    assert agent.env.returned_score is None and "architecture_choice" not in result.plan.metadata
+    assert "layer3.1" in result.plan.metadata["removed_blocks"]
+
+
+class _ReturnedPriorN2N(N2NAgent):
+    """Scores the prior's plan as returned before searching, checking that it leaves the model as it was."""
+
+    def search(self, env, episodes):
+        model = env.space.model
+        fewest = env.keep_first_removal()
+        env.evaluate(env.join(fewest, env.uniform_widths(fewest)))   # BatchNorm statistics: another plan's
+        env.restore()   # score_as_returned takes the search's in-place masks off first
+        before = ModelState.of(model)
+        self.returned = env.score_as_returned(env.join(fewest, env.base_widths(fewest)))
+        before.assert_unchanged(model)   # weights, BatchNorm statistics, prune hooks
+        super().search(env, episodes)
+
+
+def test_score_as_returned_is_the_refitted_models_score_and_undoes_everything():
+    x = data_for("resnet18", 16)
+
+    def confidence(model):  # continuous: any difference in the model shows
+        with torch.inference_mode():
+            return float(model(x).softmax(1).max(1).values.mean())
+
+    agent = _ReturnedPriorN2N(seed=1, removal_share=0.0, keep_scales=(0.5,))   # every plan: the prior's
+    result = rl_prune(timm_model("resnet18"), TARGET, data=x, reward=confidence, structure="channel", agent=agent,
+                      episodes=3, verbose=False, selection=0.0, repair="lstsq", prior="global")
+    repair = result.plan.metadata["repair"]
+    assert repair["refitted"], "the refit changed layers: the score after it is not the search's"
+    assert agent.returned == pytest.approx(repair["search_score"], rel=1e-6)
+    assert result.plan.metadata["architecture_choice"][0]["returned_score"] == agent.returned

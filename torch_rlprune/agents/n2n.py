@@ -15,7 +15,9 @@ Algorithm, as in the paper (Sec. 3-4) and its reference code, with this library'
             b = running mean of the rewards of earlier rollouts (the batch's own mean at first)
             removal policy <- Adam step on -sum (R - b) * log pi(a)         # REINFORCE
             (forced choices -- one option left by the budget -- carry no log-probability)
-    Stage 2 -- layer shrinkage (the other episodes), on the best stage-1 architecture:
+    Between them: the best stage-1 architecture, unless the one removing only the blocks the
+        budget needs scores higher as rl_prune returns it (refit included)     [refit, ours]
+    Stage 2 -- layer shrinkage (the other episodes), on that architecture:
         every `rollouts` episodes:
             for each rollout:
                 for every channel group t still present (execution order):
@@ -173,14 +175,31 @@ class N2NAgent(Agent):
 
         env.phase = "removal"
         self._run(env, stage1, self._removal_rollout, self._removal_log_prob, self.removal_opt)
-        best = env.best_k
-        self.removed = env.split(best)[0] if best is not None else env.keep_first_removal()
+        self.removed = self._architecture(env)
 
         self.anchors = env.base_widths(self.removed) if env.anchored else None
         count = len(self.scales)
         self.choices = np.linspace(0.0, 1.0, count) if count > 1 else np.array([0.5])
         env.phase = "shrink"
         self._run(env, episodes - stage1, self._shrink_rollout, self._shrink_log_prob, self.shrink_opt)
+
+    def _architecture(self, env) -> np.ndarray:
+        """The blocks the shrink stage keeps removed: stage 1's best, unless the plan that removes
+        only what the budget needs scores higher as rl_prune returns it (refit included). Stage 1
+        ranks before the refit, which restores narrowed layers but not removed blocks."""
+        fewest = env.keep_first_removal()
+        best = env.best_k
+        if best is None:
+            return fewest
+        removed = env.split(best)[0]
+        if np.array_equal(removed, fewest):
+            return removed
+        with_blocks = env.score_as_returned(best)
+        narrowed = env.score_as_returned(env.join(fewest, env.base_widths(fewest)))
+        if with_blocks is None or narrowed is None or with_blocks > narrowed:
+            return removed
+        env.keep_results_of(fewest)   # stage 1's plans rank by scores the refit would reverse
+        return fewest
 
     # ----------------------------------------------------------------- REINFORCE
     def _run(self, env, episodes: int, rollout, log_prob, optimizer) -> None:

@@ -253,6 +253,9 @@ class DepthWidthEnv(BestPlanResults):
         self.evaluations = 0
         self.targets = None
         self.prior_method: Optional[str] = None   # set_prior: the heuristic the widths start from
+        self.returned_score: Optional[Callable[[np.ndarray], float]] = None   # set by rl_prune when it refits
+        self.returned_scores: List[dict] = []   # every score_as_returned, for the plan's record
+        self.results_of: Optional[np.ndarray] = None   # keep_results_of: the one architecture a result may have
         self._cache: Dict[Tuple[int, ...], float] = {}
         self.replay: Dict[Tuple[int, ...], float] = {}
         self.replayed_keys: set = set()   # plans whose score came from the record (checked on resume)
@@ -455,6 +458,37 @@ class DepthWidthEnv(BestPlanResults):
         removed, counts = self.split(k)
         counts = np.where(self.cost_model.inactive_groups(removed), 0, self.cost_model.effective(counts))
         return self._score_plan(tuple(int(v) for v in self.join(removed, counts)), full=full)
+
+    def score_as_returned(self, k: np.ndarray) -> Optional[float]:
+        """The plan's score as :func:`rl_prune` returns it, least-squares refit included (``None``:
+        this search does not refit). The refit restores narrowed layers, not removed blocks, so a
+        search scores block removal too high against narrowing; this tells the two apart. Several
+        seconds a plan (a refit): for a choice between architectures, not for every episode."""
+        if self.returned_score is None:
+            return None
+        searched = self.evaluate(k)
+        self.restore()   # the plan is applied for good and undone; the search's in-place masks must be off
+        score = float(self._scoring(lambda: self.returned_score(np.asarray(k, dtype=np.int64))))
+        removed, _ = self.split(k)
+        self.returned_scores.append({"removed_blocks": [b.name for b, r in zip(self.blocks, removed) if r],
+                                     "search_score": searched, "returned_score": score})
+        return score
+
+    def keep_results_of(self, removed) -> None:
+        """From here on only plans removing exactly the blocks ``removed`` can be the result: the
+        best plan and its runners-up are chosen again among the plans of that architecture scored
+        so far (an agent that found another architecture better once refitted)."""
+        self.results_of = np.asarray(removed, dtype=bool).copy()
+        key = self._best_key()
+        self.best_by_target[key], self.top_by_target[key] = BestPlan(), []
+        for plan, score in list(self._cache.items()):
+            k = np.array(plan, dtype=np.int64)
+            if abs(self.target - self.achieved(k)) <= self.tolerance:
+                self._offer(self.reward_of(score, k), score, k)
+
+    def _offer(self, reward: float, score: float, k: np.ndarray) -> None:
+        if self.results_of is None or np.array_equal(self.split(k)[0], self.results_of):
+            super()._offer(reward, score, k)
 
     def restore(self) -> None:
         """Every tensor back exactly as before the search: channel zeros first, then block masks."""

@@ -37,6 +37,7 @@ from ..structure.prefix_cache import PrefixCache
 from ..threads import agent_threads
 from .checkpoint import SearchRecorder
 from .distributed import SplittableReward, check_same_calibration, shard
+from .as_returned import returned_score
 from .selection import keep_prior_unless_clearly_better, seed_priors, select_plans, split_calibration
 from .stopping import StopRule
 
@@ -460,6 +461,8 @@ class Search:
             if not self.leader:
                 coordinator.serve(env, env.score_fn, p.scorer)
             else:
+                if getattr(env, "supports_depth", False):
+                    env.returned_score = returned_score(p, self.options, coordinator is not None)
                 run_search(self.agent, self.fresh_agent, p, self.options.structure, self.episodes, targets,
                            self.one_search, self.recorder, coordinator, self.stop)
             if coordinator is not None:
@@ -497,6 +500,8 @@ class Search:
             mode["prior"] = p.priors[key].as_dict()
         if key in self.stop.stops:
             mode["stopped"] = dict(self.stop.stops[key])
+        if getattr(env, "returned_scores", None):
+            mode["architecture_choice"] = [dict(r) for r in env.returned_scores]
         if env.screening is not None:
             mode["screening"] = env.screening.stats.as_dict()
         if env.prefix_cache is not None:
