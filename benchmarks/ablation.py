@@ -1,6 +1,6 @@
 """What each part of the default search is worth: repair, prior, held-out selection, importance.
 
-    python benchmarks/ablation.py            # ~40 min on 2 cores
+    python benchmarks/ablation.py            # ~100 min on 2 cores
     python benchmarks/ablation.py --quick    # one seed, one target, few episodes
 
 On the benchmark's trained timm resnet18 (Fashion-MNIST, no fine-tune, 1024 calibration images,
@@ -8,12 +8,13 @@ On the benchmark's trained timm resnet18 (Fashion-MNIST, no fine-tune, 1024 cali
 episodes, and reports test accuracy (mean, min-max over seeds):
 
 * the one-liners (global magnitude, LAMP) and the same heuristics with the search's BatchNorm
-  repair (``agent="prior"``);
-* AMC as it was (no prior, no repair, no held-out selection), then + BatchNorm re-estimation,
-  + the prior (actions anchored to the best of LAMP/global magnitude, scored first), + held-out
-  selection (the default), + activation-aware selection inside layers (Wanda), and the prior's
-  spread halved and doubled;
-* channel pruning at 50% of the MACs: AMC without and with the prior (global/uniform).
+  repair (``agent="prior"``), without and with the least-squares refit;
+* AMC as it was (no prior, no repair, no held-out selection, no refit), then + BatchNorm
+  re-estimation, + the prior (actions anchored to the best of LAMP/global magnitude, scored first),
+  + held-out selection, + the refit (the default), + activation-aware selection inside layers
+  (Wanda), the prior's spread halved and doubled, and other settings of the default;
+* channel pruning at 50% of the MACs: AMC without and with the prior and the held-out choice,
+  without and with the refit, and the prior alone.
 
 Writes benchmarks/results/ablation.{json,md}.
 """
@@ -42,32 +43,41 @@ from torch_rlprune.env.priors import global_magnitude_unstructured, lamp_unstruc
 from torch_rlprune.structure.tensors import find_prunable  # noqa: E402
 from torch_rlprune.demo.training import evaluate_accuracy  # noqa: E402
 
-OLD = dict(prior="none", bn_recalibration=0, selection=0.0)
-# "default" in a label: rl_prune's defaults when this table was measured, BatchNorm re-estimated on one
-# batch; that row's result (4 batches) made 4 the default since, so the rows pin 1 to stay what they were.
+OLD = dict(prior="none", bn_recalibration=0, selection=0.0, repair="none")
+NO_REFIT = dict(repair="none")
+# "default": rl_prune's defaults as they are now (BatchNorm re-estimated on 4 batches of 128; the least-squares
+# refit for channel plans and for weight plans from 90% on, repair="auto"); the rows before it add the parts one
+# at a time, without the refit.
 UNSTRUCTURED = [  # (label, rl_prune keywords, prior spread)
-    ("LAMP + BN repair (agent=prior)", dict(agent="prior", prior="lamp", selection=0.0), None),
-    ("global magnitude + BN repair (agent=prior)", dict(agent="prior", prior="global", selection=0.0), None),
-    ("best prior + BN repair + held-out choice (agent=prior)", dict(agent="prior"), None),
-    ("AMC as before (no prior, no repair, no selection)", dict(agent="amc", **OLD), None),
-    ("AMC + BN repair", dict(agent="amc", prior="none", selection=0.0), None),
-    ("AMC + BN repair + prior", dict(agent="amc", selection=0.0), None),
-    ("AMC + BN repair + prior + held-out selection (default)", dict(agent="amc"), None),
+    ("LAMP + BN repair (agent=prior)", dict(agent="prior", prior="lamp", selection=0.0, **NO_REFIT), None),
+    ("global magnitude + BN repair (agent=prior)", dict(agent="prior", prior="global", selection=0.0, **NO_REFIT),
+     None),
+    ("best prior + BN repair + held-out choice (agent=prior)", dict(agent="prior", **NO_REFIT), None),
+    ("best prior + BN repair + held-out choice + refit (agent=prior)", dict(agent="prior"), None),
+    ("AMC as before (no prior, no repair, no selection, no refit)", dict(agent="amc", **OLD), None),
+    ("AMC + BN repair", dict(agent="amc", prior="none", selection=0.0, **NO_REFIT), None),
+    ("AMC + BN repair + prior", dict(agent="amc", selection=0.0, **NO_REFIT), None),
+    ("AMC + BN repair + prior + held-out selection", dict(agent="amc", **NO_REFIT), None),
+    ("AMC + BN repair + prior + held-out selection + refit (default)", dict(agent="amc"), None),
     ("default + importance=activation", dict(agent="amc", importance="activation"), None),
-    ("best prior + activation + BN repair (agent=prior)", dict(agent="prior", importance="activation"), None),
+    ("best prior + activation + BN repair + refit (agent=prior)", dict(agent="prior", importance="activation"),
+     None),
     ("default, prior spread 0.5 logit", dict(agent="amc"), 0.5),
     ("default, prior spread 2 logits", dict(agent="amc"), 2.0),
-    ("default, BN re-estimated on 4 batches", dict(agent="amc", bn_recalibration=4), None),
+    ("default, BN re-estimated on 1 batch", dict(agent="amc", bn_recalibration=1), None),
     ("default, 300 episodes", dict(agent="amc", episodes=300), None),
     ("default, 512 calibration images", dict(agent="amc", calibration_samples=512), None),
     ("random search around the prior (same episodes)", dict(agent="random"), None),
     ("CRL, default settings", dict(agent="crl"), None),
 ]
 CHANNEL = [
-    ("AMC, no prior", dict(agent="amc", prior="none", selection=0.0), None),
-    ("AMC + prior", dict(agent="amc", selection=0.0), None),
-    ("AMC + prior + held-out selection (default)", dict(agent="amc"), None),
-    ("best prior alone (agent=prior)", dict(agent="prior"), None),
+    ("AMC, no prior, no refit", dict(agent="amc", prior="none", selection=0.0, **NO_REFIT), None),
+    ("AMC + prior, no refit", dict(agent="amc", selection=0.0, **NO_REFIT), None),
+    ("AMC + prior + held-out selection, no refit", dict(agent="amc", **NO_REFIT), None),
+    ("AMC + prior + held-out selection + refit (default)", dict(agent="amc"), None),
+    ("AMC, no prior + refit", dict(agent="amc", prior="none", selection=0.0), None),
+    ("best prior alone, no refit (agent=prior)", dict(agent="prior", **NO_REFIT), None),
+    ("best prior alone + refit (agent=prior)", dict(agent="prior"), None),
 ]
 
 
@@ -89,7 +99,7 @@ def one_liner(model, fn, target: float, x_test, y_test, protected) -> float:
 
 def search(model, target, structure, kwargs, spread, seed, episodes, data, x_test, y_test) -> dict:
     pruned = copy.deepcopy(model)
-    kwargs = {"bn_recalibration": 1, **kwargs}
+    kwargs = dict(kwargs)
     previous = env_module.PRIOR_SPREAD
     env_module.PRIOR_SPREAD = previous if spread is None else spread
     try:
@@ -103,7 +113,8 @@ def search(model, target, structure, kwargs, spread, seed, episodes, data, x_tes
         env_module.PRIOR_SPREAD = previous
     return {"test_acc": evaluate_accuracy(pruned, x_test, y_test), "score": result.plan.score,
             "seconds": seconds, "protected": result.plan.metadata.get("protected", []),
-            "prior": result.plan.metadata.get("prior"), "selection": result.plan.metadata.get("selection")}
+            "prior": result.plan.metadata.get("prior"), "selection": result.plan.metadata.get("selection"),
+            "refit_kept": (result.plan.metadata.get("repair") or {}).get("kept")}
 
 
 def run(quick: bool) -> dict:
@@ -139,8 +150,8 @@ def to_markdown(report: dict, command: str) -> str:
              f"{report['test_images']} test images, searches of {report['episodes']} episodes unless a row says "
              "otherwise, seeds "
              f"{report['seeds']} (mean, min–max); the first conv and the classifier stay dense in every row. "
-             "'default': rl_prune's defaults when measured, with BatchNorm re-estimated on 1 batch of 128 "
-             "(the 4-batch row made 4 the default since).", "",
+             "'default': rl_prune's defaults (BatchNorm re-estimated on 4 batches of 128; the least-squares refit "
+             "for channel plans and from 90% of the weights); 'no refit': repair=\"none\".", "",
              "| structure | target | method | test acc | search s |", "|---|---|---|---|---|"]
     for (structure, target, method), rows in groups.items():
         accs = [r["test_acc"] for r in rows]
