@@ -322,7 +322,9 @@ class Suite:
                 "episode_over_forward": result.episode_seconds / floor,
                 "agent_over_forward": max(0.0, search_s - in_episodes) / max(1, len(everything)) / floor,
                 "wall_episode_over_forward": search_s / max(1, len(everything)) / floor,
-                "evaluation_over_forward": seconds / max(1, evaluations) / floor}
+                "evaluation_over_forward": seconds / max(1, evaluations) / floor,
+                **{k: result.plan.metadata[k] for k in ("removed_blocks", "architecture_choice")
+                   if k in result.plan.metadata}}   # N2N: which blocks went, and why
 
     def random_matched(self, structure: str, target: float, seed: int, budgets: Dict[str, int],
                        label: str = "random search") -> None:
