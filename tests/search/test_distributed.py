@@ -33,15 +33,19 @@ def _example():
     return module
 
 
-@pytest.mark.parametrize("structure,agent,config,screen", [("unstructured", "amc", {"warmup": 3}, 0),
-                                                           ("channel", "purl", {"warmup": 2}, 0),
-                                                           ("unstructured", "amc", {"warmup": 2}, 16)],
-                         ids=["unstructured-amc", "channel-purl", "unstructured-amc-screened"])
-def test_two_processes_end_with_the_single_process_plan(structure, agent, config, screen, data_root, tmp_path):
-    """With screening (rank 0 screens on its whole calibration set, promoted plans are scored by all)."""
+@pytest.mark.parametrize("structure,agent,config,screen,target", [("unstructured", "amc", {"warmup": 3}, 0, 0.5),
+                                                                  ("channel", "purl", {"warmup": 2}, 0, 0.5),
+                                                                  ("unstructured", "amc", {"warmup": 2}, 16, 0.5),
+                                                                  ("channel", "n2n", {"rollouts": 2}, 0, 0.3)],
+                         ids=["unstructured-amc", "channel-purl", "unstructured-amc-screened", "channel-n2n"])
+def test_two_processes_end_with_the_single_process_plan(structure, agent, config, screen, target, data_root,
+                                                        tmp_path):
+    """With screening (rank 0 screens on its whole calibration set, promoted plans are scored by all).
+    N2N at 30% (seed 3): its stage-1 best removes the residual block, so rank 0 scores both
+    architectures as returned, refit included, alone."""
     common = ["--model", "test_resnet", "--structure", structure, "--agent", agent, "--episodes", "8",
               "--agent-config", json.dumps(config), "--calibration", "128", "--data-root", str(data_root), "--seed", "3",
-              "--screen", str(screen)]
+              "--screen", str(screen), "--target", str(target)]
     run = _torchrun([EXAMPLE, *common, "--out", tmp_path / "two"], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     with torch.random.fork_rng(devices=[]):
@@ -52,6 +56,9 @@ def test_two_processes_end_with_the_single_process_plan(structure, agent, config
     for key in ("amounts", "score", "sparsity", "baseline_score", "episodes"):
         assert ranks[0][key] == single[key], key
     assert len(set(ranks[0]["amounts"].values())) > 1  # a real plan, not a uniform fallback
+    if agent == "n2n":  # rank 0 scores the architectures as returned alone, on the whole search part
+        choice = single["metadata"]["architecture_choice"]
+        assert len(choice) == 2 and ranks[0]["metadata"]["architecture_choice"] == choice
     if screen:
         assert ranks[0]["metadata"]["screening"] == single["metadata"]["screening"]
         assert single["metadata"]["screening"]["kept_out"] > 0

@@ -72,7 +72,12 @@ def returned_score(prepared, options: PruneOptions, distributed: bool) -> Option
             not refit_wanted(o.repair, float(o.targets[0]), STRUCTURE_DEFAULTS[o.structure].auto_refit_from):
         return None
     reward = prepared.scorer
-    if distributed:
+    if distributed:   # its reference: the unpruned model as the search's scorer saw it, BatchNorm as it came
         reward = make_reward(o.reward, prepared.calibration)
-        reward.prepare(prepared.space.model)
+        statistics = prepared.recalibrate.statistics()
+        prepared.recalibrate.restore()
+        try:
+            reward.prepare(prepared.space.model)
+        finally:
+            prepared.recalibrate.load(statistics)
     return ReturnedScore(prepared, o, reward)

@@ -240,7 +240,8 @@ class DistributedSearch:
             payload[0] = {"best": {key: plain(b) for key, b in env.best_by_target.items()},
                           "top": {key: [plain(b) for b in top] for key, top in env.top_by_target.items()},
                           "history": env.history, "evaluations": env.evaluations, "priors": priors,
-                          "screening": None if env.screening is None else env.screening.stats}
+                          "screening": None if env.screening is None else env.screening.stats,
+                          "returned_scores": getattr(env, "returned_scores", None)}
         dist.broadcast_object_list(payload, src=0, device=self.device if self.device.type == "cuda" else None)
         data = payload[0]
         if not self.leader:
@@ -249,4 +250,6 @@ class DistributedSearch:
             env.history, env.evaluations = data["history"], data["evaluations"]
             if env.screening is not None:   # rank 0 screens (on the whole set it holds, as every rank does)
                 env.screening.stats = data["screening"]
+            if data["returned_scores"] is not None:   # N2N's architecture choice: rank 0 scored it alone
+                env.returned_scores = data["returned_scores"]
         return data["priors"]
