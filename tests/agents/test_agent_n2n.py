@@ -407,6 +407,9 @@ def test_the_shrink_stage_narrows_the_architecture_that_scores_higher_once_refit
     assert shrink and all(bool(np.any(h["amounts"][:agent.env.num_blocks])) != narrowing_wins for h in shrink)
     # the result too: stage 1's plans, scored higher before the refit, are no longer candidates
     assert bool(result.plan.metadata["removed_blocks"]) != narrowing_wins
+    line = next(x for x in result.summary().splitlines() if x.startswith("architecture shrunk"))
+    assert line.endswith(f"-> {float(not narrowing_wins):.4f}; 0 blocks removed "
+                         f"{choice[1]['search_score']:.4f} -> {float(narrowing_wins):.4f}")
 
 
 def test_without_a_refit_the_shrink_stage_keeps_stage_ones_best():

@@ -174,6 +174,24 @@ def test_format_summary_lists_every_layer_and_the_numbers(case, request):
     assert f"(x{ratio:.2f})" in text
 
 
+@pytest.mark.parametrize("choice,shown", [
+    ([{"removed_blocks": ["a", "b"], "search_score": 0.9, "returned_score": 0.95},
+      {"removed_blocks": [], "search_score": 0.8, "returned_score": 0.98}],
+     "architecture shrunk, chosen as returned (score before -> after the refit): "
+     "2 blocks removed 0.9000 -> 0.9500; 0 blocks removed 0.8000 -> 0.9800"),
+    ([{"removed_blocks": "a", "search_score": 0.9, "returned_score": 0.95}], None),   # a hand-edited run file
+    ([{"removed_blocks": [], "search_score": "0.9", "returned_score": 0.95}], None),
+    ("not a list", None),
+])
+def test_the_summary_shows_n2ns_architecture_choice_when_it_is_readable(channel, choice, shown):
+    _, result = channel
+    record = summarize(result)
+    record["removed_blocks"] = []
+    record["plan"]["metadata"]["architecture_choice"] = choice
+    lines = [x for x in format_summary(record).splitlines() if x.startswith("architecture shrunk")]
+    assert lines == ([shown] if shown else [])
+
+
 def test_accuracy_guaranteed_record_and_empty_history(tmp_path):
     result = rl_prune(fresh(), None, max_drop=0.0, **FAST)
     record = summarize(result)

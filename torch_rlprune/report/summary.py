@@ -333,6 +333,19 @@ def _score_meaning(record: dict) -> str:
     return f"  (score: {what}; {unpruned})"
 
 
+def _architecture_lines(choice) -> List[str]:
+    """N2N's choice of the architecture it shrank, scored before and after the refit (nothing for a
+    record without one, or one that is not a list of such scores: run files are untrusted)."""
+    def readable(c):
+        return isinstance(c, dict) and isinstance(c.get("removed_blocks"), list) and all(
+            isinstance(c.get(k), (int, float)) for k in ("search_score", "returned_score"))
+    if not isinstance(choice, list) or not choice or not all(readable(c) for c in choice):
+        return []
+    parts = [f"{len(c['removed_blocks'])} blocks removed {c['search_score']:.4f} -> {c['returned_score']:.4f}"
+             for c in choice]
+    return ["architecture shrunk, chosen as returned (score before -> after the refit): " + "; ".join(parts)]
+
+
 def format_summary(record: dict) -> str:
     """The table ``result.summary()`` and the CLI print: settings, target vs achieved, score,
     MACs/params, test accuracy and timings, then one row per layer (or channel group)."""
@@ -363,6 +376,7 @@ def format_summary(record: dict) -> str:
         removable = (record.get("plan") or {}).get("metadata", {}).get("removable_blocks", [])
         lines.append(f"blocks removed ({len(record['removed_blocks'])} of {len(removable)} removable): "
                      f"{', '.join(record['removed_blocks']) or 'none'}")
+        lines += _architecture_lines((record.get("plan") or {}).get("metadata", {}).get("architecture_choice"))
     kind = space_kind(record["structure"])
     width = max([40] + [len(lay["name"]) for lay in record["layers"]])
     lines.append(f"{kind.step_label:<{width}} {'kind':<8} {kind.size_label:>10} {'pruned':>8}")
