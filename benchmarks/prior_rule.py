@@ -57,7 +57,7 @@ class BothPlansMeasured:
                      "rule_keeps_prior": not mean - PRIOR_MARGIN_Z * error > 0}
         if self.return_prior:
             score = env.evaluate(prior)
-            best.reward, best.score, best.k = score, score, np.array(prior, dtype=np.int64)
+            best.reward, best.score, best.k = env.reward_of(score, prior), score, np.array(prior, dtype=np.int64)
         return chosen
 
 

@@ -177,16 +177,13 @@ class DepthPlans:
     def predicted(self, k) -> float:
         return self.cost.fraction_removed(*self._parts(k))
 
-    def _names(self, removed) -> list:
-        return [b.name for b, r in zip(self.space.blocks, removed) if r]
-
     def describe(self, k) -> dict:
         """What a measured round records beside its numbers: the blocks the plan removes."""
-        return {"removed_blocks": self._names(self.env.split(k)[0])}
+        return {"removed_blocks": self.space.removed_names(self.env.split(k)[0])}
 
     def measure(self, k, reading: int = 0) -> float:
         removed, counts = self._parts(k)
-        return self.space.timer.fraction_removed(self.space.structure.plan(counts), self._names(removed),
+        return self.space.timer.fraction_removed(self.space.structure.plan(counts), self.space.removed_names(removed),
                                                  reading=reading)
 
     def rescaled(self, k, target: float) -> np.ndarray:

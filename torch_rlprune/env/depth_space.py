@@ -67,6 +67,10 @@ class DepthChannelSpace:
         k = np.asarray(k, dtype=np.int64)
         return k[:len(self.blocks)].astype(bool), k[len(self.blocks):]
 
+    def removed_names(self, removed) -> list:
+        """Names of the blocks a plan's block part (one bool per removable block) removes."""
+        return [b.name for b, r in zip(self.blocks, removed) if r]
+
     def plan_entries(self, k):
         removed, counts = self.split(k)
         counts = np.where(self.cost_model.inactive_groups(removed), 0, counts)
@@ -74,7 +78,7 @@ class DepthChannelSpace:
         metadata = dict(metadata)
         if self.latency is not None:  # the table's prediction with the blocks gone
             metadata["latency"] = {**metadata["latency"], "planned_ms": self.budget_cost.predicted(removed, counts) * 1e3}
-        metadata["removed_blocks"] = [b.name for b, r in zip(self.blocks, removed) if r]
+        metadata["removed_blocks"] = self.removed_names(removed)
         metadata["removable_blocks"] = [b.name for b in self.blocks]
         return amounts, numels, metadata
 

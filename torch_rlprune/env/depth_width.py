@@ -469,8 +469,7 @@ class DepthWidthEnv(BestPlanResults):
         searched = self.evaluate(k)
         self.restore()   # the plan is applied for good and undone; the search's in-place masks must be off
         score = float(self._scoring(lambda: self.returned_score(np.asarray(k, dtype=np.int64))))
-        removed, _ = self.split(k)
-        self.returned_scores.append({"removed_blocks": [b.name for b, r in zip(self.blocks, removed) if r],
+        self.returned_scores.append({"removed_blocks": self.space.removed_names(self.split(k)[0]),
                                      "search_score": searched, "returned_score": score})
         return score
 

@@ -67,6 +67,17 @@ class BatchNormRecalibration:
                 m.track_running_stats = True
                 m.eval()
 
+    @contextlib.contextmanager
+    def as_created(self) -> Iterator[None]:
+        """Inside the block the statistics start as they were when this object was created (the
+        unpruned model's); on exit they are put back as they were before the block."""
+        current = self.statistics()
+        self.restore()
+        try:
+            yield
+        finally:
+            self.load(current)
+
     def statistics(self) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """A copy of every BatchNorm's running statistics (mean, variance, count), as :meth:`load` takes."""
         return [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in self.norms]

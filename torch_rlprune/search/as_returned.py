@@ -46,38 +46,33 @@ class ReturnedScore:
         p = self.prepared
         model = p.space.model
         plan = self.plan(k)
-        snapshot, statistics, refit = ModelSnapshot(model), p.recalibrate.statistics(), None
-        try:
-            # the reference the refit reproduces is the unpruned model: its own BatchNorm statistics,
-            # not those of the plan the search scored last
-            p.recalibrate.restore()
-            refit = LeastSquaresRefit(model, p.calibration.inputs, seed=int(self.options.seed))  # before the masks
-            p.space.apply(plan)
-            refit()
-            if p.recalibrate:
-                p.recalibrate()
-            return float(self.reward(model))
-        finally:
-            if refit is not None:   # it wrote last
-                refit.restore()
-            snapshot.restore()
-            p.recalibrate.load(statistics)
+        snapshot, refit = ModelSnapshot(model), None
+        # the reference the refit reproduces is the unpruned model: its own BatchNorm statistics,
+        # not those of the plan the search scored last
+        with p.recalibrate.as_created():
+            try:
+                refit = LeastSquaresRefit(model, p.calibration.inputs, seed=int(self.options.seed))  # before the masks
+                p.space.apply(plan)
+                refit()
+                if p.recalibrate:
+                    p.recalibrate()
+                return float(self.reward(model))
+            finally:
+                if refit is not None:   # it wrote last
+                    refit.restore()
+                snapshot.restore()
 
 
 def returned_score(prepared, options: PruneOptions, distributed: bool) -> Optional[ReturnedScore]:
     """The scorer an N2N search's environment gets when its result will be refitted; ``None`` otherwise.
     Under torch.distributed rank 0 scores alone, on the whole search part every rank holds."""
     o = options
-    if not o.needs_depth or not o.targets or \
+    if not o.targets or \
             not refit_wanted(o.repair, float(o.targets[0]), STRUCTURE_DEFAULTS[o.structure].auto_refit_from):
         return None
     reward = prepared.scorer
     if distributed:   # its reference: the unpruned model as the search's scorer saw it, BatchNorm as it came
         reward = make_reward(o.reward, prepared.calibration)
-        statistics = prepared.recalibrate.statistics()
-        prepared.recalibrate.restore()
-        try:
+        with prepared.recalibrate.as_created():
             reward.prepare(prepared.space.model)
-        finally:
-            prepared.recalibrate.load(statistics)
     return ReturnedScore(prepared, o, reward)
