@@ -392,24 +392,59 @@ def _removal_rewarded(model):  # stage 1's best plan removes layer3.1
 
 @pytest.mark.parametrize("narrowing_wins", [True, False])
 def test_the_shrink_stage_narrows_the_architecture_that_scores_higher_once_refitted(narrowing_wins):
-    def returned(k, num_blocks):
-        return float(narrowing_wins) if not np.any(k[:num_blocks]) else float(not narrowing_wins)
+    def refitted(k, num_blocks):   # the winner's refit beats every search score (at most 1.0 here)
+        return 2.0 if (not np.any(k[:num_blocks])) == narrowing_wins else 0.0
 
-    agent = _ScriptedReturnN2N(returned, removal_share=0.5, lr_removal=0.03)
+    agent = _ScriptedReturnN2N(refitted, removal_share=0.5, lr_removal=0.03)
     result = rl_prune(timm_model("resnet18"), TARGET, data=data_for("resnet18", 4), reward=_removal_rewarded,
                       structure="channel", agent=agent, episodes=12, verbose=False, bn_recalibration=0, selection=0.0)
     stage1 = [h for h in result.history if h["phase"] == "removal"]
     assert any(np.any(h["amounts"][:agent.env.num_blocks]) for h in stage1), "stage 1 found a plan removing blocks"
     choice = result.plan.metadata["architecture_choice"]
     assert [bool(c["removed_blocks"]) for c in choice] == [True, False]   # stage 1's best, then narrowing only
-    assert [c["returned_score"] for c in choice] == [float(not narrowing_wins), float(narrowing_wins)]
+    assert [c["search_score"] for c in choice] == [1.0, 0.2]
+    # a refit that scores lower than the plan without it is undone: the plan is returned as searched
+    expected = [1.0, 2.0] if narrowing_wins else [2.0, 0.2]
+    assert [c["returned_score"] for c in choice] == expected
+    assert [c["chosen"] for c in choice] == [not narrowing_wins, narrowing_wins]
     shrink = [h for h in result.history if h["phase"] == "shrink"]
     assert shrink and all(bool(np.any(h["amounts"][:agent.env.num_blocks])) != narrowing_wins for h in shrink)
     # the result too: stage 1's plans, scored higher before the refit, are no longer candidates
     assert bool(result.plan.metadata["removed_blocks"]) != narrowing_wins
     line = next(x for x in result.summary().splitlines() if x.startswith("architecture shrunk"))
-    assert line.endswith(f"-> {float(not narrowing_wins):.4f}; 0 blocks removed "
-                         f"{choice[1]['search_score']:.4f} -> {float(narrowing_wins):.4f}")
+    chosen = [" (chosen)" if c["chosen"] else "" for c in choice]
+    assert line.endswith(f"-> {expected[0]:.4f}{chosen[0]}; 0 blocks removed 0.2000 -> {expected[1]:.4f}{chosen[1]}")
+
+
+class _OffTargetNarrowingN2N(_ScriptedReturnN2N):
+    """The narrowing candidate misses the target (as a latency budget with coarse blocks can)."""
+
+    def search(self, env, episodes):
+        fewest = env.keep_first_removal()
+        narrowing, on_target = env.join(fewest, env.base_widths(fewest)), env.on_target
+        env.on_target = lambda k: on_target(k) and not np.array_equal(k, narrowing)
+        super().search(env, episodes)
+
+
+@pytest.mark.parametrize("case", ["refit scores NaN", "off target"])
+def test_a_narrowing_that_cannot_be_the_result_never_replaces_stage_ones_architecture(case):
+    def refitted(k, num_blocks):   # narrowing would win by far, were its score usable
+        if not np.any(k[:num_blocks]):
+            return float("nan") if case == "refit scores NaN" else 2.0
+        return 0.0
+
+    kind = _ScriptedReturnN2N if case == "refit scores NaN" else _OffTargetNarrowingN2N
+    agent = kind(refitted, removal_share=0.5, lr_removal=0.03)
+    result = rl_prune(timm_model("resnet18"), TARGET, data=data_for("resnet18", 4), reward=_removal_rewarded,
+                      structure="channel", agent=agent, episodes=12, verbose=False, bn_recalibration=0, selection=0.0)
+    assert "layer3.1" in result.plan.metadata["removed_blocks"]
+    shrink = [h for h in result.history if h["phase"] == "shrink"]
+    assert shrink and all(np.any(h["amounts"][:agent.env.num_blocks]) for h in shrink)
+    choice = result.plan.metadata.get("architecture_choice")
+    if case == "off target":
+        assert choice is None   # not even scored: two refits for a plan that cannot be returned
+    else:
+        assert [c["chosen"] for c in choice] == [True, False]
 
 
 def test_without_a_refit_the_shrink_stage_keeps_stage_ones_best():

@@ -175,10 +175,13 @@ def test_format_summary_lists_every_layer_and_the_numbers(case, request):
 
 
 @pytest.mark.parametrize("choice,shown", [
-    ([{"removed_blocks": ["a", "b"], "search_score": 0.9, "returned_score": 0.95},
-      {"removed_blocks": [], "search_score": 0.8, "returned_score": 0.98}],
-     "architecture shrunk, chosen as returned (score before -> after the refit): "
-     "2 blocks removed 0.9000 -> 0.9500; 0 blocks removed 0.8000 -> 0.9800"),
+    ([{"removed_blocks": ["a", "b"], "search_score": 0.9, "returned_score": 0.95, "chosen": False},
+      {"removed_blocks": [], "search_score": 0.8, "returned_score": 0.98, "chosen": True}],
+     "architecture shrunk, chosen by the score as returned (searched -> returned, refitted): "
+     "2 blocks removed 0.9000 -> 0.9500; 0 blocks removed 0.8000 -> 0.9800 (chosen)"),
+    ([{"removed_blocks": ["a"], "search_score": 0.9, "returned_score": 0.95, "chosen": "yes"}],   # no readable flag: nothing marked
+     "architecture shrunk, chosen by the score as returned (searched -> returned, refitted): "
+     "1 blocks removed 0.9000 -> 0.9500"),
     ([{"removed_blocks": "a", "search_score": 0.9, "returned_score": 0.95}], None),   # a hand-edited run file
     ([{"removed_blocks": [], "search_score": "0.9", "returned_score": 0.95}], None),
     ("not a list", None),

@@ -176,6 +176,21 @@ def test_resume_refuses_a_different_search_before_touching_the_model(change, nee
     assert _state(fresh).keys() == before.keys() and all(torch.equal(_state(fresh)[k], before[k]) for k in before)
 
 
+@pytest.mark.parametrize("agent", ["n2n", "random"])
+def test_another_repair_is_another_search_only_for_n2n(agent, cnn_batch, tmp_path):
+    # N2N scores its architecture choice refitted; the other agents refit only the plan they return
+    from helpers import seeded, small_cnn
+    path = tmp_path / "c.pt"
+    kwargs = dict(target=0.5, data=cnn_batch, agent=agent, structure="channel", episodes=3, seed=5, verbose=False)
+    first = rl_prune(seeded(small_cnn, 0), checkpoint=path, repair="lstsq", **kwargs)
+    if agent == "n2n":
+        with pytest.raises(CheckpointError, match="different search.*repair"):
+            rl_prune(seeded(small_cnn, 0), resume=path, repair="none", **kwargs)
+    else:
+        resumed = rl_prune(seeded(small_cnn, 0), resume=path, repair="none", **kwargs)
+        assert resumed.plan.amounts == first.plan.amounts
+
+
 @pytest.mark.parametrize("failure", ["interrupt while scoring the unpruned model", "unreachable target"])
 def test_batchnorm_statistics_survive_a_failure_before_the_search(failure, trained_fmnist_cnn, calibration,
                                                                    monkeypatch):

@@ -55,6 +55,18 @@ def test_patience_counts_episodes_without_a_better_plan_of_their_target():
     assert stopped.value.reason == "patience"
 
 
+def test_patience_counts_from_a_best_chosen_again_among_fewer_plans():
+    # N2N's architecture choice re-ranks the results: the best falls, and what follows gets its patience
+    rule = StopRule(patience=2)
+    rule.start()
+    rule.after_episode(episode(0.9))
+    rule.after_episode(episode(0.9))          # no better: 1
+    rule.after_episode(episode(0.6))          # re-ranked: counted from 0.6
+    rule.after_episode(episode(0.6))          # 1
+    with pytest.raises(SearchStopped):
+        rule.after_episode(episode(0.6))      # 2
+
+
 def test_an_inactive_rule_never_stops():
     rule = StopRule()
     rule.start()

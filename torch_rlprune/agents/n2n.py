@@ -59,6 +59,7 @@ Differences from the paper, and why:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
@@ -191,21 +192,25 @@ class N2NAgent(Agent):
 
     def _architecture(self, env) -> np.ndarray:
         """The blocks the shrink stage keeps removed: stage 1's best, unless the plan that removes
-        only what the budget needs scores higher as rl_prune returns it (refit included). Stage 1
-        ranks before the refit, which restores narrowed layers but not removed blocks."""
+        only what the budget needs, at the prior's widths and on the target, rewards higher as
+        rl_prune returns it (refit included). Stage 1 ranks before the refit, which restores
+        narrowed layers but not removed blocks."""
         fewest = env.keep_first_removal()
         best = env.best_k
         if best is None:
             return fewest
         removed = env.split(best)[0]
-        if np.array_equal(removed, fewest):
+        narrowing = env.join(fewest, env.base_widths(fewest))
+        if np.array_equal(removed, fewest) or not env.on_target(narrowing):
             return removed
-        with_blocks = env.score_as_returned(best)
-        narrowed = env.score_as_returned(env.join(fewest, env.base_widths(fewest)))
-        if with_blocks is None or narrowed is None or with_blocks > narrowed:
+        with_blocks, narrowed = env.score_as_returned(best), env.score_as_returned(narrowing)
+        if with_blocks is None or narrowed is None:
             return removed
-        env.keep_results_of(fewest)   # stage 1's plans rank by scores the refit would reverse
-        return fewest
+        keeps = env.reward_of(with_blocks, best)
+        narrows = env.reward_of(narrowed, narrowing)
+        chosen = fewest if math.isfinite(narrows) and not narrows < keeps else removed
+        env.choose_architecture(chosen)
+        return chosen
 
     # ----------------------------------------------------------------- REINFORCE
     def _run(self, env, episodes: int, rollout, log_prob, optimizer) -> None:

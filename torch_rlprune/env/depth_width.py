@@ -460,18 +460,35 @@ class DepthWidthEnv(BestPlanResults):
         return self._score_plan(tuple(int(v) for v in self.join(removed, counts)), full=full)
 
     def score_as_returned(self, k: np.ndarray) -> Optional[float]:
-        """The plan's score as :func:`rl_prune` returns it, least-squares refit included (``None``:
-        this search does not refit). The refit restores narrowed layers, not removed blocks, so a
-        search scores block removal too high against narrowing; this tells the two apart. Several
-        seconds a plan (a refit): for a choice between architectures, not for every episode."""
+        """The plan's score as :func:`rl_prune` returns it (``None``: this search does not refit):
+        least-squares refitted, unless the refit scores lower than the plan without it, which
+        :func:`~torch_rlprune.rewards.repair.keep_or_undo` undoes (judged here on the search part).
+        The refit restores narrowed layers, not removed blocks, so a search scores block removal too
+        high against narrowing; this tells the two apart. Several seconds a plan (a refit): for a
+        choice between architectures, not for every episode."""
         if self.returned_score is None:
             return None
-        searched = self.evaluate(k)
+        searched = self.evaluate(k, full=True)
         self.restore()   # the plan is applied for good and undone; the search's in-place masks must be off
-        score = float(self._scoring(lambda: self.returned_score(np.asarray(k, dtype=np.int64))))
+        refitted = float(self._scoring(lambda: self.returned_score(np.asarray(k, dtype=np.int64))))
+        returned = refitted if not refitted < searched else searched
         self.returned_scores.append({"removed_blocks": self.space.removed_names(self.split(k)[0]),
-                                     "search_score": searched, "returned_score": score})
-        return score
+                                     "search_score": searched, "refit_score": refitted, "returned_score": returned})
+        return returned
+
+    def on_target(self, k: np.ndarray) -> bool:
+        """Whether plan ``k`` lands within ``tolerance`` of the target: only such a plan can be the result."""
+        return abs(self.target - self.achieved(k)) <= self.tolerance
+
+    def choose_architecture(self, removed) -> None:
+        """Record which of the architectures scored as returned the search goes on with (``chosen`` in
+        :attr:`returned_scores`); when that is not the best plan's so far, only plans of it can be the
+        result from here on (:meth:`keep_results_of`)."""
+        names = self.space.removed_names(np.asarray(removed, dtype=bool))
+        for record in self.returned_scores:
+            record["chosen"] = record["removed_blocks"] == names
+        if self.best_k is not None and not np.array_equal(self.split(self.best_k)[0], removed):
+            self.keep_results_of(removed)
 
     def keep_results_of(self, removed) -> None:
         """From here on only plans removing exactly the blocks ``removed`` can be the result: the
@@ -482,7 +499,7 @@ class DepthWidthEnv(BestPlanResults):
         self.best_by_target[key], self.top_by_target[key] = BestPlan(), []
         for plan, score in list(self._cache.items()):
             k = np.array(plan, dtype=np.int64)
-            if abs(self.target - self.achieved(k)) <= self.tolerance:
+            if self.on_target(k):
                 self._offer(self.reward_of(score, k), score, k)
 
     def _offer(self, reward: float, score: float, k: np.ndarray) -> None:

@@ -334,16 +334,17 @@ def _score_meaning(record: dict) -> str:
 
 
 def _architecture_lines(choice) -> List[str]:
-    """N2N's choice of the architecture it shrank, scored before and after the refit (nothing for a
-    record without one, or one that is not a list of such scores: run files are untrusted)."""
+    """N2N's choice of the architecture it shrank: each candidate's score as searched and as returned
+    (refit included), the one chosen marked (nothing for a record without one, or one that is not a
+    list of such scores: run files are untrusted)."""
     def readable(c):
         return isinstance(c, dict) and isinstance(c.get("removed_blocks"), list) and all(
             isinstance(c.get(k), (int, float)) for k in ("search_score", "returned_score"))
     if not isinstance(choice, list) or not choice or not all(readable(c) for c in choice):
         return []
     parts = [f"{len(c['removed_blocks'])} blocks removed {c['search_score']:.4f} -> {c['returned_score']:.4f}"
-             for c in choice]
-    return ["architecture shrunk, chosen as returned (score before -> after the refit): " + "; ".join(parts)]
+             + (" (chosen)" if c.get("chosen") is True else "") for c in choice]
+    return ["architecture shrunk, chosen by the score as returned (searched -> returned, refitted): " + "; ".join(parts)]
 
 
 def format_summary(record: dict) -> str:

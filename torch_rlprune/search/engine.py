@@ -375,10 +375,11 @@ def _digest(tensors) -> List[float]:
 
 
 def search_fingerprint(agent, options: PruneOptions, episodes: int, scorer, calibration, space, baseline,
-                        model) -> dict:
+                        model, refit_in_search: bool = False) -> dict:
     """What a resumed search must share with the checkpointed one (plain data, compared with ==).
     The weights and the calibration data are in it as digests: the replay answers plans from the
-    record, so a changed model or data would otherwise go unnoticed."""
+    record, so a changed model or data would otherwise go unnoticed. ``refit_in_search``: the
+    search scores plans refitted (N2N's architecture choice), so the repair is part of it too."""
     def plain(value):
         if isinstance(value, np.generic):  # np.float64 is a float, but weights_only refuses to load it
             return value.item()
@@ -391,20 +392,23 @@ def search_fingerprint(agent, options: PruneOptions, episodes: int, scorer, cali
         return value if value is None or isinstance(value, (bool, int, float, str)) else repr(value)
 
     o, importance = options, options.importance
-    return plain({"agent": agent.name, "agent_config": agent.hyperparameters(), "targets": o.targets,
-                  "max_drop": o.max_drop, "structure": o.structure, "budget": o.budget, "reward": scorer.name,
-                  "latency": getattr(space, "latency_spec", None) and space.latency_spec.as_dict(),
-                  "seed": int(o.seed), "episodes": int(episodes), "max_amount": float(o.max_amount),
-                  "calibration_samples": calibration.num_samples, "synthetic_calibration": calibration.synthetic,
-                  "bn_recalibration": int(o.bn_recalibration), "round_to": o.round_to,
-                  "importance": importance if importance is None or isinstance(importance, str)
-                  else type(importance).__name__,
-                  "quality": asdict(o.quality), "screen": o.screen,
-                  "importance_scores": dict(sorted(getattr(space, "scores", {}).items())) or None,
-                  "baseline_score": float(baseline),
-                  "weights": _digest(p for p in model.parameters()),
-                  "calibration": _digest(t for batch in calibration.inputs for t in batch_tensors(batch)),
-                  "steps": [f"{layer.name}:{getattr(layer, 'numel', '')}" for layer in space.steps]})
+    fingerprint = {"agent": agent.name, "agent_config": agent.hyperparameters(), "targets": o.targets,
+                   "max_drop": o.max_drop, "structure": o.structure, "budget": o.budget, "reward": scorer.name,
+                   "latency": getattr(space, "latency_spec", None) and space.latency_spec.as_dict(),
+                   "seed": int(o.seed), "episodes": int(episodes), "max_amount": float(o.max_amount),
+                   "calibration_samples": calibration.num_samples, "synthetic_calibration": calibration.synthetic,
+                   "bn_recalibration": int(o.bn_recalibration), "round_to": o.round_to,
+                   "importance": importance if importance is None or isinstance(importance, str)
+                   else type(importance).__name__,
+                   "quality": asdict(o.quality), "screen": o.screen,
+                   "importance_scores": dict(sorted(getattr(space, "scores", {}).items())) or None,
+                   "baseline_score": float(baseline),
+                   "weights": _digest(p for p in model.parameters()),
+                   "calibration": _digest(t for batch in calibration.inputs for t in batch_tensors(batch)),
+                   "steps": [f"{layer.name}:{getattr(layer, 'numel', '')}" for layer in space.steps]}
+    if refit_in_search:
+        fingerprint["repair"] = o.repair
+    return plain(fingerprint)
 
 
 class Search:
@@ -438,7 +442,7 @@ class Search:
         p = self.prepared
         self.resumed = resumed
         fingerprint = search_fingerprint(self.agent, self.options, self.episodes, p.scorer, p.calibration, p.space,
-                                         p.baseline, self.model)
+                                         p.baseline, self.model, getattr(p.env, "supports_depth", False))
         self.recorder = SearchRecorder(checkpoint, every, fingerprint, resumed, existing)
         self.recorder.attach(p.env, self.agent)
 

@@ -66,8 +66,11 @@ class StopRule:
     def after_episode(self, record) -> None:
         """The environment's episode callback."""
         self._episodes += 1
-        if record.best_reward > self._best.get(record.target, -math.inf):
-            self._best[record.target] = record.best_reward
+        best, held = record.best_reward, self._best.get(record.target, -math.inf)
+        # a best below the one held: the results were chosen again among fewer plans (N2N's
+        # architecture choice), so patience counts from that new best, not from a plan now excluded
+        if best > held or best < held:
+            self._best[record.target] = best
             self._since_better = 0
         else:
             self._since_better += 1
