@@ -19,6 +19,7 @@ Writes benchmarks/results/channel_vs_random.{json,md}; a full run updates docs/B
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import sys
 import time
@@ -54,8 +55,7 @@ def run(quick: bool) -> dict:
             searched = one_search(suite, agent, seed)
             drawn = one_search(suite, "random", seed, episodes=searched["plans"])
             pairs.append({"seed": seed, "agent": agent, "agent_run": searched, "random_run": drawn})
-            print(f"seed {seed} {agent}: {searched['test_acc']:.2%} vs random {drawn['test_acc']:.2%} "
-                  f"({searched['plans']} plans)", flush=True)
+            print(json.dumps(pairs[-1]), flush=True)   # a stopped run keeps what it measured
     return {"config": {"seeds": cfg.seeds, "target": TARGET, "calibration": cfg.calibration,
                        "test_images": len(suite.x_test), "agents": cfg.channel_agents,
                        "agent_config": cfg.agent_config},
