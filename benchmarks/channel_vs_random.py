@@ -33,6 +33,7 @@ from study import study_main  # noqa: E402
 from torch_rlprune.demo.training import evaluate_accuracy  # noqa: E402
 
 TARGET = 0.5
+OWN_REWARD = {"n2n": "score ratio x C(2 - C)"}   # agents whose best reward is not on random search's scale
 # Student's t at 97.5% for n - 1 degrees of freedom (n = 2..10): the interval needs no scipy
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -101,12 +102,14 @@ def to_markdown(report: dict, command: str) -> str:
         ours = [p["agent_run"]["test_acc"] for p in rows]
         theirs = [p["random_run"]["test_acc"] for p in rows]
         test = paired([100 * (a - b) for a, b in zip(ours, theirs)])
-        reward = paired([100 * (p["agent_run"]["reward"] - p["random_run"]["reward"]) for p in rows])
+        reward = None if agent in OWN_REWARD else \
+            paired([100 * (p["agent_run"]["reward"] - p["random_run"]["reward"]) for p in rows])
         plans = statistics.fmean(p["agent_run"]["plans"] for p in rows)
         lines.append(f"| {agent} | {plans:.0f} | {statistics.fmean(ours):.2%} | {statistics.fmean(theirs):.2%} "
                      f"| {test['mean']:+.2f} ({test['se']:.2f}) | {test['low']:+.2f} to {test['high']:+.2f} "
-                     f"| {test['won']} / {test['lost']} | {verdict(test)} | {reward['mean']:+.2f} ({reward['se']:.2f}) "
-                     f"| {reward['won']} / {reward['lost']} |")
+                     f"| {test['won']} / {test['lost']} | {verdict(test)} | " +
+                     (f"{reward['mean']:+.2f} ({reward['se']:.2f}) | {reward['won']} / {reward['lost']} |" if reward
+                      else f"— (its reward: {OWN_REWARD[agent]}) | — |"))
     return "\n".join(lines) + "\n"
 
 
