@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..rewards.repair import refit_kept
 from ..structure.channel.counting import count_macs_params
 from ..structure.costs import budget_measure
 from ..structure.depth import DEPTH_MASK_TAG, RemovableBlock, RemovedBlock, is_inside, mask_block, unmask_block
@@ -471,7 +472,7 @@ class DepthWidthEnv(BestPlanResults):
         searched = self.evaluate(k, full=True)
         self.restore()   # the plan is applied for good and undone; the search's in-place masks must be off
         refitted = float(self._scoring(lambda: self.returned_score(np.asarray(k, dtype=np.int64))))
-        returned = refitted if not refitted < searched else searched
+        returned = refitted if refit_kept(refitted, searched) else searched
         self.returned_scores.append({"removed_blocks": self.space.removed_names(self.split(k)[0]),
                                      "search_score": searched, "refit_score": refitted, "returned_score": returned})
         return returned

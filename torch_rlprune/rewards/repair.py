@@ -51,7 +51,7 @@ from ..structure.channel._util import restore_training, training_flags
 from ..structure.inputs import run_model
 
 __all__ = ["REPAIRS", "AUTO_REFIT_FROM", "LeastSquaresRefit", "RefitReport", "refit_wanted", "masked_ridge_solve",
-           "keep_or_undo", "score_with_error"]
+           "keep_or_undo", "refit_kept", "score_with_error"]
 
 REPAIRS = ("lstsq", "auto", "none")
 """What ``rl_prune(repair=...)`` takes: ``"lstsq"`` refits the layers that lost input channels
@@ -89,6 +89,12 @@ def score_with_error(reward, model: nn.Module, resamples: int = 200) -> Tuple[fl
     return float(reward.score_of_gains(gains)), float(scores.std())
 
 
+def refit_kept(after: float, before: float, allowed: float = 0.0) -> bool:
+    """Whether a refit that scores ``after`` stays, against ``before`` without it: not lower by more
+    than ``allowed`` (a refit that scores NaN goes)."""
+    return after >= before - allowed
+
+
 def keep_or_undo(record: dict, plan, undo: Callable[[], None]) -> dict:
     """A refit stays unless the model scores clearly lower with it than the plan without it.
 
@@ -106,7 +112,7 @@ def keep_or_undo(record: dict, plan, undo: Callable[[], None]) -> dict:
     pairs = [(record.get("selection_score"), selection, margin), (record.get("search_score"), plan.score, 0.0)]
     after, before, allowed = next(((a, b, m) for a, b, m in pairs if a is not None and b is not None),
                                   (None, None, 0.0))
-    record["kept"] = after is None or after >= before - allowed
+    record["kept"] = after is None or refit_kept(after, before, allowed)
     if not record["kept"]:
         record["score_without"] = before
         undo()

@@ -68,7 +68,8 @@ class StopRule:
         self._episodes += 1
         best, held = record.best_reward, self._best.get(record.target, -math.inf)
         # a best below the one held: the results were chosen again among fewer plans (N2N's
-        # architecture choice), so patience counts from that new best, not from a plan now excluded
+        # architecture choice), so patience counts from that new best, not from a plan now excluded;
+        # a NaN best (no plan yet) is neither
         if best > held or best < held:
             self._best[record.target] = best
             self._since_better = 0
