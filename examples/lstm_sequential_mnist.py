@@ -10,8 +10,9 @@ download). Then, on copies of the trained model:
 
 * unstructured, 80% and 90% of the weight matrices: every agent with rl_prune's defaults (the
   prior, held-out choice, input projection and head kept dense) over three seeds, against the
-  one-liners on the same matrices (uniform per-layer L1, global magnitude, LAMP) and the prior
-  alone (``agent="prior"``);
+  one-liners on the same matrices (uniform per-layer L1, global magnitude, LAMP), LAMP followed
+  by the least-squares refit alone (``LeastSquaresRefit``, what rl_prune's default repair runs on
+  recurrent layers) and the prior alone (``agent="prior"``);
 * hidden units, 50% of the MACs (``rl_prune(model, 0.5, structure="channel")``: LSTM hidden
   units leave every gate, the recurrent columns and the next layer's input together),
   against the same fraction of every group removed by L2 magnitude, then ``compact`` shrinks
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from torch_rlprune import rl_prune
+from torch_rlprune import LeastSquaresRefit, rl_prune
 from torch_rlprune.structure.channel import ChannelStructure, apply_channel_plan, compact, count_macs_params
 from torch_rlprune.demo.data import mnist, sequential, tensor_subset
 from torch_rlprune.env.priors import global_magnitude_unstructured, lamp_unstructured, uniform_unstructured
@@ -111,6 +112,7 @@ def sparsity(model, skip=()) -> float:
 
 ONE_LINERS = (("uniform per-layer L1", uniform_unstructured), ("global magnitude", global_magnitude_unstructured),
               ("LAMP", lamp_unstructured))
+LAMP_REFITTED = "LAMP + least-squares refit"   # how much of a search's row the refit alone gives
 
 
 def compare_unstructured(model, data, test, targets, agents, seeds, episodes, verbose) -> list:
@@ -147,6 +149,11 @@ def compare_unstructured(model, data, test, targets, agents, seeds, episodes, ve
             pruned = copy.deepcopy(model)
             fn(matrices(pruned, protected), target)
             add(label, target, None, pruned, 0.0, protected)
+        pruned = copy.deepcopy(model)
+        refit = LeastSquaresRefit(pruned, list(data[0].split(128)))   # created before the masks
+        lamp_unstructured(matrices(pruned, protected), target)
+        refit()
+        add(LAMP_REFITTED, target, None, pruned, 0.0, protected)
     return rows
 
 
@@ -163,7 +170,7 @@ def unstructured_markdown(rows, dense_acc: float, test_images: int, calibration:
         accs = [r["test_acc"] for r in group]
         spread = f" ({min(accs):.2%}–{max(accs):.2%})" if len(accs) > 1 else ""
         secs = statistics.fmean(r["seconds"] for r in group)
-        label = f"`rl_prune(agent=\"{method}\")`" if method not in dict(ONE_LINERS) else method
+        label = f"`rl_prune(agent=\"{method}\")`" if method not in (*dict(ONE_LINERS), LAMP_REFITTED) else method
         lines.append(f"| {target:.0%} of weights | {label} | {statistics.fmean(r['removed'] for r in group):.3f} | "
                      f"{statistics.fmean(accs):.2%}{spread} | {secs:.0f} |" if secs else
                      f"| {target:.0%} of weights | {label} | {group[0]['removed']:.3f} | {accs[0]:.2%} | — |")

@@ -14,7 +14,7 @@ from torch import nn
 from .env.spaces import space_kind
 from .plan import PruningPlan, apply_plan
 from .rewards.recalibration import BatchNormRecalibration
-from .rewards.repair import LeastSquaresRefit, keep_or_undo, refit_wanted
+from .rewards.repair import LeastSquaresRefit, keep_or_undo, refit_scope
 from .structure.channel.counting import count_macs_params
 from .structure.compact import compact
 from .structure.costs import budget_measure, pruned_fraction
@@ -117,7 +117,7 @@ class MultiTargetResult(Mapping):
         self.latency = latency  # the search's LatencyTable (budget="latency")
         self.bn_batches = list(bn_batches)  # what the search re-estimated BatchNorm on before each score
         self.refit_batches = list(refit_batches)  # what apply() refits the layers on (empty: no refit)
-        self.repair, self.auto_refit_from = repair, auto_refit_from  # refit_wanted decides per plan
+        self.repair, self.auto_refit_from = repair, auto_refit_from  # refit_scope decides per plan
         self.judge = judge  # a model's scores after a refit (the search's scorers); None: not judged
 
     def __getitem__(self, target: float) -> PruneResult:
@@ -150,8 +150,8 @@ class MultiTargetResult(Mapping):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         plan = result.plan
-        refit = (LeastSquaresRefit(model, self.refit_batches, seed=plan.seed)
-                 if self.refit_batches and refit_wanted(self.repair, plan.sparsity, self.auto_refit_from) else None)
+        scope = refit_scope(self.repair, plan.sparsity, self.auto_refit_from, model) if self.refit_batches else None
+        refit = LeastSquaresRefit(model, self.refit_batches, seed=plan.seed, scope=scope) if scope else None
         achieved = self._apply(model, result)
         record = refit().as_dict() if refit is not None else None
         recalibrate = BatchNormRecalibration(model, self.bn_batches)

@@ -23,7 +23,9 @@ def test_lstm_example_prunes_weights_and_hidden_units(data_root, tmp_path):
                         "--data", str(data_root), "--checkpoints", str(tmp_path)])
     weights = {(r["method"], r["target"]): r for r in out["unstructured"]}
     assert set(weights) == {(m, t) for m in ("amc", "cacp", "prior", "uniform per-layer L1", "global magnitude",
-                                             "LAMP") for t in (0.8, 0.9)}
+                                             "LAMP", example.LAMP_REFITTED) for t in (0.8, 0.9)}
+    for target in (0.8, 0.9):   # the refit changes kept values only: LAMP's plan, closer to the unpruned model
+        assert weights[example.LAMP_REFITTED, target]["removed"] == weights["LAMP", target]["removed"]
     # every method removes the target of the same matrices (the search's), the one-liners included
     assert all(abs(r["removed"] - r["target"]) <= 0.005 for r in weights.values()), weights
     units = {r["method"].split()[0].split("(")[0]: r for r in out["unit_rows"]}

@@ -27,7 +27,7 @@ from ..plan import PruningPlan
 from ..results import MultiTargetResult, PruneResult
 from ..rewards.calibration import build_calibration, primary_output
 from ..rewards.recalibration import BatchNormRecalibration, PlanStatistics
-from ..rewards.repair import LeastSquaresRefit, keep_or_undo, refit_wanted, score_with_error
+from ..rewards.repair import LeastSquaresRefit, keep_or_undo, refit_scope, score_with_error
 from ..rewards.scores import REWARDS, make_reward
 from ..rewards.screening import DEFAULT_SCREEN_SAMPLES, MIN_SCREENED_SHARE, Screening
 from ..structure.channel.measured import calibrate_before_search, close_on_measurement
@@ -552,8 +552,9 @@ class Search:
         p, o, targets = self.prepared, self.options, self.options.targets
         plan = self.plan_for(None if targets is None else targets[0])
         # created before the masks: the refit reproduces the model as it is now
-        if refit_wanted(o.repair, plan.sparsity, STRUCTURE_DEFAULTS[o.structure].auto_refit_from):
-            self.refit = LeastSquaresRefit(self.model, p.calibration.inputs, seed=int(o.seed))
+        scope = refit_scope(o.repair, plan.sparsity, STRUCTURE_DEFAULTS[o.structure].auto_refit_from, self.model)
+        if scope is not None:
+            self.refit = LeastSquaresRefit(self.model, p.calibration.inputs, seed=int(o.seed), scope=scope)
         achieved = p.space.apply(plan)
         report = self.refit() if self.refit is not None else None
         if p.recalibrate:

@@ -1,0 +1,179 @@
+"""The least-squares refit of LSTM / GRU / RNN gate matrices: the recurrence it runs is the module's,
+it brings a pruned recurrent model back towards the unpruned one, it only moves kept weights, it
+undoes bit for bit, and ``repair="auto"`` uses it below the unstructured threshold."""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from helpers import seeded
+from torch_rlprune import rl_prune
+from torch_rlprune.env.priors import lamp_unstructured
+from torch_rlprune.rewards.recurrent_refit import as_batch_time, layer_call, run_layer
+from torch_rlprune.rewards.repair import (AUTO_REFIT_FROM, LeastSquaresRefit, _effective, refit_scope,
+                                         refit_wanted)
+
+KINDS = [nn.LSTM, nn.GRU, nn.RNN]
+
+
+class Sequence(nn.Module):
+    """A recurrent classifier on the last step: rnn -> Linear."""
+
+    def __init__(self, kind=nn.LSTM, bidirectional=False, layers=2, batch_first=True, **extra):
+        super().__init__()
+        self.batch_first = batch_first
+        self.rnn = kind(6, 16, num_layers=layers, batch_first=batch_first, bidirectional=bidirectional, **extra)
+        self.head = nn.Linear(16 * (2 if bidirectional else 1), 4)
+
+    def forward(self, x):
+        out = self.rnn(x)[0]
+        return self.head(out[:, -1] if self.batch_first else out[-1])
+
+
+def sequences(n=96, steps=12, seed=1):
+    """Smooth random sequences (a recurrent layer's input is seldom white noise)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, steps, 6, generator=g).cumsum(1) / 3
+
+
+def rnn_weights(module):
+    return [(module, n) for n in module._flat_weights_names if n.startswith("weight_")]
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.__name__)
+@pytest.mark.parametrize("batch_first,bidirectional", [(True, False), (False, True)], ids=["batch_first", "bidir"])
+def test_the_recurrence_it_runs_is_the_modules(kind, batch_first, bidirectional):
+    module = seeded(kind, 0, 5, 7, num_layers=2, batch_first=batch_first, bidirectional=bidirectional).double()
+    x = torch.randn((3, 6, 5) if batch_first else (6, 3, 5), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(2))   # 3 sequences of 6 steps
+    hx_shape = (2 * (2 if bidirectional else 1), 3, 7)
+    h0 = torch.randn(hx_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    hx = (h0, h0.flip(0)) if kind is nn.LSTM else h0
+    with torch.no_grad():
+        expected = module(x, hx)[0]
+    seq, weights = as_batch_time(module, x), _effective(module)
+    for layer in range(2):
+        seq = torch.cat([run_layer(layer_call(module, weights, layer, d, hx, 3), seq)[0]
+                         for d in range(2 if bidirectional else 1)], 2)
+    assert torch.allclose(seq, expected if batch_first else expected.transpose(0, 1), atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.__name__)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bidir"])
+def test_the_refit_brings_a_pruned_recurrent_model_back_towards_the_unpruned_one(kind, bidirectional):
+    model = seeded(Sequence, 0, kind, bidirectional).eval()
+    x, held_out = sequences(), sequences(seed=7)
+    with torch.no_grad():
+        dense = model.rnn(held_out)[0]
+    refit = LeastSquaresRefit(model, [x[:48], x[48:]])
+    lamp_unstructured(rnn_weights(model.rnn), 0.8)
+    masks = {n: getattr(model.rnn, f"{n}_mask").clone() for _, n in rnn_weights(model.rnn)}
+    stored = {n: getattr(model.rnn, f"{n}_orig").detach().clone() for _, n in rnn_weights(model.rnn)}
+    with torch.no_grad():
+        before = (model.rnn(held_out)[0] - dense).pow(2).mean()
+    report = refit()
+    with torch.no_grad():
+        after = (model.rnn(held_out)[0] - dense).pow(2).mean()
+    assert report.refitted == ["rnn"] and not report.skipped
+    assert after < 0.75 * before   # every output step, on sequences it was not fitted on
+    for n, mask in masks.items():
+        assert torch.equal(getattr(model.rnn, f"{n}_mask"), mask)               # the plan holds
+        orig = getattr(model.rnn, f"{n}_orig").detach()
+        assert torch.equal(orig[mask == 0], stored[n][mask == 0])              # masked values untouched
+        assert not torch.equal(orig[mask != 0], stored[n][mask != 0])          # kept ones refitted
+        assert bool((getattr(model.rnn, n)[mask == 0] == 0).all())             # what the forward uses
+
+
+def test_restore_puts_back_every_bit_and_the_forward_follows():
+    model = seeded(Sequence, 0, nn.GRU).eval()
+    x = sequences()
+    refit = LeastSquaresRefit(model, [x])
+    lamp_unstructured(rnn_weights(model.rnn), 0.8)
+    stored = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        pruned = model(x)
+    refit()
+    refit.restore()
+    assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), pruned)   # _flat_weights follow the restored tensors
+
+
+def test_inputs_removed_upstream_are_taken_over_by_the_kept_ones_that_carry_them():
+    model = seeded(Sequence, 0, nn.LSTM, layers=1).eval()
+    x, held_out = sequences(), sequences(seed=7)
+    for seq in (x, held_out):      # features 1 and 4 repeat features 2 and 0: nothing is lost without them
+        seq[..., 1], seq[..., 4] = seq[..., 2], seq[..., 0]
+    with torch.no_grad():
+        dense = model.rnn(held_out)[0]
+    refit = LeastSquaresRefit(model, [x], ridge=1e-9)
+    mask = torch.ones_like(model.rnn.weight_ih_l0)
+    mask[:, [1, 4]] = 0                       # as a removed channel upstream leaves it
+    prune.custom_from_mask(model.rnn, "weight_ih_l0", mask)
+    with torch.no_grad():
+        before = (model.rnn(held_out)[0] - dense).pow(2).mean()
+    assert refit().refitted == ["rnn"]
+    with torch.no_grad():
+        assert (model.rnn(held_out)[0] - dense).pow(2).mean() < 1e-3 * before
+    assert not hasattr(model.rnn, "weight_hh_l0_orig")   # an unpruned matrix is refitted in place
+
+
+def test_what_it_cannot_refit_is_left_as_it_was_and_named():
+    model = seeded(Sequence, 0, nn.LSTM, layers=1, proj_size=8).eval()
+    model.head = nn.Linear(8, 4)
+    refit = LeastSquaresRefit(model, [sequences()])
+    prune.l1_unstructured(model.rnn, "weight_hh_l0", amount=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = refit()
+    assert "proj_size" in report.skipped["rnn"] and not report.refitted
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_the_recurrent_scope_leaves_every_other_layer_alone():
+    model = seeded(Sequence, 0, nn.RNN).eval()
+    refit = LeastSquaresRefit(model, [sequences()], scope="recurrent")
+    lamp_unstructured(rnn_weights(model.rnn) + [(model.head, "weight")], 0.8)
+    head = model.head.weight_orig.detach().clone()
+    assert refit().refitted == ["rnn"]
+    assert torch.equal(model.head.weight_orig, head)
+    with pytest.raises(ValueError, match="scope"):
+        LeastSquaresRefit(model, [sequences()], scope="linear")
+
+
+def test_auto_refits_recurrent_layers_below_the_threshold_and_counts_rounding_as_on_it():
+    recurrent, feedforward = Sequence(), nn.Sequential(nn.Linear(4, 4))
+    assert refit_scope("auto", 0.8, AUTO_REFIT_FROM, recurrent) == "recurrent"
+    assert refit_scope("auto", 0.8, AUTO_REFIT_FROM, feedforward) is None
+    assert refit_scope("none", 0.8, AUTO_REFIT_FROM, recurrent) is None
+    assert refit_scope("lstsq", 0.1, AUTO_REFIT_FROM, feedforward) == "all"
+    # a 90% plan landing within the budget's rounding below 0.9 is refitted (it was not)
+    assert refit_scope("auto", AUTO_REFIT_FROM - 2e-6, AUTO_REFIT_FROM, feedforward) == "all"
+    assert not refit_wanted("auto", AUTO_REFIT_FROM - 0.01, AUTO_REFIT_FROM)
+
+
+def test_rl_prune_refits_a_recurrent_model_by_default_with_the_same_masks():
+    model = seeded(Sequence, 0, nn.LSTM).eval()
+    x = sequences(128)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    plain = seeded(Sequence, 0, nn.LSTM).eval()
+    refitted_plan = rl_prune(model, 0.8, data=(x, y), agent="prior", verbose=False, seed=0).plan
+    plain_plan = rl_prune(plain, 0.8, data=(x, y), agent="prior", verbose=False, seed=0, repair="none").plan
+    assert refitted_plan.metadata["repair"]["refitted"] == ["rnn"]
+    assert "repair" not in plain_plan.metadata
+    assert refitted_plan.amounts == plain_plan.amounts
+    for _, n in rnn_weights(model.rnn):
+        assert torch.equal(getattr(model.rnn, f"{n}_mask"), getattr(plain.rnn, f"{n}_mask"))
+
+
+def test_after_the_refit_every_pruned_tensor_is_its_masked_value_without_a_forward():
+    """The reference forwards run with the masks lifted; what they leave in ``weight`` must not stay."""
+    model = seeded(Sequence, 0, nn.LSTM).eval()
+    refit = LeastSquaresRefit(model, [sequences()])
+    lamp_unstructured(rnn_weights(model.rnn) + [(model.head, "weight")], 0.8)
+    refit()
+    for module, name in rnn_weights(model.rnn) + [(model.head, "weight")]:
+        expected = getattr(module, f"{name}_orig") * getattr(module, f"{name}_mask")
+        assert torch.equal(getattr(module, name), expected), name
+    flat = dict(zip(model.rnn._flat_weights_names, model.rnn._flat_weights))
+    assert all(torch.equal(flat[n], getattr(model.rnn, n)) for _, n in rnn_weights(model.rnn))

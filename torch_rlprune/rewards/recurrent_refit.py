@@ -1,0 +1,282 @@
+"""Least-squares refit of recurrent layers: ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN``.
+
+A pruned gate matrix is refitted as a pruned ``nn.Linear`` is (:mod:`.repair`), one regression
+per output row on its kept weights, with the time steps as the regression's rows. What the rows
+regress on is the recurrent part: every gate's pre-activation is linear in the step's input and
+the previous hidden state,
+
+    g_t = W_ih x_t + W_hh h_{t-1} (+ biases, which stay),
+
+so each layer and direction is refitted on ``[x_t, h_{t-1}]`` to reproduce the unpruned model's
+pre-activations, per output row on its kept weights (OBC / SparseGPT's layer-wise reconstruction
+through time), regularised towards the weights it had. ``x_t`` is the layer's input in the pruned
+model (layers before it already refitted). ``h_{t-1}`` is first the unpruned model's hidden state
+(teacher forcing: the state the layer should reach), then, ``OWN_STATE_PASSES`` times, the state the
+refitted layer produces itself (what it will read once deployed; the regression is solved again on it).
+Measured on the sequential-MNIST LSTM (two LSTMs of 128 units, LAMP's plan on their four matrices,
+512 calibration sequences, test accuracy; 79.1% / 43.9% before the refit):
+
+    passes on its own states       0        1        2        3
+    80% of the weights         98.13%   98.19%   98.20%   98.22%
+    90% of the weights         94.87%   96.28%   96.30%   96.46%
+    seconds (90%)                 1.2      1.7      2.1      2.8
+
+and on random two-layer LSTM / GRU / RNN models at 80%, uni- and bidirectional, the output error
+after two passes is 0.26-0.54 of the error before the refit, against 0.37-0.62 with none. Own
+states alone, one pass, are worse than no refit (66.4% at 80%): the first pruned states are far off.
+
+GRU's candidate gate reads ``r * (W_hn h + b_hn)``, not a sum: its two halves are refitted apart
+(``W_in`` on ``x_t``, ``W_hn`` on ``h_{t-1}``, each against its own unpruned half); its reset and
+update gates are refitted on ``[x_t, h_{t-1}]`` like every other gate.
+
+The recurrences are run here in float64 from the module's weights (PyTorch's gate orders: LSTM
+i, f, g, o; GRU r, z, n), not by the module: cuDNN and the fused CPU kernels expose neither the
+gates nor the inner layers of a stacked module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .ridge import masked_ridge_solve
+
+__all__ = ["RECURRENT", "unsupported_reason", "layer_names", "LayerCall", "run_layer", "regression_blocks",
+           "refit_recurrent"]
+
+RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
+
+Call = Tuple[torch.Tensor, object]
+"""A module call as captured: its input and its ``hx`` (None when not given)."""
+
+OWN_STATE_PASSES = 2
+"""Refits of each layer on the states it produces itself, after the first on the unpruned states."""
+
+
+def unsupported_reason(module: nn.Module, x) -> Optional[str]:
+    """Why ``module`` called on ``x`` is not refitted (None when it is)."""
+    if getattr(module, "proj_size", 0):
+        return "an LSTM with proj_size (its projection is not refitted)"
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        return "called on a PackedSequence (padding would enter the fit)"
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+        return "its input is not a [batch, time, features] tensor"
+    return None
+
+
+def layer_names(module: nn.RNNBase, layer: int, direction: int) -> Tuple[str, str, str, str]:
+    """The names of ``weight_ih``, ``weight_hh``, ``bias_ih`` and ``bias_hh`` of one layer and direction."""
+    suffix = f"_l{layer}" + ("_reverse" if direction else "")
+    return f"weight_ih{suffix}", f"weight_hh{suffix}", f"bias_ih{suffix}", f"bias_hh{suffix}"
+
+
+# --------------------------------------------------------------------------- the recurrence
+@dataclass
+class LayerCall:
+    """One layer and direction of a recurrent module in float64: its weights and initial state."""
+    mode: str                       # "LSTM", "GRU", "RNN_TANH" or "RNN_RELU"
+    w_ih: torch.Tensor
+    w_hh: torch.Tensor
+    b_ih: Optional[torch.Tensor]
+    b_hh: Optional[torch.Tensor]
+    h0: torch.Tensor                # [N, H]
+    c0: Optional[torch.Tensor]      # [N, H], LSTM only
+    reverse: bool
+
+
+def _step(call: LayerCall, x_t: torch.Tensor, h: torch.Tensor, c: Optional[torch.Tensor]):
+    gi = x_t @ call.w_ih.T + (call.b_ih if call.b_ih is not None else 0.0)
+    gh = h @ call.w_hh.T + (call.b_hh if call.b_hh is not None else 0.0)
+    if call.mode == "LSTM":
+        i, f, g, o = (gi + gh).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if call.mode == "GRU":
+        ir, iz, in_ = gi.chunk(3, 1)
+        hr, hz, hn = gh.chunk(3, 1)
+        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+        n = torch.tanh(in_ + r * hn)
+        return (1 - z) * n + z * h, None
+    return (torch.tanh if call.mode == "RNN_TANH" else torch.relu)(gi + gh), None
+
+
+def run_layer(call: LayerCall, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One layer and direction over ``x`` [N, T, F]: its outputs [N, T, H] and the state each step
+    starts from, ``h_{t-1}`` [N, T, H] (both in time order, also for the reverse direction)."""
+    steps = range(x.shape[1] - 1, -1, -1) if call.reverse else range(x.shape[1])
+    h, c = call.h0, call.c0
+    outputs: List[torch.Tensor] = [x.new_empty(0)] * x.shape[1]
+    previous: List[torch.Tensor] = [x.new_empty(0)] * x.shape[1]
+    for t in steps:
+        previous[t] = h
+        h, c = _step(call, x[:, t], h, c)
+        outputs[t] = h
+    return torch.stack(outputs, 1), torch.stack(previous, 1)
+
+
+def as_batch_time(module: nn.RNNBase, x: torch.Tensor) -> torch.Tensor:
+    """The module's input as float64 [N, T, F]."""
+    x = x.detach().double().cpu()
+    if x.dim() == 2:   # unbatched: [T, F]
+        return x.unsqueeze(0)
+    return x if module.batch_first else x.transpose(0, 1)
+
+
+def _initial_state(hx, index: int, batch: int, hidden: int, mode: str):
+    """(h0, c0) of layer-and-direction ``index`` from a module call's ``hx`` (zeros when none)."""
+    def pick(state):
+        if state is None:
+            return torch.zeros(batch, hidden, dtype=torch.float64)
+        state = state.detach().double().cpu()
+        return state[index] if state.dim() == 3 else state[index].unsqueeze(0)
+
+    if mode == "LSTM":
+        h, c = hx if hx is not None else (None, None)
+        return pick(h), pick(c)
+    return pick(hx), None
+
+
+def layer_call(module: nn.RNNBase, weights: Dict[str, torch.Tensor], layer: int, direction: int, hx,
+               batch: int) -> LayerCall:
+    """Layer ``layer``, direction ``direction`` of ``module`` with ``weights`` (name -> tensor) and the call's state."""
+    directions = 2 if module.bidirectional else 1
+    w_ih, w_hh, b_ih, b_hh = layer_names(module, layer, direction)
+    h0, c0 = _initial_state(hx, layer * directions + direction, batch, module.hidden_size, module.mode)
+    bias = {n: weights[n].double() if weights.get(n) is not None else None for n in (b_ih, b_hh)}
+    return LayerCall(module.mode, weights[w_ih].double(), weights[w_hh].double(), bias[b_ih], bias[b_hh],
+                     h0, c0, bool(direction))
+
+
+# --------------------------------------------------------------------------- the regressions
+def regression_blocks(mode: str, hidden: int) -> List[Tuple[Optional[slice], Optional[slice]]]:
+    """The independent regressions of one layer: (rows of ``weight_ih``, rows of ``weight_hh``);
+    a block reads ``x_t`` when it has ``weight_ih`` rows and ``h_{t-1}`` when it has ``weight_hh``
+    rows. Every gate is one sum, refitted on ``[x_t, h_{t-1}]``, except GRU's candidate gate, whose
+    halves are refitted apart."""
+    if mode != "GRU":
+        rows = slice(0, (4 if mode == "LSTM" else 1) * hidden)
+        return [(rows, rows)]
+    gates, candidate = slice(0, 2 * hidden), slice(2 * hidden, 3 * hidden)
+    return [(gates, gates), (candidate, None), (None, candidate)]
+
+
+class _Systems:
+    """The normal equations of one layer and direction's blocks, summed over the calibration batches."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+        self.gram: List[Optional[torch.Tensor]] = [None] * len(blocks)
+        self.cross: List[Optional[torch.Tensor]] = [None] * len(blocks)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor, h_previous: torch.Tensor, target_ih: torch.Tensor, target_hh: torch.Tensor):
+        """Rows of one batch at the picked steps: ``x`` / ``h_previous`` [N, S, .] and the unpruned
+        pre-activations ``target_ih`` / ``target_hh`` [N, S, gates]."""
+        self.rows += x.shape[0] * x.shape[1]
+        for i, (rows_ih, rows_hh) in enumerate(self.blocks):
+            parts = ([x] if rows_ih is not None else []) + ([h_previous] if rows_hh is not None else [])
+            features = torch.cat(parts, 2).flatten(0, 1)
+            target = sum(t[..., rows] for t, rows in ((target_ih, rows_ih), (target_hh, rows_hh)) if rows is not None)
+            gram, cross = features.T @ features, features.T @ target.flatten(0, 1)
+            self.gram[i] = gram if self.gram[i] is None else self.gram[i] + gram
+            self.cross[i] = cross if self.cross[i] is None else self.cross[i] + cross
+
+
+def _solve_blocks(systems: _Systems, new: Tuple[torch.Tensor, torch.Tensor], anchor: Tuple[torch.Tensor, torch.Tensor],
+                  keep: Tuple[torch.Tensor, torch.Tensor], ridge: float, min_rows: int) -> int:
+    """Each block's rows refitted on their kept weights (regularised towards ``anchor``), written
+    into ``new`` (``weight_ih``, ``weight_hh``); returns how many rows were solved."""
+    solved_rows = 0
+    for block, gram, cross in zip(systems.blocks, systems.gram, systems.cross):
+        parts = [(part, rows) for part, rows in enumerate(block) if rows is not None]
+        start = torch.cat([anchor[part][rows] for part, rows in parts], 1)
+        kept = torch.cat([keep[part][rows] for part, rows in parts], 1)
+        scale = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+        weights, solved = masked_ridge_solve(gram, cross, kept, start, scale, max_kept=systems.rows // min_rows)
+        solved_rows += int(solved.sum())
+        column = 0
+        for part, rows in parts:
+            width = new[part].shape[1]
+            new[part][rows] = weights[:, column:column + width]
+            column += width
+    return solved_rows
+
+
+@dataclass
+class _Layer:
+    """One layer and direction being refitted, and what it needs of the module and the calls."""
+    module: nn.RNNBase
+    layer: int
+    direction: int
+    pruned_calls: Sequence[Call]
+    current: Dict[str, torch.Tensor]
+    new: Dict[str, torch.Tensor]
+    keep: Dict[str, torch.Tensor]
+
+    @property
+    def names(self) -> Tuple[str, str]:
+        return layer_names(self.module, self.layer, self.direction)[:2]
+
+    def run_pruned(self, x_pruned: Sequence[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """The layer as refitted so far over every batch's input in the pruned model."""
+        w_ih, w_hh = self.names
+        effective = {**self.current, w_ih: self.new[w_ih] * self.keep[w_ih], w_hh: self.new[w_hh] * self.keep[w_hh]}
+        return [run_layer(layer_call(self.module, effective, self.layer, self.direction, hx, len(x)), x)
+                for x, (_, hx) in zip(x_pruned, self.pruned_calls)]
+
+
+def _refit_layer(at: _Layer, x_pruned, x_reference, reference_calls, reference, *, ridge: float, positions: int,
+                 generator: torch.Generator, min_rows: int, passes: int):
+    """Refit one layer and direction: first on the unpruned states (teacher forcing), then ``passes``
+    times on the states the refitted layer itself produces. Returns its outputs in the pruned and
+    in the unpruned model (per batch) and the rows solved."""
+    w_ih, w_hh = at.names
+    blocks = regression_blocks(at.module.mode, at.module.hidden_size)
+    picks, targets, reference_out = [], [], []
+    for x, (_, hx) in zip(x_reference, reference_calls):
+        call = layer_call(at.module, reference, at.layer, at.direction, hx, len(x))
+        out, h_previous = run_layer(call, x)
+        reference_out.append(out)
+        picks.append(torch.randperm(x.shape[1], generator=generator)[:positions].sort().values)
+        h = h_previous[:, picks[-1]]
+        targets.append((x[:, picks[-1]] @ call.w_ih.T, h @ call.w_hh.T, h))
+    anchor, keep = (at.new[w_ih].clone(), at.new[w_hh].clone()), (at.keep[w_ih], at.keep[w_hh])
+    solved = 0
+    for pass_ in range(1 + passes):
+        states = [t[2] for t in targets] if pass_ == 0 else \
+            [h_previous[:, pick] for (_, h_previous), pick in zip(at.run_pruned(x_pruned), picks)]
+        systems = _Systems(blocks)
+        for x, pick, (target_ih, target_hh, _), h in zip(x_pruned, picks, targets, states):
+            systems.add(x[:, pick], h, target_ih, target_hh)
+        solved = _solve_blocks(systems, (at.new[w_ih], at.new[w_hh]), anchor, keep, ridge, min_rows)
+    return [out for out, _ in at.run_pruned(x_pruned)], reference_out, solved
+
+
+def refit_recurrent(module: nn.RNNBase, pruned_calls: Sequence[Call], reference_calls: Sequence[Call],
+                    current: Dict[str, torch.Tensor], reference: Dict[str, torch.Tensor],
+                    keep: Dict[str, torch.Tensor], *, ridge: float, positions: int, generator: torch.Generator,
+                    min_rows: int, passes: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], int]:
+    """New values of ``module``'s gate matrices, layer by layer, from its calls in the pruned model
+    and in the model as it was (``pruned_calls`` / ``reference_calls``, one per calibration batch).
+
+    ``current``: the weights and biases as the pruned forward uses them, ``reference``: those of the
+    model as it was, ``keep``: per gate matrix which weights the plan keeps. At most ``positions``
+    time steps per sequence enter the regressions. Returns the new gate matrices (name -> float64,
+    zero where masked) and how many of their rows were solved."""
+    passes = OWN_STATE_PASSES if passes is None else passes
+    x_pruned = [as_batch_time(module, x) for x, _ in pruned_calls]
+    x_reference = [as_batch_time(module, x) for x, _ in reference_calls]
+    new = {n: t.detach().double().clone() for n, t in current.items() if n.startswith("weight_")}
+    solved = 0
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(2 if module.bidirectional else 1):
+            at = _Layer(module, layer, direction, pruned_calls, current, new, keep)
+            outputs.append(_refit_layer(at, x_pruned, x_reference, reference_calls, reference, ridge=ridge,
+                                        positions=positions, generator=generator, min_rows=min_rows, passes=passes))
+            solved += outputs[-1][2]
+        x_pruned = [torch.cat(outs, 2) for outs in zip(*(o[0] for o in outputs))]
+        x_reference = [torch.cat(outs, 2) for outs in zip(*(o[1] for o in outputs))]
+    return new, solved
