@@ -177,3 +177,17 @@ def test_after_the_refit_every_pruned_tensor_is_its_masked_value_without_a_forwa
         assert torch.equal(getattr(module, name), expected), name
     flat = dict(zip(model.rnn._flat_weights_names, model.rnn._flat_weights))
     assert all(torch.equal(flat[n], getattr(model.rnn, n)) for _, n in rnn_weights(model.rnn))
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.__name__)
+def test_an_unbatched_call_with_its_state_runs_as_the_module_does(kind):
+    module = seeded(kind, 0, 5, 7, num_layers=2).double()
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))     # [T, F]
+    h0 = torch.randn(2, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))   # [layers, H]
+    hx = (h0, -h0) if kind is nn.LSTM else h0
+    with torch.no_grad():
+        expected = module(x, hx)[0]
+    seq, weights = as_batch_time(module, x), _effective(module)
+    for layer in range(2):
+        seq = run_layer(layer_call(module, weights, layer, 0, hx, 1), seq)[0]
+    assert torch.allclose(seq[0], expected, atol=1e-12)

@@ -244,3 +244,25 @@ def test_failed_channel_search_leaves_a_recurrent_model_untouched():
                  agent="random", episodes=5, seed=0, verbose=False)
     state.assert_unchanged(model)
     assert model.rnn.hidden_size == HIDDEN
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
+def test_the_default_refit_fits_the_recurrent_layer_and_compact_stays_exact(cell):
+    model, x = build(cell, False, True, 2)
+    plain, _ = build(cell, False, True, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = rl_prune(model, 0.5, data=x, structure="channel", budget="macs", agent="prior",
+                          max_amount=0.6, seed=0, verbose=False)          # repair: "lstsq", the channel default
+        rl_prune(plain, 0.5, data=x, structure="channel", budget="macs", agent="prior", max_amount=0.6,
+                 seed=0, verbose=False, repair="none")
+    repair = result.plan.metadata["repair"]
+    assert "rnn" in repair["refitted"] and "rnn" not in repair["skipped"]
+    masks, plain_state = {k: v for k, v in model.state_dict().items() if k.endswith("_mask")}, plain.state_dict()
+    assert masks and all(torch.equal(v, plain_state[k]) for k, v in masks.items())   # the same masks
+    assert not torch.equal(model.rnn.weight_hh_l0_orig, plain.rnn.weight_hh_l0_orig)
+    with torch.no_grad():
+        masked = model(x)
+    assert not result.compact()["failed"]
+    with torch.no_grad():
+        assert (model(x) - masked).abs().max() < 1e-5, "refitted, masked output equals compacted output"

@@ -181,7 +181,8 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
                    help="which weights go inside a layer (unstructured; default magnitude)")
     g.add_argument("--repair", metavar="lstsq|auto|none", default=None,
                    help="after the search, refit the pruned layers' kept weights by least squares (default: lstsq "
-                        "for --structure channel; auto for unstructured: from 90%% of the weights removed)")
+                        "for --structure channel; auto for unstructured: from 90%% of the weights removed, and "
+                        "LSTM/GRU/RNN layers at any sparsity)")
     g.add_argument("--no-protect", dest="protect_first_last", action="store_const", const=False, default=None,
                    help="also prune the first layer and the classifier (unstructured; kept dense by default)")
     g.add_argument("--compact", action="store_true", default=None,
