@@ -177,6 +177,32 @@ def unstructured_markdown(rows, dense_acc: float, test_images: int, calibration:
     return "\n".join(lines) + "\n"
 
 
+def acceptance_markdown(rows, agents) -> str:
+    """Issue 14's rule for the LSTM, per target, on the means over seeds: every agent >= the better of
+    global magnitude and LAMP - 0.5 pp, and from 90% the best >= that + 2 pp; beside it, each agent
+    against random search and against LAMP's plan refitted alone (what the search adds beyond the refit)."""
+    mean = {}
+    for r in rows:
+        mean.setdefault((r["method"], r["target"]), []).append(r["test_acc"])
+    mean = {k: statistics.fmean(v) for k, v in mean.items()}
+    lines = ["Acceptance (means over seeds; pp of test accuracy):", "",
+             "| target | bar: max(global magnitude, LAMP) | agents - bar | rule | met | agents - random search | "
+             "agents - LAMP refitted alone |", "|---|---|---|---|---|---|---|"]
+    for target in sorted({r["target"] for r in rows}):
+        bar = max(mean["global magnitude", target], mean["LAMP", target])
+        margins = {a: 100 * (mean[a, target] - bar) for a in agents if (a, target) in mean and a != "random"}
+        if not margins:
+            continue
+        rule = "all >= bar - 0.5" + (", best >= bar + 2" if target >= 0.9 - 1e-9 else "")
+        met = min(margins.values()) >= -0.5 and (target < 0.9 - 1e-9 or max(margins.values()) >= 2.0)
+        versus = {ref: ", ".join(f"{a} {100 * (mean[a, target] - mean[ref, target]):+.2f}" for a in margins)
+                  for ref in ("random", LAMP_REFITTED) if (ref, target) in mean}
+        lines.append(f"| {target:.0%} | {bar:.2%} | {', '.join(f'{a} {m:+.1f}' for a, m in margins.items())} | "
+                     f"{rule} | {'yes' if met else 'NO'} | {versus.get('random', '—')} | "
+                     f"{versus.get(LAMP_REFITTED, '—')} |")
+    return "\n".join(lines) + "\n"
+
+
 def uniform_units(model: nn.Module, example, target: float):
     """Baseline: the same fraction of every hidden-unit/channel group, by L2 magnitude, the
     smallest fraction that removes ``target`` of the MACs."""
@@ -238,7 +264,7 @@ def main(argv=None) -> dict:
     units = compare_hidden_units(model, (x_cal, y_cal), (x_test, y_test), args.unit_target, args.agent,
                                  args.episodes, args.seed, verbose)
     markdown = unstructured_markdown(unstructured, dense_acc, len(x_test), args.calibration, args.seeds) + "\n" + \
-        hidden_units_markdown(units, dense_acc)
+        acceptance_markdown(unstructured, args.agents) + "\n" + hidden_units_markdown(units, dense_acc)
     print(markdown)
     defaults = argv is None and args.agents == parser.get_default("agents") and args.episodes is None \
         and args.seeds == parser.get_default("seeds") and args.unstructured_targets == [0.8, 0.9]

@@ -34,3 +34,19 @@ def test_lstm_example_prunes_weights_and_hidden_units(data_root, tmp_path):
     for method, row in units.items():
         assert min(row["sizes"][:2]) < 128, f"{method}: an LSTM lost hidden units physically"
     assert (tmp_path / "rowlstm_mnist_e0.05.pt").is_file()
+
+
+def test_the_lstm_acceptance_table_applies_the_rule_to_the_means():
+    example = load("lstm_sequential_mnist")
+
+    def row(method, target, acc, seed=None):
+        return {"method": method, "target": target, "test_acc": acc, "seed": seed}
+
+    rows = [row("global magnitude", 0.9, 0.40), row("LAMP", 0.9, 0.50), row(example.LAMP_REFITTED, 0.9, 0.97),
+            row("amc", 0.9, 0.96, 0), row("amc", 0.9, 0.94, 1), row("purl", 0.9, 0.51, 0), row("random", 0.9, 0.95, 0)]
+    table = example.acceptance_markdown(rows, ["amc", "purl", "random"])
+    line = next(l for l in table.splitlines() if l.startswith("| 90%"))
+    assert "50.00%" in line and "amc +45.0" in line and "purl +1.0" in line
+    assert "| yes |" in line and "amc +0.00, purl -44.00" in line and "amc -2.00" in line
+    rows[-2] = row("purl", 0.9, 0.49, 0)   # 1 pp under the bar: one agent fails "all >= bar - 0.5"
+    assert "| NO |" in example.acceptance_markdown(rows, ["amc", "purl"])
