@@ -150,7 +150,8 @@ class MultiTargetResult(Mapping):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         plan = result.plan
-        scope = refit_scope(self.repair, plan.sparsity, self.auto_refit_from, model) if self.refit_batches else None
+        scope = (refit_scope(self.repair, plan.sparsity, self.auto_refit_from, model, plan.amounts)
+                 if self.refit_batches else None)
         refit = LeastSquaresRefit(model, self.refit_batches, seed=plan.seed, scope=scope) if scope else None
         achieved = self._apply(model, result)
         record = refit().as_dict() if refit is not None else None

@@ -84,19 +84,20 @@ def test_the_refit_brings_a_pruned_recurrent_model_back_towards_the_unpruned_one
         assert bool((getattr(model.rnn, n)[mask == 0] == 0).all())             # what the forward uses
 
 
-def test_restore_puts_back_every_bit_and_the_forward_follows():
+def test_restore_puts_back_every_bit_of_pruned_and_unpruned_matrices_without_a_forward():
     model = seeded(Sequence, 0, nn.GRU).eval()
-    x = sequences()
-    refit = LeastSquaresRefit(model, [x])
-    lamp_unstructured(rnn_weights(model.rnn), 0.8)
+    refit = LeastSquaresRefit(model, [sequences()])
+    prune.l1_unstructured(model.rnn, "weight_ih_l0", amount=0.8)   # weight_hh_l0 stays a plain parameter
     stored = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        pruned = model(x)
+    plain = model.rnn.weight_hh_l0
     refit()
+    assert not torch.equal(model.rnn.weight_hh_l0, stored["rnn.weight_hh_l0"]), "the unpruned matrix is refitted"
+    assert model.rnn.weight_hh_l0 is plain, "in place: the same Parameter"
     refit.restore()
     assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
-    with torch.no_grad():
-        assert torch.equal(model(x), pruned)   # _flat_weights follow the restored tensors
+    flat = dict(zip(model.rnn._flat_weights_names, model.rnn._flat_weights))
+    assert torch.equal(flat["weight_ih_l0"], stored["rnn.weight_ih_l0_orig"] * stored["rnn.weight_ih_l0_mask"])
+    assert flat["weight_hh_l0"] is plain
 
 
 def test_inputs_removed_upstream_are_taken_over_by_the_kept_ones_that_carry_them():
@@ -115,7 +116,6 @@ def test_inputs_removed_upstream_are_taken_over_by_the_kept_ones_that_carry_them
     assert refit().refitted == ["rnn"]
     with torch.no_grad():
         assert (model.rnn(held_out)[0] - dense).pow(2).mean() < 1e-3 * before
-    assert not hasattr(model.rnn, "weight_hh_l0_orig")   # an unpruned matrix is refitted in place
 
 
 def test_what_it_cannot_refit_is_left_as_it_was_and_named():
@@ -191,3 +191,48 @@ def test_an_unbatched_call_with_its_state_runs_as_the_module_does(kind):
     for layer in range(2):
         seq = run_layer(layer_call(module, weights, layer, 0, hx, 1), seq)[0]
     assert torch.allclose(seq[0], expected, atol=1e-12)
+
+
+class KeywordCall(nn.Module):
+    """Calls its LSTM with keyword arguments only."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(6, 16, batch_first=True), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.rnn(input=x, hx=None)[0][:, -1])
+
+
+def test_a_recurrent_layer_called_with_keywords_is_refitted():
+    model = seeded(KeywordCall, 0).eval()
+    x = sequences(128)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    plan = rl_prune(model, 0.8, data=(x, y), agent="prior", verbose=False, seed=0).plan
+    assert plan.metadata["repair"]["refitted"] == ["rnn"]
+
+
+def test_a_parametrized_recurrent_matrix_is_left_as_it_was_and_named():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = seeded(Sequence, 0, nn.LSTM, layers=1).eval()
+    weight_norm(model.rnn, "weight_hh_l0")
+    refit = LeastSquaresRefit(model, [sequences()])
+    prune.l1_unstructured(model.rnn, "weight_ih_l0", amount=0.8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = refit()
+    assert "weight_hh_l0" in report.skipped["rnn"] and not report.refitted
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_auto_leaves_an_excluded_recurrent_layer_without_a_refit():
+    model = seeded(Sequence, 0, nn.LSTM).eval()
+    x = sequences(128)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    plan = rl_prune(model, 0.5, data=(x, y), agent="prior", verbose=False, seed=0, exclude=["rnn"],
+                    protect_first_last=False).plan
+    assert "repair" not in plan.metadata   # nothing recurrent pruned: no refit, no scores for one
+    assert refit_scope("auto", 0.5, AUTO_REFIT_FROM, model, {"rnn.weight_ih_l0": 0.0, "head.weight": 0.5}) is None
+    assert refit_scope("auto", 0.5, AUTO_REFIT_FROM, model, {"rnn.weight_hh_l0": 0.3}) == "recurrent"

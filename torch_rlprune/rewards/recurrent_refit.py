@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .ridge import masked_ridge_solve
 
@@ -59,6 +60,10 @@ def unsupported_reason(module: nn.Module, x) -> Optional[str]:
     """Why ``module`` called on ``x`` is not refitted (None when it is)."""
     if getattr(module, "proj_size", 0):
         return "an LSTM with proj_size (its projection is not refitted)"
+    for name in module._flat_weights_names:   # a value written into a weight recomputed on access is lost
+        if parametrize.is_parametrized(module, name) or (name not in module._parameters
+                                                         and not hasattr(module, f"{name}_orig")):
+            return f"{name} is computed (weight_norm or another parametrization), not a parameter it can write"
     if isinstance(x, nn.utils.rnn.PackedSequence):
         return "called on a PackedSequence (padding would enter the fit)"
     if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):

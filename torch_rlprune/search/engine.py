@@ -552,7 +552,8 @@ class Search:
         p, o, targets = self.prepared, self.options, self.options.targets
         plan = self.plan_for(None if targets is None else targets[0])
         # created before the masks: the refit reproduces the model as it is now
-        scope = refit_scope(o.repair, plan.sparsity, STRUCTURE_DEFAULTS[o.structure].auto_refit_from, self.model)
+        scope = refit_scope(o.repair, plan.sparsity, STRUCTURE_DEFAULTS[o.structure].auto_refit_from, self.model,
+                            plan.amounts)
         if scope is not None:
             self.refit = LeastSquaresRefit(self.model, p.calibration.inputs, seed=int(o.seed), scope=scope)
         achieved = p.space.apply(plan)
