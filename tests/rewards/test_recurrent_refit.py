@@ -236,3 +236,24 @@ def test_auto_leaves_an_excluded_recurrent_layer_without_a_refit():
     assert "repair" not in plan.metadata   # nothing recurrent pruned: no refit, no scores for one
     assert refit_scope("auto", 0.5, AUTO_REFIT_FROM, model, {"rnn.weight_ih_l0": 0.0, "head.weight": 0.5}) is None
     assert refit_scope("auto", 0.5, AUTO_REFIT_FROM, model, {"rnn.weight_hh_l0": 0.3}) == "recurrent"
+
+
+def test_a_refit_pass_that_moves_the_outputs_away_is_undone(monkeypatch):
+    import torch_rlprune.rewards.recurrent_refit as recurrent
+
+    real = recurrent._solve_blocks
+
+    def overshoot(systems, new, anchor, keep, ridge, min_rows):   # every solution ten times too large
+        solved = real(systems, new, anchor, keep, ridge, min_rows)
+        for part in new:
+            part.mul_(10)
+        return solved
+
+    model = seeded(Sequence, 0, nn.RNN, layers=1).eval()
+    refit = LeastSquaresRefit(model, [sequences()])
+    lamp_unstructured(rnn_weights(model.rnn), 0.8)
+    stored = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(recurrent, "_solve_blocks", overshoot)
+    report = refit()
+    assert "closer" in report.skipped["rnn"] and not report.refitted
+    assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())

@@ -462,7 +462,8 @@ class LeastSquaresRefit:
             report.skipped[name] = f"no solution ({error})"
             return
         if not solved or not all(bool(torch.isfinite(w).all()) for w in new.values()):
-            report.skipped[name] = "no gate row could be refitted (more calibration sequences)" if not solved \
+            report.skipped[name] = ("no refit brought its outputs closer to the unpruned ones on the calibration "
+                                    "sequences (or no gate row had rows enough: more sequences)") if not solved \
                 else "no finite solution"
             return
         for tensor, values in new.items():
