@@ -40,6 +40,14 @@ def rnn_weights(module):
     return [(module, n) for n in module._flat_weights_names if n.startswith("weight_")]
 
 
+def state_of(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_state(model, stored) -> bool:
+    return all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.__name__)
 @pytest.mark.parametrize("batch_first,bidirectional", [(True, False), (False, True)], ids=["batch_first", "bidir"])
 def test_the_recurrence_it_runs_is_the_modules(kind, batch_first, bidirectional):
@@ -88,13 +96,13 @@ def test_restore_puts_back_every_bit_of_pruned_and_unpruned_matrices_without_a_f
     model = seeded(Sequence, 0, nn.GRU).eval()
     refit = LeastSquaresRefit(model, [sequences()])
     prune.l1_unstructured(model.rnn, "weight_ih_l0", amount=0.8)   # weight_hh_l0 stays a plain parameter
-    stored = {k: v.clone() for k, v in model.state_dict().items()}
+    stored = state_of(model)
     plain = model.rnn.weight_hh_l0
     refit()
     assert not torch.equal(model.rnn.weight_hh_l0, stored["rnn.weight_hh_l0"]), "the unpruned matrix is refitted"
     assert model.rnn.weight_hh_l0 is plain, "in place: the same Parameter"
     refit.restore()
-    assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
+    assert same_state(model, stored)
     flat = dict(zip(model.rnn._flat_weights_names, model.rnn._flat_weights))
     assert torch.equal(flat["weight_ih_l0"], stored["rnn.weight_ih_l0_orig"] * stored["rnn.weight_ih_l0_mask"])
     assert flat["weight_hh_l0"] is plain
@@ -123,10 +131,10 @@ def test_what_it_cannot_refit_is_left_as_it_was_and_named():
     model.head = nn.Linear(8, 4)
     refit = LeastSquaresRefit(model, [sequences()])
     prune.l1_unstructured(model.rnn, "weight_hh_l0", amount=0.5)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = state_of(model)
     report = refit()
     assert "proj_size" in report.skipped["rnn"] and not report.refitted
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert same_state(model, before)
 
 
 def test_the_recurrent_scope_leaves_every_other_layer_alone():
@@ -220,10 +228,10 @@ def test_a_parametrized_recurrent_matrix_is_left_as_it_was_and_named():
     weight_norm(model.rnn, "weight_hh_l0")
     refit = LeastSquaresRefit(model, [sequences()])
     prune.l1_unstructured(model.rnn, "weight_ih_l0", amount=0.8)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = state_of(model)
     report = refit()
     assert "weight_hh_l0" in report.skipped["rnn"] and not report.refitted
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert same_state(model, before)
 
 
 def test_auto_leaves_an_excluded_recurrent_layer_without_a_refit():
@@ -252,8 +260,8 @@ def test_a_refit_pass_that_moves_the_outputs_away_is_undone(monkeypatch):
     model = seeded(Sequence, 0, nn.RNN, layers=1).eval()
     refit = LeastSquaresRefit(model, [sequences()])
     lamp_unstructured(rnn_weights(model.rnn), 0.8)
-    stored = {k: v.clone() for k, v in model.state_dict().items()}
+    stored = state_of(model)
     monkeypatch.setattr(recurrent, "_solve_blocks", overshoot)
     report = refit()
     assert "closer" in report.skipped["rnn"] and not report.refitted
-    assert all(torch.equal(v, stored[k]) for k, v in model.state_dict().items())
+    assert same_state(model, stored)

@@ -38,6 +38,7 @@ re-estimated statistics): 86.6 / 87.2 / 87.2 / 86.1%.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -190,13 +191,19 @@ def _is_pruned_recurrent(module: nn.Module) -> bool:
                if n.startswith("weight_") and hasattr(module, f"{n}_mask"))
 
 
+def _apply_mask(module: nn.Module, tensor: str) -> None:
+    """``tensor`` recomputed from its ``_orig`` and mask, as prune's hook does in a forward (nn.RNNBase
+    also refreshes its _flat_weights this way)."""
+    setattr(module, tensor, getattr(module, f"{tensor}_orig") * getattr(module, f"{tensor}_mask"))
+
+
 def _refresh_masked(model: nn.Module) -> None:
-    """Every pruned tensor recomputed from its ``_orig`` and mask, as prune's hook does in a forward:
-    a forward of the model as it was leaves the unpruned values in them until the next forward."""
+    """Every pruned tensor recomputed: a forward of the model as it was leaves the unpruned values
+    in them until the next forward."""
     for module in model.modules():
         for name in [n[:-len("_mask")] for n in module._buffers if n.endswith("_mask")]:
             if hasattr(module, f"{name}_orig"):
-                setattr(module, name, getattr(module, f"{name}_orig") * getattr(module, f"{name}_mask"))
+                _apply_mask(module, name)
 
 
 def _effective(module: nn.Module) -> Dict[str, torch.Tensor]:
@@ -324,7 +331,13 @@ class LeastSquaresRefit:
             captured.append(reduce((inputs[0] if what == "input" else output).detach(), len(captured)))
             raise _Stop
 
-        handle = module.register_forward_hook(hook)
+        self._run_to(module, hook)
+        return captured
+
+    def _run_to(self, module: nn.Module, hook, with_kwargs: bool = False) -> None:
+        """Every batch through the model as far as ``module``, whose forward ``hook`` sees the call
+        and raises ``_Stop``."""
+        handle = module.register_forward_hook(hook, with_kwargs=with_kwargs)
         try:
             with torch.no_grad():
                 for x in self.batches:
@@ -334,7 +347,6 @@ class LeastSquaresRefit:
                         pass
         finally:
             handle.remove()
-        return captured
 
     # ------------------------------------------------------------------ the refit
     def _called_once(self) -> Dict[nn.Module, int]:
@@ -439,8 +451,8 @@ class LeastSquaresRefit:
         mask = getattr(module, f"{tensor}_mask", None)
         with torch.no_grad():
             stored.copy_(new.to(stored) if mask is None else torch.where(mask != 0, new.to(stored), stored))
-        if mask is not None:  # nn.RNNBase also refreshes its _flat_weights this way
-            setattr(module, tensor, stored * mask)
+        if mask is not None:
+            _apply_mask(module, tensor)
 
     def _solve_recurrent(self, module: nn.Module, name: str, report: RefitReport, index: int) -> None:
         """An LSTM / GRU / RNN: every layer and direction refitted through time (:mod:`.recurrent_refit`)."""
@@ -480,17 +492,20 @@ class LeastSquaresRefit:
             calls.append((x.detach().clone() if isinstance(x, torch.Tensor) else x, _detached(hx)))
             raise _Stop
 
-        handle = module.register_forward_hook(hook, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                for x in self.batches:
-                    try:
-                        run_model(self.model, x)
-                    except _Stop:
-                        pass
-        finally:
-            handle.remove()
+        self._run_to(module, hook, with_kwargs=True)
         return calls
+
+    def _solver(self, module: nn.Module) -> Optional[Callable[[str, RefitReport, int], None]]:
+        """How this refit fits ``module`` (called with its name, the report and its index), or None
+        when it leaves the module alone (nothing pruned, or outside the scope)."""
+        if isinstance(module, RECURRENT):
+            return functools.partial(self._solve_recurrent, module) if _is_pruned_recurrent(module) else None
+        if self.scope == "recurrent" or not hasattr(module, "weight_orig"):
+            return None
+        kept = _kept_inputs(module)
+        if kept is not None:
+            return functools.partial(self._solve, module, kept)
+        return functools.partial(self._solve_masked, module) if _is_unstructured(module) else None
 
     def __call__(self) -> RefitReport:
         """Refit every layer that lost input channels; returns what was refitted and skipped."""
@@ -500,24 +515,13 @@ class LeastSquaresRefit:
         self.model.eval()
         try:
             for index, (module, calls) in enumerate(self._called_once().items()):
-                if isinstance(module, RECURRENT):
-                    if calls != 1 and _is_pruned_recurrent(module):
-                        report.skipped[names[module]] = f"runs {calls} times per forward (one refit cannot fit all)"
-                    elif _is_pruned_recurrent(module):
-                        self._solve_recurrent(module, names[module], report, index)
-                    continue
-                if self.scope == "recurrent":
-                    continue
-                kept = _kept_inputs(module)
-                unstructured = kept is None and _is_unstructured(module)
-                if (kept is None and not unstructured) or not hasattr(module, "weight_orig"):
+                solve = self._solver(module)
+                if solve is None:
                     continue
                 if calls != 1:
                     report.skipped[names[module]] = f"runs {calls} times per forward (one refit cannot fit all)"
-                elif unstructured:
-                    self._solve_masked(module, names[module], report, index)
                 else:
-                    self._solve(module, kept, names[module], report, index)
+                    solve(names[module], report, index)
         except BaseException:
             self.restore()
             raise
@@ -532,6 +536,5 @@ class LeastSquaresRefit:
         for (module, attr), old in self.saved.items():
             getattr(module, attr).copy_(old)
             if attr.endswith("_orig"):
-                tensor = attr[:-len("_orig")]
-                setattr(module, tensor, getattr(module, attr) * getattr(module, f"{tensor}_mask"))
+                _apply_mask(module, attr[:-len("_orig")])
         self.saved.clear()
