@@ -45,8 +45,8 @@ class BothPlansMeasured:
     def __init__(self):
         self.choose, self.last, self.return_prior = engine.select_plans, None, False
 
-    def __call__(self, env, keys, measure, priors=None):
-        chosen = self.choose(env, keys, measure, priors)
+    def __call__(self, env, keys, measure, priors=None, as_returned=None):
+        chosen = self.choose(env, keys, measure, priors, as_returned)
         prepared = measure.__self__          # the bound score_selection_part of the search's PreparedSearch
         key = keys[0]
         best, prior = env.best_by_target[key], env.priors[key]

@@ -9,7 +9,7 @@ from torch.nn.utils import prune
 from helpers import seeded
 from torch_rlprune import rl_prune
 from torch_rlprune.env.priors import lamp_unstructured
-from torch_rlprune.rewards.recurrent_refit import as_batch_time, layer_call, run_layer
+from torch_rlprune.rewards.recurrent_refit import as_batch_time, layer_call, run_layer, states_before
 from torch_rlprune.rewards.repair import (AUTO_REFIT_FROM, LeastSquaresRefit, _effective, refit_scope,
                                          refit_wanted)
 
@@ -61,9 +61,30 @@ def test_the_recurrence_it_runs_is_the_modules(kind, batch_first, bidirectional)
         expected = module(x, hx)[0]
     seq, weights = as_batch_time(module, x), _effective(module)
     for layer in range(2):
-        seq = torch.cat([run_layer(layer_call(module, weights, layer, d, hx, 3), seq)[0]
+        seq = torch.cat([run_layer(layer_call(module, weights, layer, d, hx, 3), seq)
                          for d in range(2 if bidirectional else 1)], 2)
     assert torch.allclose(seq, expected if batch_first else expected.transpose(0, 1), atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.__name__)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_the_state_a_step_starts_from_is_the_one_the_module_carries_into_it(kind, reverse):
+    module = seeded(kind, 0, 5, 7, bidirectional=True, batch_first=True).double()
+    x = torch.randn(3, 6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    h0 = torch.randn(2, 3, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    hx = (h0, -h0) if kind is nn.LSTM else h0
+    call = layer_call(module, _effective(module), 0, int(reverse), hx, 3)
+    steps = torch.tensor([0, 2, 5])
+    states = states_before(call, run_layer(call, x), steps)
+    for i, t in enumerate(steps.tolist()):
+        seen = x[:, t + 1:] if reverse else x[:, :t]   # what the direction has read before step t
+        if seen.shape[1] == 0:
+            expected = h0[int(reverse)]
+        else:
+            with torch.no_grad():
+                h_n = module(seen, hx)[1]
+            expected = (h_n[0] if kind is nn.LSTM else h_n)[int(reverse)]
+        assert torch.allclose(states[:, i], expected, atol=1e-12), t
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.__name__)
@@ -165,14 +186,29 @@ def test_rl_prune_refits_a_recurrent_model_by_default_with_the_same_masks():
     with torch.no_grad():
         y = model(x).argmax(1)
     plain = seeded(Sequence, 0, nn.LSTM).eval()
-    refitted_plan = rl_prune(model, 0.8, data=(x, y), agent="prior", verbose=False, seed=0).plan
-    plain_plan = rl_prune(plain, 0.8, data=(x, y), agent="prior", verbose=False, seed=0, repair="none").plan
+    # no held-out choice: it compares the candidates refitted (tests/search/test_selection.py), so it
+    # may pick another plan with the refit than without
+    refitted_plan = rl_prune(model, 0.8, data=(x, y), agent="prior", verbose=False, seed=0, selection=0).plan
+    plain_plan = rl_prune(plain, 0.8, data=(x, y), agent="prior", verbose=False, seed=0, repair="none",
+                          selection=0).plan
     assert refitted_plan.metadata["repair"]["refitted"] == ["rnn"]
     assert "repair" not in plain_plan.metadata
     assert refitted_plan.amounts == plain_plan.amounts
     for _, n in rnn_weights(model.rnn):
         assert torch.equal(getattr(model.rnn, f"{n}_mask"), getattr(plain.rnn, f"{n}_mask"))
 
+
+def test_a_search_whose_refit_hit_the_memory_bound_says_so_in_its_summary(monkeypatch):
+    from torch_rlprune.rewards import recurrent_refit
+    model = seeded(Sequence, 0, nn.LSTM).eval()
+    x = sequences(128)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    monkeypatch.setattr(recurrent_refit, "MAX_SEQUENCE_BYTES", 10 * 8 * 12 * (2 * 16 + 3 * 16))   # ten sequences
+    result = rl_prune(model, 0.8, data=(x, y), agent="prior", verbose=False, seed=0)
+    record = result.plan.metadata["repair"]
+    assert record["refitted"] == ["rnn"] and record["notes"]["rnn"].startswith("refitted on the first 10 of ")
+    assert "rnn refitted on the first 10 of " in result.summary()
 
 def test_after_the_refit_every_pruned_tensor_is_its_masked_value_without_a_forward():
     """The reference forwards run with the masks lifted; what they leave in ``weight`` must not stay."""
@@ -197,7 +233,7 @@ def test_an_unbatched_call_with_its_state_runs_as_the_module_does(kind):
         expected = module(x, hx)[0]
     seq, weights = as_batch_time(module, x), _effective(module)
     for layer in range(2):
-        seq = run_layer(layer_call(module, weights, layer, 0, hx, 1), seq)[0]
+        seq = run_layer(layer_call(module, weights, layer, 0, hx, 1), seq)
     assert torch.allclose(seq[0], expected, atol=1e-12)
 
 
@@ -265,3 +301,44 @@ def test_a_refit_pass_that_moves_the_outputs_away_is_undone(monkeypatch):
     report = refit()
     assert "closer" in report.skipped["rnn"] and not report.refitted
     assert same_state(model, stored)
+
+
+def test_past_its_memory_bound_the_refit_reads_the_first_sequences_only_and_says_so(monkeypatch):
+    from torch_rlprune.rewards import recurrent_refit
+    x = sequences()
+    per_sequence = 8 * x.shape[1] * (2 * 16 + 3 * 16)   # five float64 copies of 16 units (inputs: 6 wide)
+    fitted = {}
+    for name, batches, bound in (("bounded", [x[:48], x[48:]], 40 * per_sequence + 7), ("first 40", [x[:40]], None)):
+        model = seeded(Sequence, 0).eval()
+        refit = LeastSquaresRefit(model, batches)
+        lamp_unstructured(rnn_weights(model.rnn), 0.8)
+        if bound is not None:
+            monkeypatch.setattr(recurrent_refit, "MAX_SEQUENCE_BYTES", bound)
+        report = refit().as_dict()
+        monkeypatch.undo()
+        fitted[name] = (report, {n: getattr(model.rnn, f"{n}_orig").detach().clone()
+                                 for _, n in rnn_weights(model.rnn)})
+    bounded, first = fitted["bounded"], fitted["first 40"]
+    assert bounded[0]["refitted"] == ["rnn"] and "first 40 of 96" in bounded[0]["notes"]["rnn"]
+    assert "notes" not in first[0]
+    assert all(torch.equal(bounded[1][n], first[1][n]) for n in first[1])
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.__name__)
+def test_a_bound_below_one_sequence_still_reads_one_with_its_own_state(kind):
+    from torch_rlprune.rewards.recurrent_refit import _first, _sequences_within
+    module = seeded(kind, 0, 6, 16, num_layers=2)                           # time-major: [T, N, F]
+    xs = [torch.randn(12, 5, 6, generator=torch.Generator().manual_seed(1)), torch.zeros(12, 4, 6)]
+    h0 = torch.arange(2 * 5 * 16, dtype=torch.float32).reshape(2, 5, 16)   # [layers, N, H]
+    calls = [(xs[0], (h0, -h0) if kind is nn.LSTM else h0), (xs[1], None)]
+    assert _sequences_within(module, calls, max_bytes=1) == [1, 0]
+    per_sequence = 8 * 12 * (2 * 16 + 3 * 16)
+    assert _sequences_within(module, calls, max_bytes=6 * per_sequence + 1) == [5, 1]
+    kept = _first(module, calls, [1, 0])
+    assert len(kept) == 1
+    x, hx = kept[0]
+    assert x.dtype == torch.float64 and torch.equal(x, xs[0][:, :1].transpose(0, 1).double())   # [1, T, F]
+    if kind is nn.LSTM:
+        assert torch.equal(hx[0], h0[:, :1]) and torch.equal(hx[1], -h0[:, :1])
+    else:
+        assert torch.equal(hx, h0[:, :1])

@@ -314,3 +314,72 @@ def test_every_prior_candidate_is_compared_not_only_the_anchor(other_held_out, c
     assert tuple(env.best_by_target[0.5].k) == chosen
     assert select_plans(ScriptedResults(top, (0, 4), env.held_out), [0.5], lambda: 0.0)[0.5].candidates == \
         [(0.80, 0.60), (0.78, 0.65), (0.70, 0.55)]   # without the choice's plans: the anchor only
+
+
+def test_where_plans_are_scored_as_returned_the_choice_is_made_on_those_scores():
+    """A refit moves plans more than their held-out scores before it can tell: the choice is made on
+    the refitted scores, and the scores before the refit stay on record (the refit is judged on them)."""
+    from torch_rlprune.search.selection import select_plans
+
+    top = [(0.80, (3, 1)), (0.78, (2, 2))]
+    held = {(3, 1): 0.60, (2, 2): 0.65, (0, 4): 0.55}
+    after_refit = {(3, 1): 0.97, (2, 2): 0.90, (0, 4): 0.93}
+    asked = []
+
+    def as_returned(key):
+        asked.append(key)
+        return lambda k: after_refit[tuple(int(v) for v in k)]
+
+    selection = select_plans(ScriptedResults(top, (0, 4), held), [0.5], lambda: 0.0, as_returned=as_returned)[0.5]
+    assert asked == [0.5] and selection.returned == [0.97, 0.90, 0.93]
+    assert selection.chosen == 0 and selection.selection_score == 0.60
+    assert selection.as_dict()["returned_scores"] == [0.97, 0.90, 0.93]
+    unrefitted = select_plans(ScriptedResults(top, (0, 4), held), [0.5], lambda: 0.0, as_returned=lambda key: None)
+    assert unrefitted[0.5].chosen == 1 and "returned_scores" not in unrefitted[0.5].as_dict()
+
+
+class TwoLayerLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(5, 8), nn.Linear(12, 3)
+        self.rnn = nn.LSTM(8, 12, num_layers=2, batch_first=True)
+
+    def forward(self, x):
+        return self.head(self.rnn(torch.tanh(self.embed(x)))[0][:, -1])
+
+
+def test_a_recurrent_search_on_data_chooses_among_its_plans_as_they_are_returned():
+    model = seeded(TwoLayerLSTM, 0).eval()
+    x = torch.randn(96, 10, 5, generator=torch.Generator().manual_seed(1)).cumsum(1) / 3
+    result = rl_prune(model, 0.8, data=x, agent="random", episodes=6, select_top=3, **QUIET)
+    selection = result.plan.metadata["selection"]
+    returned = selection["returned_scores"]
+    assert len(returned) == len(selection["candidates"]) >= 2
+    assert returned[selection["chosen"]] == max(returned)
+    assert all(0.0 < r < 1.0 for r in returned)   # output closeness, 1 / (1 + relative squared error)
+    assert "chosen refitted, as returned, by how close their outputs come" in result.summary()
+    plain = rl_prune(ThreeConvNet(), 0.8, data=inputs((64, 1, 16, 16)), agent="random", episodes=4, **QUIET)
+    assert "returned_scores" not in plain.plan.metadata["selection"]   # convolutions: not refitted per candidate
+    # without data the prior stays unless clearly beaten as searched: no candidate is refitted
+    no_data = rl_prune(seeded(TwoLayerLSTM, 0).eval(), 0.8, agent="random", episodes=4,
+                       example_inputs=x[:2], **QUIET)
+    assert no_data.plan.metadata["synthetic_calibration"]
+    assert "returned_scores" not in no_data.plan.metadata["selection"]
+
+
+def test_output_closeness_tells_apart_plans_that_agree_everywhere():
+    """What the refitted candidates are compared by: a model whose logits only shrank still agrees
+    on every sample (top-1 agreement 1.0) but is further from the unpruned one."""
+    from torch_rlprune.rewards.scores import FidelityReward
+
+    model = seeded(ThreeConvNet, 0).eval()
+    calibration = CalibrationSet([inputs((16, 1, 16, 16))], None, False)
+    top1, closeness = FidelityReward(calibration), FidelityReward(calibration, top1=False)
+    top1.prepare(model)
+    closeness.prepare(model)
+    assert top1(model) == 1.0 and closeness(model) == 1.0
+    with torch.no_grad():
+        model.head.weight.mul_(0.9)
+        model.head.bias.mul_(0.9)
+    assert top1(model) == 1.0
+    assert closeness(model) < 0.999

@@ -471,7 +471,7 @@ class DepthWidthEnv(BestPlanResults):
             return None
         searched = self.evaluate(k, full=True)
         self.restore()   # the plan is applied for good and undone; the search's in-place masks must be off
-        refitted = float(self._scoring(lambda: self.returned_score(np.asarray(k, dtype=np.int64))))
+        refitted = float(self.scoring(lambda: self.returned_score(np.asarray(k, dtype=np.int64))))
         returned = refitted if refit_kept(refitted, searched) else searched
         self.returned_scores.append({"removed_blocks": self.space.removed_names(self.split(k)[0]),
                                      "search_score": searched, "refit_score": refitted, "returned_score": returned})

@@ -184,9 +184,9 @@ class BestPlanResults:
         """``fn()`` with plan ``k`` applied, as :meth:`measure` scores, whatever ``fn`` returns."""
         self.apply(np.asarray(k, dtype=np.int64))
         self.scoring_key = tuple(int(v) for v in k)
-        return self._scoring(fn)
+        return self.scoring(fn)
 
-    def _scoring(self, score_fn: Callable):
+    def scoring(self, score_fn: Callable):
         """``score_fn()`` on the caller's threads, RNG-neutral, its seconds counted: a resumed search
         skips the scoring of plans it has on record, so anything random in a forward must not shift
         what the agent draws afterwards."""
@@ -252,7 +252,7 @@ class BestPlanResults:
         bar = None if shaping or full else self.plan_to_beat()
         self.apply(key)
         self.scoring_key = key
-        return self._scoring(lambda: self.screening.score(key, bar, self._full_score(key), self.apply, shaping))
+        return self.scoring(lambda: self.screening.score(key, bar, self._full_score(key), self.apply, shaping))
 
 
 class LayerwisePruningEnv(BestPlanResults):

@@ -298,7 +298,9 @@ def _quality_lines(record: dict) -> List[str]:
                      f"{selection.get('samples')} samples the search never saw (search score "
                      f"{format_number(selection.get('search_score'))}; best of "
                      f"{len(selection.get('candidates') or [])} plans, "
-                     f"#{int(selection.get('chosen', 0)) + 1} by search score)")
+                     f"#{int(selection.get('chosen', 0)) + 1} by search score"
+                     + ("; chosen refitted, as returned, by how close their outputs come to the unpruned"
+                        " model's there" if selection.get("returned_scores") else "") + ")")
         test = selection.get("prior_test")
         if isinstance(test, dict):
             lines.append(f"no data: {'the prior kept' if test.get('prior_kept') else 'the search beat the prior'} "
@@ -313,6 +315,7 @@ def _quality_lines(record: dict) -> List[str]:
         lines.append(f"least-squares refit of {len(repair.get('refitted') or [])} pruned layers"
                      + (f"; score after it: {', '.join(after)}" if after else "")
                      + (f"; {len(repair['skipped'])} left as they were" if repair.get("skipped") else "")
+                     + "".join(f"; {name} {note}" for name, note in (repair.get("notes") or {}).items())
                      + (f"; undone: clearly below the plan's {format_number(repair.get('score_without'))} "
                         "without it" if undone else ""))
     return lines

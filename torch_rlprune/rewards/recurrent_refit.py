@@ -48,8 +48,8 @@ from torch.nn.utils import parametrize
 
 from .ridge import masked_ridge_solve
 
-__all__ = ["RECURRENT", "unsupported_reason", "layer_names", "LayerCall", "run_layer", "regression_blocks",
-           "refit_recurrent"]
+__all__ = ["RECURRENT", "unsupported_reason", "layer_names", "LayerCall", "run_layer", "states_before",
+           "regression_blocks", "RecurrentRefit", "refit_recurrent", "MAX_SEQUENCE_BYTES"]
 
 RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
 
@@ -58,6 +58,14 @@ Call = Tuple[torch.Tensor, object]
 
 OWN_STATE_PASSES = 2
 """Refits of each layer on the states it produces itself, after the first on the unpruned states."""
+
+MAX_SEQUENCE_BYTES = 2 << 30
+"""What the float64 sequences a layer's refit holds may take: its input in the pruned and in the
+unpruned model, and its outputs in the unpruned model, as refitted so far and as refitted anew (five
+sequences as long as the calls', as wide as the layer). Past it the refit reads only the first
+calibration sequences that fit. 512 sequences of 784 steps (pixel MNIST) through 128 units take 2.05
+GB, all of them (3.4 GB at the process's peak, measured); through 512 units, the first 133 fit.
+Unbounded, a wider layer or a larger calibration set would run out of memory."""
 
 
 def unsupported_reason(module: nn.Module, x) -> Optional[str]:
@@ -111,26 +119,37 @@ def _step(call: LayerCall, x_t: torch.Tensor, h: torch.Tensor, c: Optional[torch
     return (torch.tanh if call.mode == "RNN_TANH" else torch.relu)(gi + gh), None
 
 
-def run_layer(call: LayerCall, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One layer and direction over ``x`` [N, T, F]: its outputs [N, T, H] and the state each step
-    starts from, ``h_{t-1}`` [N, T, H] (both in time order, also for the reverse direction)."""
-    steps = range(x.shape[1] - 1, -1, -1) if call.reverse else range(x.shape[1])
+def run_layer(call: LayerCall, x: torch.Tensor) -> torch.Tensor:
+    """One layer and direction over ``x`` [N, T, F]: its outputs [N, T, H], in time order (also for
+    the reverse direction). Written into one tensor: on long sequences (784 steps of pixel MNIST)
+    a list of steps and its stacked copy would hold the outputs twice."""
+    outputs = x.new_empty(x.shape[0], x.shape[1], call.w_hh.shape[1])
     h, c = call.h0, call.c0
-    outputs: List[torch.Tensor] = [x.new_empty(0)] * x.shape[1]
-    previous: List[torch.Tensor] = [x.new_empty(0)] * x.shape[1]
-    for t in steps:
-        previous[t] = h
+    for t in (range(x.shape[1] - 1, -1, -1) if call.reverse else range(x.shape[1])):
         h, c = _step(call, x[:, t], h, c)
-        outputs[t] = h
-    return torch.stack(outputs, 1), torch.stack(previous, 1)
+        outputs[:, t] = h
+    return outputs
 
 
-def as_batch_time(module: nn.RNNBase, x: torch.Tensor) -> torch.Tensor:
-    """The module's input as float64 [N, T, F]."""
-    x = x.detach().double().cpu()
+def states_before(call: LayerCall, outputs: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """``h_{t-1}`` [N, len(steps), H]: the state each of ``steps`` starts from, read off the layer's
+    outputs (a step's output is the state the next one reads; the first step in the recurrence's
+    direction reads ``h0``). Nothing else of the states is kept."""
+    source = steps + (1 if call.reverse else -1)
+    first = (source < 0) | (source >= outputs.shape[1])
+    kept = outputs[:, source.clamp(0, outputs.shape[1] - 1)]
+    return torch.where(first[None, :, None], call.h0[:, None], kept)
+
+
+def as_batch_time(module: nn.RNNBase, x: torch.Tensor, count: Optional[int] = None) -> torch.Tensor:
+    """The module's input as float64 [N, T, F], its first ``count`` sequences only when given (cut
+    before the copy: a sequence left out is never held in float64)."""
+    x = x.detach()
     if x.dim() == 2:   # unbatched: [T, F]
-        return x.unsqueeze(0)
-    return x if module.batch_first else x.transpose(0, 1)
+        x = x.unsqueeze(0)
+    elif not module.batch_first:
+        x = x.transpose(0, 1)
+    return x[:count].double().cpu()
 
 
 def _initial_state(hx, index: int, batch: int, hidden: int, mode: str):
@@ -228,16 +247,18 @@ class _Layer:
     def names(self) -> Tuple[str, str]:
         return layer_names(self.module, self.layer, self.direction)[:2]
 
-    def run_pruned(self, x_pruned: Sequence[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """The layer as refitted so far over every batch's input in the pruned model."""
+    def run_pruned(self, x_pruned: Sequence[torch.Tensor]) -> List[Tuple[LayerCall, torch.Tensor]]:
+        """The layer as refitted so far over every batch's input in the pruned model: each batch's
+        call and outputs."""
         w_ih, w_hh = self.names
         effective = {**self.current, w_ih: self.new[w_ih] * self.keep[w_ih], w_hh: self.new[w_hh] * self.keep[w_hh]}
-        return [run_layer(layer_call(self.module, effective, self.layer, self.direction, hx, len(x)), x)
-                for x, (_, hx) in zip(x_pruned, self.pruned_calls)]
+        calls = [layer_call(self.module, effective, self.layer, self.direction, hx, len(x))
+                 for x, (_, hx) in zip(x_pruned, self.pruned_calls)]
+        return [(call, run_layer(call, x)) for call, x in zip(calls, x_pruned)]
 
 
 def _output_error(runs, reference_out) -> float:
-    return sum(float((out - ref).pow(2).sum()) for (out, _), ref in zip(runs, reference_out))
+    return sum(float((out - ref).pow(2).sum()) for (_, out), ref in zip(runs, reference_out))
 
 
 def _refit_layer(at: _Layer, x_pruned, x_reference, reference_calls, reference, *, ridge: float, positions: int,
@@ -252,16 +273,16 @@ def _refit_layer(at: _Layer, x_pruned, x_reference, reference_calls, reference, 
     picks, targets, reference_out = [], [], []
     for x, (_, hx) in zip(x_reference, reference_calls):
         call = layer_call(at.module, reference, at.layer, at.direction, hx, len(x))
-        out, h_previous = run_layer(call, x)
-        reference_out.append(out)
+        reference_out.append(run_layer(call, x))
         picks.append(torch.randperm(x.shape[1], generator=generator)[:positions].sort().values)
-        h = h_previous[:, picks[-1]]
+        h = states_before(call, reference_out[-1], picks[-1])
         targets.append((x[:, picks[-1]] @ call.w_ih.T, h @ call.w_hh.T, h))
     anchor, keep = (at.new[w_ih].clone(), at.new[w_hh].clone()), (at.keep[w_ih], at.keep[w_hh])
     runs = at.run_pruned(x_pruned)
     best = (_output_error(runs, reference_out), anchor, runs, 0)
     for pass_ in range(1 + passes):
-        states = [t[2] for t in targets] if pass_ == 0 else [h[:, pick] for (_, h), pick in zip(best[2], picks)]
+        states = [t[2] for t in targets] if pass_ == 0 else \
+            [states_before(call, out, pick) for (call, out), pick in zip(best[2], picks)]
         systems = _Systems(blocks)
         for x, pick, (target_ih, target_hh, _), h in zip(x_pruned, picks, targets, states):
             systems.add(x[:, pick], h, target_ih, target_hh)
@@ -273,23 +294,67 @@ def _refit_layer(at: _Layer, x_pruned, x_reference, reference_calls, reference, 
         best = (error, (at.new[w_ih].clone(), at.new[w_hh].clone()), runs, solved)
     at.new[w_ih].copy_(best[1][0])
     at.new[w_hh].copy_(best[1][1])
-    return [out for out, _ in best[2]], reference_out, best[3]
+    return [out for _, out in best[2]], reference_out, best[3]
+
+
+def _batch_and_steps(module: nn.RNNBase, x: torch.Tensor) -> Tuple[int, int]:
+    """How many sequences a call's input holds, and how many steps each."""
+    if x.dim() == 2:   # unbatched
+        return 1, x.shape[0]
+    return (x.shape[0], x.shape[1]) if module.batch_first else (x.shape[1], x.shape[0])
+
+
+def _sequences_within(module: nn.RNNBase, calls: Sequence[Call], max_bytes: int) -> List[int]:
+    """How many sequences of each call the refit reads: the first ones whose five float64 copies
+    (:data:`MAX_SEQUENCE_BYTES`) fit in ``max_bytes``; at least one."""
+    width = module.hidden_size * (2 if module.bidirectional else 1)
+    counts, left = [], max_bytes
+    for x, _ in calls:
+        batch, steps = _batch_and_steps(module, x)
+        per_sequence = 8 * steps * (2 * max(x.shape[-1], width) + 3 * width)
+        counts.append(min(batch, max(left // per_sequence, 0 if counts else 1)))
+        left -= counts[-1] * per_sequence
+    return counts
+
+
+def _first(module: nn.RNNBase, calls: Sequence[Call], counts: List[int]) -> List[Call]:
+    """The calls with a sequence in ``counts``, each as [N, T, F] float64 of its first ``count``
+    sequences with its ``hx`` cut alike (a 3-D state is [layers x directions, N, H] whatever the layout)."""
+    def state(hx, n):
+        if isinstance(hx, tuple):
+            return tuple(state(h, n) for h in hx)
+        return hx[:, :n] if isinstance(hx, torch.Tensor) and hx.dim() == 3 else hx
+
+    return [(as_batch_time(module, x, n), state(hx, n)) for n, (x, hx) in zip(counts, calls) if n]
+
+
+@dataclass
+class RecurrentRefit:
+    """What :func:`refit_recurrent` returns."""
+    weights: Dict[str, torch.Tensor]    # the new gate matrices (name -> float64, zero where masked)
+    solved_rows: int                    # gate rows solved in the passes kept
+    sequences: int                      # calibration sequences it read
+    offered: int                        # calibration sequences it was given
 
 
 def refit_recurrent(module: nn.RNNBase, pruned_calls: Sequence[Call], reference_calls: Sequence[Call],
                     current: Dict[str, torch.Tensor], reference: Dict[str, torch.Tensor],
                     keep: Dict[str, torch.Tensor], *, ridge: float, positions: int, generator: torch.Generator,
-                    min_rows: int, passes: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], int]:
+                    min_rows: int, passes: Optional[int] = None,
+                    max_bytes: Optional[int] = None) -> RecurrentRefit:
     """New values of ``module``'s gate matrices, layer by layer, from its calls in the pruned model
     and in the model as it was (``pruned_calls`` / ``reference_calls``, one per calibration batch).
 
     ``current``: the weights and biases as the pruned forward uses them, ``reference``: those of the
     model as it was, ``keep``: per gate matrix which weights the plan keeps. At most ``positions``
-    time steps per sequence enter the regressions. Returns the new gate matrices (name -> float64,
-    zero where masked) and how many of their rows were solved."""
+    time steps per sequence enter the regressions, and only the sequences that fit in ``max_bytes``
+    (default :data:`MAX_SEQUENCE_BYTES`)."""
     passes = OWN_STATE_PASSES if passes is None else passes
-    x_pruned = [as_batch_time(module, x) for x, _ in pruned_calls]
-    x_reference = [as_batch_time(module, x) for x, _ in reference_calls]
+    max_bytes = MAX_SEQUENCE_BYTES if max_bytes is None else max_bytes
+    offered = sum(_batch_and_steps(module, x)[0] for x, _ in pruned_calls)
+    counts = _sequences_within(module, pruned_calls, max_bytes)
+    pruned_calls, reference_calls = _first(module, pruned_calls, counts), _first(module, reference_calls, counts)
+    x_pruned, x_reference = [x for x, _ in pruned_calls], [x for x, _ in reference_calls]
     new = {n: t.detach().double().clone() for n, t in current.items() if n.startswith("weight_")}
     solved = 0
     for layer in range(module.num_layers):
@@ -301,4 +366,4 @@ def refit_recurrent(module: nn.RNNBase, pruned_calls: Sequence[Call], reference_
             solved += outputs[-1][2]
         x_pruned = [torch.cat(outs, 2) for outs in zip(*(o[0] for o in outputs))]
         x_reference = [torch.cat(outs, 2) for outs in zip(*(o[1] for o in outputs))]
-    return new, solved
+    return RecurrentRefit(new, solved, sum(counts), offered)

@@ -157,11 +157,13 @@ class RefitReport:
 
     refitted: List[str] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)
+    notes: Dict[str, str] = field(default_factory=dict)   # refitted, with a limit (name -> what it was)
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
         """What a plan records (no timing: a plan is the same on every rank and every rerun)."""
-        return {"method": "lstsq", "refitted": list(self.refitted), "skipped": dict(self.skipped)}
+        record = {"method": "lstsq", "refitted": list(self.refitted), "skipped": dict(self.skipped)}
+        return {**record, "notes": dict(self.notes)} if self.notes else record
 
 
 def _is_refittable(module: nn.Module) -> bool:
@@ -467,20 +469,23 @@ class LeastSquaresRefit:
         keep = {n: (getattr(module, f"{n}_mask") != 0).cpu() if hasattr(module, f"{n}_mask")
                 else torch.ones(getattr(module, n).shape, dtype=torch.bool) for n in weights}
         try:
-            new, solved = refit_recurrent(module, pruned, reference_calls, _effective(module), reference, keep,
-                                          ridge=self.ridge, positions=self.positions, min_rows=MIN_ROWS_PER_WEIGHT,
-                                          generator=torch.Generator().manual_seed(self.seed * 100_003 + index))
+            fit = refit_recurrent(module, pruned, reference_calls, _effective(module), reference, keep,
+                                  ridge=self.ridge, positions=self.positions, min_rows=MIN_ROWS_PER_WEIGHT,
+                                  generator=torch.Generator().manual_seed(self.seed * 100_003 + index))
         except torch.linalg.LinAlgError as error:
             report.skipped[name] = f"no solution ({error})"
             return
-        if not solved or not all(bool(torch.isfinite(w).all()) for w in new.values()):
+        if not fit.solved_rows or not all(bool(torch.isfinite(w).all()) for w in fit.weights.values()):
             report.skipped[name] = ("no refit brought its outputs closer to the unpruned ones on the calibration "
-                                    "sequences (or no gate row had rows enough: more sequences)") if not solved \
-                else "no finite solution"
+                                    "sequences (or no gate row had rows enough: more sequences)") \
+                if not fit.solved_rows else "no finite solution"
             return
-        for tensor, values in new.items():
+        for tensor, values in fit.weights.items():
             self._write_tensor(module, tensor, values)
         report.refitted.append(name)
+        if fit.sequences < fit.offered:
+            report.notes[name] = (f"refitted on the first {fit.sequences} of {fit.offered} calibration sequences "
+                                  "(more would not fit in its memory bound, recurrent_refit.MAX_SEQUENCE_BYTES)")
 
     def _capture_calls(self, module: nn.Module) -> List[Tuple[torch.Tensor, object]]:
         """The input and ``hx`` of every call of ``module`` on the batches (each forward stopped there)."""

@@ -70,22 +70,22 @@ class FidelityReward(CalibrationReward):
     predicts. (A probability-based "soft" agreement was measured first and rejected:
     zeroing weights shrinks logits, so the pruned model's softmax flattens and the soft
     score fell to 0.23 for a plan that still agreed on ~70% of inputs; the signal
-    tracked confidence, not decisions.) For any other output the score is
-    ``1 / (1 + relative squared error)``. The original outputs are computed once, in
-    :meth:`prepare`.
+    tracked confidence, not decisions.) For any other output, and with ``top1=False`` for
+    classifiers too, the score is ``1 / (1 + relative squared error)`` of the raw outputs. The
+    original outputs are computed once, in :meth:`prepare`.
     """
 
     name = "fidelity"
 
-    def __init__(self, calibration: CalibrationSet):
-        self.calibration = calibration
+    def __init__(self, calibration: CalibrationSet, top1: bool = True):
+        self.calibration, self.top1 = calibration, top1
         self._teacher: Optional[List[torch.Tensor]] = None
         self._classifier = False
 
     def prepare(self, model: nn.Module) -> None:
         outs = list(_forward_all(model, self.calibration.inputs))
         check_outputs(outs, self.calibration.inputs)
-        self._classifier = all(o.dim() == 2 and o.shape[1] > 1 for o in outs)
+        self._classifier = self.top1 and all(o.dim() == 2 and o.shape[1] > 1 for o in outs)
         if self._classifier:
             self._teacher = [o.argmax(1) for o in outs]
         else:

@@ -37,7 +37,7 @@ from ..structure.prefix_cache import PrefixCache
 from ..threads import agent_threads
 from .checkpoint import SearchRecorder
 from .distributed import SplittableReward, check_same_calibration, shard
-from .as_returned import returned_score
+from .as_returned import held_out_as_returned, returned_score
 from .selection import keep_prior_unless_clearly_better, seed_priors, select_plans, split_calibration
 from .stopping import StopRule
 
@@ -472,7 +472,11 @@ class Search:
             if coordinator is not None:
                 p.priors = coordinator.share_results(env, p.priors)
             if p.selector is not None:
-                p.selections = select_plans(env, list(targets), p.score_selection_part, p.priors)
+                # refitted candidates only on real data: without it the prior stays unless clearly beaten,
+                # by a paired test of the plans as searched
+                as_returned = None if self.options.synthetic_data else \
+                    functools.partial(held_out_as_returned, p, self.options)
+                p.selections = select_plans(env, list(targets), p.score_selection_part, p.priors, as_returned)
                 if self.options.synthetic_data:   # noise ranks plans only roughly: the prior unless clearly beaten
                     keep_prior_unless_clearly_better(env, p.selections, p.score_selection_part, p.selection_gains)
             if getattr(space, "timer", None) is not None and targets is not None and len(targets) == 1 \

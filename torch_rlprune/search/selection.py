@@ -108,22 +108,28 @@ class Selection:
     candidates: List[Tuple[float, float]]  # (search score, selection score) of every plan compared
     chosen: int                         # index of the returned plan among the candidates (0: the search's best)
     prior_test: Optional[dict] = None   # without data: the paired comparison with the prior
+    returned: Optional[List[float]] = None   # the candidates' held-out scores as returned (refitted), chosen on
 
     def as_dict(self) -> dict:
         return {"search_score": self.search_score, "selection_score": self.selection_score,
                 "candidates": [list(c) for c in self.candidates], "chosen": self.chosen,
-                **({"prior_test": dict(self.prior_test)} if self.prior_test is not None else {})}
+                **({"prior_test": dict(self.prior_test)} if self.prior_test is not None else {}),
+                **({"returned_scores": list(self.returned)} if self.returned is not None else {})}
 
 
 def select_plans(env, keys: Sequence[Optional[float]], measure: Callable[[], float],
-                 priors: Optional[Dict[Optional[float], PriorChoice]] = None) -> Dict[Optional[float], Selection]:
+                 priors: Optional[Dict[Optional[float], PriorChoice]] = None,
+                 as_returned: Optional[Callable[[Optional[float]], Optional[Callable[[np.ndarray], float]]]] = None
+                 ) -> Dict[Optional[float], Selection]:
     """For each target key, re-score its top plans and its priors with ``measure`` (the selection
     part) and make the best the environment's best plan (``best_by_target``); ties keep the better
     search score. Targets whose search kept a single plan are measured too, so the summary can
     report it. Every prior candidate (``priors``: LAMP and global magnitude, not only the one the
     actions were anchored to) is compared: a search whose top plans all beat them on the search
     part but not on the held-out part returns the best of them on the held-out part, as
-    ``agent="prior"`` would."""
+    ``agent="prior"`` would. ``as_returned(key)``, where it gives a scorer of plans as returned
+    (refitted; :func:`~torch_rlprune.search.as_returned.held_out_as_returned`), makes the choice
+    on those scores instead; ``measure``'s stay on record (the refit is judged against them)."""
     chosen = {}
     for key in keys:
         top = list(env.top_by_target.get(key, ()))
@@ -137,11 +143,15 @@ def select_plans(env, keys: Sequence[Optional[float]], measure: Callable[[], flo
                 score = env.evaluate(prior) if score is None else score   # on record: scored first
                 top.append(BestPlan(env.reward_of(score, prior), score, np.array(prior, dtype=np.int64)))
         held = [env.measure(p.k, measure) for p in top]
-        finite = [i for i, v in enumerate(held) if math.isfinite(v)]
-        index = max(finite, key=lambda i: (held[i], top[i].reward)) if finite else 0
+        returned_score = as_returned(key) if as_returned is not None else None
+        returned = [returned_score(p.k) for p in top] if returned_score is not None else None
+        deciding = returned if returned is not None else held
+        finite = [i for i, v in enumerate(deciding) if math.isfinite(v)]
+        index = max(finite, key=lambda i: (deciding[i], held[i], top[i].reward)) if finite else 0
         pick = top[index]
         best.reward, best.score, best.k = pick.reward, pick.score, np.array(pick.k, dtype=np.int64)
-        chosen[key] = Selection(pick.score, held[index], [(p.score, h) for p, h in zip(top, held)], index)
+        chosen[key] = Selection(pick.score, held[index], [(p.score, h) for p, h in zip(top, held)], index,
+                                returned=returned)
     return chosen
 
 
