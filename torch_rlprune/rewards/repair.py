@@ -193,10 +193,15 @@ def _is_pruned_recurrent(module: nn.Module) -> bool:
                if n.startswith("weight_") and hasattr(module, f"{n}_mask"))
 
 
+def _masked(module: nn.Module, tensor: str) -> torch.Tensor:
+    """``tensor``'s value as prune's hook computes it: its ``_orig`` times its mask."""
+    return getattr(module, f"{tensor}_orig") * getattr(module, f"{tensor}_mask")
+
+
 def _apply_mask(module: nn.Module, tensor: str) -> None:
     """``tensor`` recomputed from its ``_orig`` and mask, as prune's hook does in a forward (nn.RNNBase
     also refreshes its _flat_weights this way)."""
-    setattr(module, tensor, getattr(module, f"{tensor}_orig") * getattr(module, f"{tensor}_mask"))
+    setattr(module, tensor, _masked(module, tensor))
 
 
 def _refresh_masked(model: nn.Module) -> None:
@@ -213,7 +218,7 @@ def _effective(module: nn.Module) -> Dict[str, torch.Tensor]:
     out = {}
     for n in module._flat_weights_names:
         if hasattr(module, f"{n}_orig"):
-            out[n] = (getattr(module, f"{n}_orig") * getattr(module, f"{n}_mask")).detach().cpu()
+            out[n] = _masked(module, n).detach().cpu()
         elif getattr(module, n, None) is not None:
             out[n] = getattr(module, n).detach().cpu()
     return out
