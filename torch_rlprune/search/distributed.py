@@ -13,7 +13,8 @@ Under ``torchrun --nproc_per_node N``, ``rl_prune(..., distributed=True)`` runs 
 * a rank that fails (rank 0 reading a checkpoint, any rank while scoring) makes every rank raise
   instead of leaving the others waiting in a collective;
 * BatchNorm recalibration runs on the same batches on every rank, so the models stay equal;
-* at the end rank 0 sends the best plans and the history, and every rank applies the same plan.
+* at the end rank 0 sends the best plans and the history, chooses the plan to return on the
+  held-out part alone and sends that choice, and every rank applies the same plan.
 
 Backends: gloo on CPU, nccl on CUDA (the process group is created from torchrun's environment
 when none exists). Only rewards that are sums over samples can be split: ``"fidelity"`` and ``"accuracy"``;
@@ -229,27 +230,44 @@ class DistributedSearch:
     def share_results(self, env, priors: dict) -> dict:
         """Rank 0's best plans (and runners-up), history and evaluation count, copied to every rank's
         environment; returns rank 0's ``priors`` (the prior chosen per target) on every rank."""
-        def plain(b: BestPlan):
-            return b.reward, b.score, None if b.k is None else np.asarray(b.k).tolist()
-
-        def plan(r, s, k) -> BestPlan:
-            return BestPlan(r, s, None if k is None else np.asarray(k, dtype=np.int64))
-
         payload: List[Optional[dict]] = [None]
         if self.leader:
-            payload[0] = {"best": {key: plain(b) for key, b in env.best_by_target.items()},
-                          "top": {key: [plain(b) for b in top] for key, top in env.top_by_target.items()},
+            payload[0] = {"best": {key: _plain(b) for key, b in env.best_by_target.items()},
+                          "top": {key: [_plain(b) for b in top] for key, top in env.top_by_target.items()},
                           "history": env.history, "evaluations": env.evaluations, "priors": priors,
                           "screening": None if env.screening is None else env.screening.stats,
                           "returned_scores": getattr(env, "returned_scores", None)}
         dist.broadcast_object_list(payload, src=0, device=self.device if self.device.type == "cuda" else None)
         data = payload[0]
         if not self.leader:
-            env.best_by_target = {key: plan(*b) for key, b in data["best"].items()}
-            env.top_by_target = {key: [plan(*b) for b in top] for key, top in data["top"].items()}
+            env.best_by_target = {key: _best_plan(*b) for key, b in data["best"].items()}
+            env.top_by_target = {key: [_best_plan(*b) for b in top] for key, top in data["top"].items()}
             env.history, env.evaluations = data["history"], data["evaluations"]
             if env.screening is not None:   # rank 0 screens (on the whole set it holds, as every rank does)
                 env.screening.stats = data["screening"]
             if data["returned_scores"] is not None:   # N2N's architecture choice: rank 0 scored it alone
                 env.returned_scores = data["returned_scores"]
         return data["priors"]
+
+    def share_choice(self, env, selections: dict) -> dict:
+        """Rank 0's held-out choice on every rank: the plan each target returns (written into every
+        rank's ``best_by_target``) and how it was chosen (returned). Rank 0 chooses alone: a refitted
+        candidate's score is continuous, and two ranks whose forwards round differently could part
+        ways on a near-tie and end with different models."""
+        payload: List[Optional[dict]] = [None]
+        if self.leader:
+            payload[0] = {"best": {key: _plain(b) for key, b in env.best_by_target.items()},
+                          "selections": selections}
+        dist.broadcast_object_list(payload, src=0, device=self.device if self.device.type == "cuda" else None)
+        data = payload[0]
+        if not self.leader:
+            env.best_by_target = {key: _best_plan(*b) for key, b in data["best"].items()}
+        return data["selections"]
+
+
+def _plain(best: BestPlan) -> tuple:
+    return best.reward, best.score, None if best.k is None else np.asarray(best.k).tolist()
+
+
+def _best_plan(reward, score, k) -> BestPlan:
+    return BestPlan(reward, score, None if k is None else np.asarray(k, dtype=np.int64))

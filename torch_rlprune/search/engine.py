@@ -36,9 +36,9 @@ from ..structure.inputs import as_example, batch_tensors, describe_shape, run_mo
 from ..structure.prefix_cache import PrefixCache
 from ..threads import agent_threads
 from .checkpoint import SearchRecorder
-from .distributed import SplittableReward, check_same_calibration, shard
-from .as_returned import held_out_as_returned, returned_score
-from .selection import keep_prior_unless_clearly_better, seed_priors, select_plans, split_calibration
+from .distributed import SplittableReward, all_ranks_succeed, check_same_calibration, shard
+from .as_returned import returned_score
+from .selection import choose_on_held_out, seed_priors, split_calibration
 from .stopping import StopRule
 
 STATISTICS_BYTES = 16 * 2 ** 20
@@ -107,7 +107,7 @@ def prepare_search(model: nn.Module, layers, options: PruneOptions, data, exclud
     space = _space_on_data(model, layers, o, calibration, exclude)
     scorer = _scorer(model, o.reward, calibration, distributed)
     selector = None
-    if selection_part is not None:  # every rank holds the whole set: each selects alone, identically
+    if selection_part is not None:  # every rank holds the whole set; rank 0 chooses, the others copy it
         selector = make_reward(o.reward, selection_part)
         selector.prepare(model)
     recalibrate = BatchNormRecalibration(model, calibration.inputs[:int(o.bn_recalibration)])
@@ -472,13 +472,11 @@ class Search:
             if coordinator is not None:
                 p.priors = coordinator.share_results(env, p.priors)
             if p.selector is not None:
-                # refitted candidates only on real data: without it the prior stays unless clearly beaten,
-                # by a paired test of the plans as searched
-                as_returned = None if self.options.synthetic_data else \
-                    functools.partial(held_out_as_returned, p, self.options)
-                p.selections = select_plans(env, list(targets), p.score_selection_part, p.priors, as_returned)
-                if self.options.synthetic_data:   # noise ranks plans only roughly: the prior unless clearly beaten
-                    keep_prior_unless_clearly_better(env, p.selections, p.score_selection_part, p.selection_gains)
+                with all_ranks_succeed(coordinator, "choosing the plan on held-out data"):
+                    if self.leader:
+                        p.selections = choose_on_held_out(p, self.options, list(targets))
+                if coordinator is not None:
+                    p.selections = coordinator.share_choice(env, p.selections)
             if getattr(space, "timer", None) is not None and targets is not None and len(targets) == 1 \
                     and coordinator is None:
                 self.measured_latency = close_on_measurement(space, env, targets[0], targets[0],

@@ -18,6 +18,7 @@ chosen on calibration data the search never saw.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -28,8 +29,9 @@ import torch
 from ..env.layerwise import BestPlan
 from ..env.spaces import SPACES
 from ..rewards.calibration import CalibrationSet, subset
+from .as_returned import held_out_as_returned
 
-__all__ = ["split_calibration", "PriorChoice", "seed_priors", "Selection", "select_plans",
+__all__ = ["split_calibration", "PriorChoice", "seed_priors", "Selection", "select_plans", "choose_on_held_out",
            "keep_prior_unless_clearly_better", "PRIOR_MARGIN_Z"]
 
 PRIOR_MARGIN_Z = 2.0
@@ -153,6 +155,18 @@ def select_plans(env, keys: Sequence[Optional[float]], measure: Callable[[], flo
         chosen[key] = Selection(pick.score, held[index], [(p.score, h) for p, h in zip(top, held)], index,
                                 returned=returned)
     return chosen
+
+
+def choose_on_held_out(prepared, options, targets: Sequence[float]) -> Dict[Optional[float], Selection]:
+    """Each target's plan, chosen on ``prepared``'s selection part among its search's best and its
+    priors (:func:`select_plans`). Refitted candidates only on real data: without it the prior stays
+    unless clearly beaten, by a paired test of the plans as searched."""
+    p, synthetic = prepared, options.synthetic_data
+    as_returned = None if synthetic else functools.partial(held_out_as_returned, p, options)
+    selections = select_plans(p.env, targets, p.score_selection_part, p.priors, as_returned)
+    if synthetic:
+        keep_prior_unless_clearly_better(p.env, selections, p.score_selection_part, p.selection_gains)
+    return selections
 
 
 def _prior_plans(env, key: Optional[float], priors: Optional[Dict[Optional[float], PriorChoice]]) -> List:
