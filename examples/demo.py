@@ -32,8 +32,13 @@ from torch_rlprune.demo.training import evaluate_accuracy, train_classifier
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def trained_resnet18(x, y, epochs: float, cache: Path) -> nn.Module:
-    model = timm.create_model("resnet18", pretrained=False, in_chans=1, num_classes=10)
+def trained_resnet18(x, y, epochs: float, cache: Path, seed: int = 0) -> nn.Module:
+    """resnet18 trained on ``(x, y)``, or loaded from ``cache``. Its initial weights are drawn from ``seed``,
+    whoever calls: timm draws them from the global RNG, and the demo and the benchmarks share one cache file,
+    so an unseeded caller used to train (and cache) another model than the demo's."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model("resnet18", pretrained=False, in_chans=1, num_classes=10)
     if cache.exists():
         model.load_state_dict(torch.load(cache, weights_only=True))
         print(f"loaded cached checkpoint {cache}")

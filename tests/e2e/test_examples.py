@@ -2,6 +2,7 @@
 import importlib.util
 from pathlib import Path
 
+import torch
 
 from helpers import needs_mnist
 
@@ -50,3 +51,22 @@ def test_the_lstm_acceptance_table_applies_the_rule_to_the_means():
     assert "| yes |" in line and "amc +0.00, purl -44.00" in line and "amc -2.00" in line
     rows[-2] = row("purl", 0.9, 0.49, 0)   # 1 pp under the bar: one agent fails "all >= bar - 0.5"
     assert "| NO |" in example.acceptance_markdown(rows, ["amc", "purl"])
+
+
+def test_the_demo_model_starts_from_the_same_weights_whoever_trains_it(tmp_path):
+    """The demo and the benchmarks share one cached checkpoint: an unseeded caller used to train another
+    model into it, and the demo's table then depended on which ran first. The global RNG is left alone."""
+    demo = load("demo")
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    models = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        models.append(demo.trained_resnet18(x, y, 0.0, tmp_path / f"model{state}.pt"))
+        untouched = torch.rand(3, generator=torch.Generator().manual_seed(state))
+        assert torch.equal(torch.rand(3), untouched)   # the global RNG as the caller left it
+    first, second = (m.state_dict() for m in models)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    loaded = demo.trained_resnet18(x, y, 0.0, tmp_path / "model1.pt", seed=5)   # the cache, not a new model
+    assert all(torch.equal(first[k], v) for k, v in loaded.state_dict().items())
+    other = demo.trained_resnet18(x, y, 0.0, tmp_path / "seed5.pt", seed=5)
+    assert not torch.equal(other.state_dict()["conv1.weight"], first["conv1.weight"])
