@@ -191,35 +191,43 @@ def test_a_latency_budget_under_torchrun_is_the_same_uncalibrated_prediction_on_
 
 
 CHOICE_SCRIPT = textwrap.dedent("""
-    import json, os, torch
+    import json, os, sys, torch
     from torch import nn
     from torch_rlprune import rl_prune
     from torch_rlprune.search.engine import PreparedSearch
-    rank = int(os.environ["RANK"])
-    if rank == 1:   # this rank's held-out scores rank the candidates the other way round
+    rank, mode, seed = int(os.environ["RANK"]), sys.argv[1], int(sys.argv[2])
+    if mode == "reversed" and rank == 1:   # this rank's held-out scores rank the candidates the other way round
         score_selection_part = PreparedSearch.score_selection_part
         PreparedSearch.score_selection_part = lambda self: -score_selection_part(self)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
                           nn.Linear(8 * 8 * 8, 10))
     x = torch.randn(96, 1, 12, 12, generator=torch.Generator().manual_seed(0))
-    result = rl_prune(model, target=0.7, data=x, agent="random", episodes=12, seed=1, verbose=False,
-                      distributed=True, protect_first_last=False, selection=0.5, max_amount=0.99)
+    data = dict(data=x) if mode == "reversed" else dict(example_inputs=x[:1], calibration_samples=96)
+    result = rl_prune(model, target=0.7, agent="random", episodes=12, seed=seed, verbose=False, distributed=True,
+                      protect_first_last=False, selection=0.5, max_amount=0.99, **data)
     with open(f"rank{rank}.json", "w") as f:
         json.dump({"counts": result.plan.counts(), "selection": result.plan.metadata["selection"]}, f)
 """)
 
 
-def test_rank_0_chooses_the_returned_plan_for_every_rank(tmp_path):
+@pytest.mark.parametrize("mode,seed", [("reversed", 1), ("no-data", 0)])
+def test_rank_0_chooses_the_returned_plan_for_every_rank(mode, seed, tmp_path):
     """Each rank holds the whole held-out part, but scores on it may round differently on different
     machines (a refitted candidate's output distance is continuous): the other ranks take rank 0's choice
-    instead of making their own. Here rank 1's held-out scores are reversed; it still ends with rank 0's plan."""
+    instead of making their own. ``reversed``: rank 1's held-out scores are reversed; it still ends with rank
+    0's plan. ``no-data``: only rank 0 knew which plan was the prior (it scores the priors), so only rank 0
+    kept the prior when the search's plan did not clearly beat it."""
     script = tmp_path / "choice_job.py"
     script.write_text(CHOICE_SCRIPT)
-    run = _torchrun([script], tmp_path, timeout=240)
+    run = _torchrun([script, mode, seed], tmp_path, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]
-    held_out = [score for _, score in ranks[0]["selection"]["candidates"]]
-    assert len(set(held_out)) > 1   # reversed, these scores would have chosen another candidate
-    assert held_out[ranks[0]["selection"]["chosen"]] == max(held_out)
+    selection = ranks[0]["selection"]
+    if mode == "reversed":
+        held_out = [score for _, score in selection["candidates"]]
+        assert len(set(held_out)) > 1   # reversed, these scores would have chosen another candidate
+        assert held_out[selection["chosen"]] == max(held_out)
+    else:
+        assert selection["prior_test"]["samples"] > 0   # the paired test against the prior was made
