@@ -34,7 +34,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(HERE))
 from study import study_main  # noqa: E402
-from lstm_sequential_mnist import LAMP_REFITTED, ONE_LINERS, compare_unstructured, train  # noqa: E402
+from lstm_sequential_mnist import (accuracy_cell, compare_unstructured, grouped, method_label,  # noqa: E402
+                                   trained_model)
 
 from torch_rlprune import rl_prune  # noqa: E402
 from torch_rlprune.demo.data import mnist, sequential, tensor_subset  # noqa: E402
@@ -64,17 +65,8 @@ class RowRecurrent(nn.Module):
 
 def trained(kind: str, x, y, epochs: float) -> nn.Module:
     """Trained on the default threads (the cached weights depend on them), or loaded from checkpoints/."""
-    torch.manual_seed(0)
-    model = RowRecurrent(KINDS[kind])
     cache = ROOT / "checkpoints" / f"row{kind.lower()}_mnist_e{epochs:g}.pt"
-    if cache.exists():
-        model.load_state_dict(torch.load(cache, weights_only=True))
-        return model.eval()
-    print(f"training the {kind} model on {len(x)} MNIST sequences for {epochs:g} epoch(s) ...", flush=True)
-    train(model, x, y, epochs)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), cache)
-    return model.eval()
+    return trained_model(x, y, epochs, cache, build=lambda: RowRecurrent(KINDS[kind]), name=f"the {kind} model")
 
 
 def chosen_unrefitted(model, data, test, seeds, episodes) -> list:
@@ -112,12 +104,6 @@ def run(quick: bool) -> dict:
     return report
 
 
-def _label(method: str) -> str:
-    if method in (*dict(ONE_LINERS), LAMP_REFITTED, UNREFITTED_CHOICE):
-        return method
-    return f"`rl_prune(agent=\"{method}\")`"
-
-
 def to_markdown(report: dict, command: str) -> str:
     c = report["config"]
     lines = [f"Reproduce: `{command}` ({report['wall_s'] / 60:.0f} min, 2 threads). Row-wise sequential MNIST, "
@@ -129,16 +115,10 @@ def to_markdown(report: dict, command: str) -> str:
              "", "| layers | target | method | test acc | search s |", "|---|---|---|---|---|"]
     for kind, data in report["kinds"].items():
         lines.append(f"| {kind} | — | unpruned | {data['dense_acc']:.2%} | — |")
-        groups = {}
-        for r in data["rows"]:
-            groups.setdefault((r["target"], r["method"]), []).append(r)
-        for (target, method), group in sorted(groups.items(), key=lambda kv: kv[0][0]):
-            accs = [r["test_acc"] for r in group]
-            spread = f" ({min(accs):.2%}–{max(accs):.2%})" if len(accs) > 1 else ""
+        for (target, method), group in grouped(data["rows"]):
             seconds = statistics.fmean(r["seconds"] for r in group)
-            acc = f"{statistics.fmean(accs):.2%}{spread}"
-            lines.append(f"| {kind} | {target:.0%} of weights | {_label(method)} | {acc} | "
-                         f"{f'{seconds:.0f}' if seconds else '—'} |")
+            lines.append(f"| {kind} | {target:.0%} of weights | {method_label(method, (UNREFITTED_CHOICE,))} | "
+                         f"{accuracy_cell(group)} | {f'{seconds:.0f}' if seconds else '—'} |")
     return "\n".join(lines) + "\n"
 
 

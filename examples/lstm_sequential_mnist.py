@@ -85,14 +85,15 @@ def train(model: nn.Module, x, y, epochs: float, seed: int = 0, batch_size: int 
     return model.eval()
 
 
-def trained_model(x, y, epochs: float, cache: Path) -> nn.Module:
+def trained_model(x, y, epochs: float, cache: Path, build=RowLSTM, name: str = "the LSTM") -> nn.Module:
+    """``build()`` (initial weights from seed 0) trained on ``(x, y)``, or loaded from ``cache``."""
     torch.manual_seed(0)
-    model = RowLSTM()
+    model = build()
     if cache.exists():
         model.load_state_dict(torch.load(cache, weights_only=True))
         print(f"loaded cached checkpoint {cache}")
         return model.eval()
-    print(f"training the LSTM on {len(x)} MNIST sequences for {epochs:g} epoch(s) ...")
+    print(f"training {name} on {len(x)} MNIST sequences for {epochs:g} epoch(s) ...")
     tick = time.perf_counter()
     train(model, x, y, epochs)
     print(f"  trained in {time.perf_counter() - tick:.0f}s")
@@ -157,23 +158,37 @@ def compare_unstructured(model, data, test, targets, agents, seeds, episodes, ve
     return rows
 
 
-def unstructured_markdown(rows, dense_acc: float, test_images: int, calibration: int, seeds) -> str:
+def method_label(method: str, plain=()) -> str:
+    """A search's row names its call; a one-liner (or a name in ``plain``) is named as it is."""
+    return method if method in (*dict(ONE_LINERS), LAMP_REFITTED, *plain) else f"`rl_prune(agent=\"{method}\")`"
+
+
+def grouped(rows) -> list:
+    """``((target, method), rows)`` per target and method, targets in increasing order."""
     groups = {}
     for r in rows:
         groups.setdefault((r["target"], r["method"]), []).append(r)
+    return sorted(groups.items(), key=lambda kv: kv[0][0])
+
+
+def accuracy_cell(group) -> str:
+    """Mean test accuracy over the group's seeds, with their min–max when there are several."""
+    accs = [r["test_acc"] for r in group]
+    spread = f" ({min(accs):.2%}–{max(accs):.2%})" if len(accs) > 1 else ""
+    return f"{statistics.fmean(accs):.2%}{spread}"
+
+
+def unstructured_markdown(rows, dense_acc: float, test_images: int, calibration: int, seeds) -> str:
     lines = [f"Reproduce: `python examples/lstm_sequential_mnist.py`. Row-wise sequential MNIST LSTM (unpruned "
              f"{dense_acc:.2%}), {test_images} test sequences, no fine-tuning, {calibration} calibration sequences "
              f"held out of training; searches with rl_prune's defaults, seeds {list(seeds)} (mean, min–max); every "
              "row prunes the same matrices (the input projection and the head stay dense).", "",
              "| target | method | removed | test acc | search s |", "|---|---|---|---|---|"]
-    for (target, method), group in sorted(groups.items(), key=lambda kv: kv[0][0]):
-        accs = [r["test_acc"] for r in group]
-        spread = f" ({min(accs):.2%}–{max(accs):.2%})" if len(accs) > 1 else ""
+    for (target, method), group in grouped(rows):
         secs = statistics.fmean(r["seconds"] for r in group)
-        label = f"`rl_prune(agent=\"{method}\")`" if method not in (*dict(ONE_LINERS), LAMP_REFITTED) else method
-        lines.append(f"| {target:.0%} of weights | {label} | {statistics.fmean(r['removed'] for r in group):.3f} | "
-                     f"{statistics.fmean(accs):.2%}{spread} | {secs:.0f} |" if secs else
-                     f"| {target:.0%} of weights | {label} | {group[0]['removed']:.3f} | {accs[0]:.2%} | — |")
+        lines.append(f"| {target:.0%} of weights | {method_label(method)} | "
+                     f"{statistics.fmean(r['removed'] for r in group):.3f} | {accuracy_cell(group)} | "
+                     f"{f'{secs:.0f}' if secs else '—'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -230,15 +230,11 @@ class DistributedSearch:
     def share_results(self, env, priors: dict) -> dict:
         """Rank 0's best plans (and runners-up), history and evaluation count, copied to every rank's
         environment; returns rank 0's ``priors`` (the prior chosen per target) on every rank."""
-        payload: List[Optional[dict]] = [None]
-        if self.leader:
-            payload[0] = {"best": {key: _plain(b) for key, b in env.best_by_target.items()},
-                          "top": {key: [_plain(b) for b in top] for key, top in env.top_by_target.items()},
-                          "history": env.history, "evaluations": env.evaluations, "priors": priors,
-                          "screening": None if env.screening is None else env.screening.stats,
-                          "returned_scores": getattr(env, "returned_scores", None)}
-        dist.broadcast_object_list(payload, src=0, device=self.device if self.device.type == "cuda" else None)
-        data = payload[0]
+        data = self.share({"best": {key: _plain(b) for key, b in env.best_by_target.items()},
+                           "top": {key: [_plain(b) for b in top] for key, top in env.top_by_target.items()},
+                           "history": env.history, "evaluations": env.evaluations, "priors": priors,
+                           "screening": None if env.screening is None else env.screening.stats,
+                           "returned_scores": getattr(env, "returned_scores", None)} if self.leader else None)
         if not self.leader:
             env.best_by_target = {key: _best_plan(*b) for key, b in data["best"].items()}
             env.top_by_target = {key: [_best_plan(*b) for b in top] for key, top in data["top"].items()}
@@ -254,12 +250,8 @@ class DistributedSearch:
         rank's ``best_by_target``) and how it was chosen (returned). Rank 0 chooses alone: a refitted
         candidate's score is continuous, and two ranks whose forwards round differently could part
         ways on a near-tie and end with different models."""
-        payload: List[Optional[dict]] = [None]
-        if self.leader:
-            payload[0] = {"best": {key: _plain(b) for key, b in env.best_by_target.items()},
-                          "selections": selections}
-        dist.broadcast_object_list(payload, src=0, device=self.device if self.device.type == "cuda" else None)
-        data = payload[0]
+        data = self.share({"best": {key: _plain(b) for key, b in env.best_by_target.items()},
+                           "selections": selections} if self.leader else None)
         if not self.leader:
             env.best_by_target = {key: _best_plan(*b) for key, b in data["best"].items()}
         return data["selections"]
