@@ -122,6 +122,9 @@ MALFORMED = {
     "negative numel": (_set("numels/5.weight", -3), "5.weight"),
     "target above one": (_set("target", 1.5), "target"),
     "NaN target": (_set("target", float("nan")), "target"),
+    "negative sparsity of weights": (_set("sparsity", -0.05), "sparsity"),  # only a measured latency can slow down
+    "sparsity above one": (_set("sparsity", 1.01), "sparsity"),
+    "NaN sparsity": (_set("sparsity", float("nan")), "sparsity"),
     "future format version": (_set("version", 99), "version"),
     "unknown budget": (_set("budget", "flops"), "budget"),
     # structure

@@ -84,10 +84,11 @@ class PruningPlan:
         for name, n in numels.items():
             if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
                 raise PlanError(f"plan numel for {name!r} must be a positive integer, got {n!r}")
-        for key in ("target", "sparsity"):
-            v = data[key]
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0:
-                raise PlanError(f"plan {key!r} must be a number in [0, 1], got {v!r}")
+        v = data["target"]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0:
+            raise PlanError(f"plan 'target' must be a number in [0, 1], got {v!r}")
+        if not is_valid_sparsity(data["sparsity"], data.get("budget", "params")):
+            raise PlanError(f"plan 'sparsity' must be {SPARSITY_RANGE_TEXT}, got {data['sparsity']!r}")
         for key in ("budget", "structure", "agent", "reward"):
             if key in data and not isinstance(data[key], str):
                 raise PlanError(f"plan {key!r} must be a string")
@@ -130,6 +131,17 @@ class PruningPlan:
         except IsADirectoryError:
             raise PlanError(f"{path}: a directory, not a plan file") from None
         return cls.from_dict(data)
+
+
+SPARSITY_RANGE_TEXT = "a number in [0, 1] (with budget 'latency' at most 1: a measured fraction below 0 is a slow-down)"
+
+
+def is_valid_sparsity(value, budget: str) -> bool:
+    """A fraction of the budget's cost in [0, 1]. The latency budget's is measured after compact, and
+    ``1 - pruned / dense`` falls below 0 when the pruned model ran slower: kept as measured, never clamped."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return False
+    return value <= 1.0 and (value >= 0.0 or budget == "latency")
 
 
 def apply_plan(model: nn.Module, plan: PruningPlan, importance_scores: Optional[Dict[str, torch.Tensor]] = None,

@@ -6,6 +6,7 @@ fixed overhead the table cannot see) wherever a test asserts on a value: the con
 not the machine. One test runs the real onnxruntime path and asserts nothing about its numbers."""
 import copy
 import importlib.util
+import json
 import warnings
 
 import numpy as np
@@ -13,8 +14,9 @@ import pytest
 
 from helpers import (ModelState, fake_fraction, fake_table, fake_timing, inputs,  # noqa: F401 - fixtures
                      latency_resnet, private_cache_one_thread)
-from torch_rlprune import Latency, apply_plan, compact, rl_prune
+from torch_rlprune import Latency, PruningPlan, apply_plan, compact, rl_prune
 from torch_rlprune.env.budget import AdditiveBudget
+from torch_rlprune.report import load_run, save_run, summarize
 from torch_rlprune.structure.channel import ChannelStructure
 from torch_rlprune.structure.channel.latency import LatencyTable
 from torch_rlprune.structure.channel.measured import CompactedTimer, MeasuredCalibration, fit_fixed_rest, scaled_plan
@@ -223,6 +225,26 @@ def test_a_plan_that_landed_on_a_lucky_reading_reports_its_fresh_measurements(re
     # the third reading is the plan's own (what it removes): the median, whichever of the others is off
     assert chosen["confirmed"] != 0.7 and chosen["confirmed"] == pytest.approx(chosen["rereadings"][-1])
     assert result.sparsity == record["measured_fraction"] == chosen["confirmed"] and not record["met"]
+
+
+def test_a_plan_measured_slower_than_the_dense_model_keeps_that_reading_and_its_plan_and_run_file_load(
+        resnet, monkeypatch, tmp_path):
+    # on loaded cores a compacted plan can read slower than the dense model: 1 - pruned / dense < 0.
+    # That is the measurement: reported as read (never clamped), and what carries it loads back
+    calls = []
+
+    def paired_seconds(self, dense, pruned):
+        calls.append(1)  # the first two calibrate the table; every plan after reads 5% slower than dense
+        return 1.0, 1.0 - (fake_fraction(self.example, dense, pruned) if len(calls) <= 2 else -0.05)
+
+    fake_table(monkeypatch)
+    monkeypatch.setattr(CompactedTimer, "paired_seconds", paired_seconds)
+    with pytest.warns(UserWarning, match="measured after compact"):
+        result = rl_prune(resnet, 0.3, budget=Latency(rounds=1, blocks=1), data=inputs((8, 1, 32, 32)), **FAST)
+    assert result.sparsity == result.plan.sparsity == pytest.approx(-0.05)
+    assert PruningPlan.from_dict(json.loads(json.dumps(result.plan.to_dict()))).sparsity == result.plan.sparsity
+    save_run(tmp_path, [summarize(result)])
+    assert load_run(tmp_path)["records"][0]["sparsity"] == result.sparsity
 
 
 def test_a_runtime_pruning_cannot_speed_up_enough_is_refused_before_the_search(resnet, monkeypatch):

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from ..plan import PlanError, PruningPlan
+from ..plan import SPARSITY_RANGE_TEXT, PlanError, PruningPlan, is_valid_sparsity
 from .formatting import is_int, is_number, jsonable
 
 RUN_FILE = "run.json"
@@ -42,7 +42,7 @@ def _check_record(r, where: str) -> None:
         _check(isinstance(r[key], str), where, f"{key!r} must be a string")
     for key in ("target", "score", "baseline_score", "wall_time", "forward_seconds", "episode_seconds", "max_drop"):
         _check(r.get(key) is None or is_number(r[key]), where, f"{key!r} must be a finite number or null")
-    _check(is_number(r["sparsity"]) and 0 <= r["sparsity"] <= 1, where, "'sparsity' must be a number in [0, 1]")
+    _check(is_valid_sparsity(r["sparsity"], r["budget"]), where, f"'sparsity' must be {SPARSITY_RANGE_TEXT}")
     _check(r["target"] is None or 0 <= r["target"] <= 1, where, "'target' must be in [0, 1] or null")
     for key in ("seed", "episodes"):
         _check(r[key] is None or is_int(r[key]), where, f"{key!r} must be an integer or null")
