@@ -312,6 +312,21 @@ def test_free_search_keeps_only_plans_on_budget_as_results(model, x):
     assert env.best_score == pytest.approx(score(), abs=1e-9)
 
 
+def test_a_free_plan_near_the_budget_costs_one_scoring_its_projection_a_candidate_result(model, x):
+    env, score = build_env(model, x, target=0.6)
+    env.constraint = "free"
+    near = run_episode(env, lambda t, lo, hi: 0.61)  # 1 point over the budget: within the slack
+    raw = np.array([round(a * n) for a, n in zip(near.amounts, env.n)])
+    projected = env.project(raw)
+    assert 0 < abs(near.violation) <= env.feasibility_slack and not np.array_equal(projected, raw)
+    assert score.calls == env.evaluations == near.evaluations == 1  # the raw plan itself is never scored
+    assert np.array_equal(env.best_k, projected) and near.score == near.reward == env.best_score
+    env.apply(projected)
+    assert near.score == pytest.approx(score(), abs=1e-9)
+    far = run_episode(env, POLICIES["always 0"])  # off the budget: its own score shapes the reward, no result
+    assert far.evaluations == 2 and np.array_equal(env.best_k, projected)
+
+
 def test_dense_rewards_add_up_to_the_final_score_minus_the_unpruned_one(model, x):
     env, score = build_env(model, x, target=0.6)
     unpruned = score()

@@ -52,8 +52,10 @@ MDP forces):
   give it to the policy either). It *is* an input of the value baseline, because the Lagrangian
   return it predicts changes with lambda.
 * Feasibility is repaired by the environment, never by the agent: a free plan within
-  ``env.feasibility_slack`` of the budget is projected onto it and scored as a candidate result,
-  and :meth:`LayerwisePruningEnv.finalize` projects the least-violating plan if none came near.
+  ``env.feasibility_slack`` of the budget is projected onto it and the projection scored, as a
+  candidate result and as the episode's score (the plan itself is never scored: a second
+  forward for a plan that can never be returned cost half of the channel search's plans), and
+  :meth:`LayerwisePruningEnv.finalize` projects the least-violating plan if none came near.
   The returned plan therefore always meets the target; the agent itself never clips.
 
 Results for users: ``env.history[i].violation`` per episode (target minus achieved sparsity;

@@ -28,15 +28,12 @@ from .budget import AdditiveBudget, Budget
 __all__ = ["LayerwisePruningEnv", "EpisodeRecord", "STATE_FEATURES", "ANCHORED_STATE_FEATURES",
            "CONSTRAINTS", "anchored_amount", "anchored_action", "PRIOR_SPREAD"]
 
-# "clip": AMC's action clipping keeps every episode on budget. "free": actions are only kept
-# inside each layer's range; the agent sees the violation and must learn the budget itself
-# (CRL's Lagrangian); the plans kept as results are projected onto the budget.
+# "clip": AMC's clipping keeps every episode on budget. "free": the agent sees the violation and learns
+# the budget (CRL's Lagrangian); only plans projected onto the budget are results.
 CONSTRAINTS = ("clip", "free")
 
-# AMC (He et al. 2018, Sec. 3.2) embeds layer t as
-# (t, n, c, h, w, stride, k, FLOPs[t], reduced, rest, a_{t-1}); we use the same with
-# the layer type added and h*w folded into one "positions" entry (1-D convs and
-# token-wise Linear layers have no h, w).
+# AMC (He et al. 2018, Sec. 3.2) embeds layer t as (t, n, c, h, w, stride, k, FLOPs[t], reduced, rest,
+# a_{t-1}); ours adds the layer type and folds h*w into "positions" (1-D convs, token-wise Linears have no h, w).
 STATE_FEATURES = ("index", "kind", "in_channels", "out_channels", "in_positions", "stride",
                   "kernel_size", "params", "macs", "reduced", "rest", "previous_amount")
 # Anchored to a prior, the state also holds the prior's amount for the layer. Only then: an input
@@ -78,7 +75,7 @@ class EpisodeRecord:
 
     episode: int
     reward: float
-    score: float
+    score: float             # a free plan near the budget: its projection's (``_score_free_plan``)
     sparsity: float          # fraction of the budget's cost removed
     best_reward: float
     phase: str
@@ -532,12 +529,21 @@ class LayerwisePruningEnv(BestPlanResults):
         finally:
             self.t, self.k, self.previous_amount, self.constraint = saved
 
+    def _score_free_plan(self) -> float:
+        """A free plan's score: near the budget its projection's, a candidate result (scoring the plan
+        too spent a second plan on one that can never be returned); off it, its own estimate."""
+        if abs(self.target - self.achieved()) > self.feasibility_slack:
+            return self.estimate(self.k)
+        projected = self.project(self.k)
+        score = self.evaluate(projected)  # once: a screened-out plan would be screened again
+        self._offer(score, score, projected)
+        return score
+
     def _finish_episode(self) -> EpisodeRecord:
         if self.constraint == "clip":
             self._repair()
-        # a free plan off the budget is no result; its projection, scored below, may be
-        result = self.constraint == "clip" or self.score_floor is not None
-        score = self.evaluate(self.k) if result else self.estimate(self.k)
+        free = self.constraint == "free" and self.score_floor is None
+        score = self._score_free_plan() if free else self.evaluate(self.k)
         achieved = self.achieved()
         if self.score_floor is not None:
             # AMC's accuracy-guaranteed reward; the best plan is the smallest one above the floor.
@@ -549,13 +555,8 @@ class LayerwisePruningEnv(BestPlanResults):
         else:
             reward = score
             violation = self.target - achieved
-            if self.constraint == "clip":
+            if not free:
                 self._offer(reward, score, self.k)
-            elif abs(violation) <= self.feasibility_slack and not score <= self.best_score:
-                # near the budget and better than the best so far (NaN before the first): worth
-                # scoring its projection onto the budget as a candidate result
-                projected = self.project(self.k)
-                self._offer(self.evaluate(projected), self.evaluate(projected), projected)
         record = EpisodeRecord(len(self.history), reward, score, achieved, self.best_reward,
                                self.phase, time.perf_counter() - self._started,
                                (self.k / self.n).tolist(), None if self.score_floor is not None else self.target,
@@ -581,7 +582,7 @@ class LayerwisePruningEnv(BestPlanResults):
             last = min((h for h in self.history if h.target == target), key=lambda h: abs(h.violation))
             raw = np.array([int(round(a * n)) for a, n in zip(last.amounts, self.n)], dtype=np.int64)
             projected = self.project(raw)
-            self._offer(self.evaluate(projected), self.evaluate(projected), projected)
+            self._offer(*[self.evaluate(projected, full=True)] * 2, projected)
 
     def restore(self) -> None:
         """Put every tensor back exactly as it was before the search (and free any stored prefix)."""
