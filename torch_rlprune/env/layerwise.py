@@ -529,10 +529,10 @@ class LayerwisePruningEnv(BestPlanResults):
         finally:
             self.t, self.k, self.previous_amount, self.constraint = saved
 
-    def _score_free_plan(self) -> float:
+    def _score_free_plan(self, achieved: float) -> float:
         """A free plan's score: near the budget its projection's, a candidate result (scoring the plan
         too spent a second plan on one that can never be returned); off it, its own estimate."""
-        if abs(self.target - self.achieved()) > self.feasibility_slack:
+        if abs(self.target - achieved) > self.feasibility_slack:
             return self.estimate(self.k)
         projected = self.project(self.k)
         score = self.evaluate(projected)  # once: a screened-out plan would be screened again
@@ -543,8 +543,8 @@ class LayerwisePruningEnv(BestPlanResults):
         if self.constraint == "clip":
             self._repair()
         free = self.constraint == "free" and self.score_floor is None
-        score = self._score_free_plan() if free else self.evaluate(self.k)
         achieved = self.achieved()
+        score = self._score_free_plan(achieved) if free else self.evaluate(self.k)
         if self.score_floor is not None:
             # AMC's accuracy-guaranteed reward; the best plan is the smallest one above the floor.
             remaining = max(self.total_cost - self.cost.removed(self.k), 1.0)
@@ -582,7 +582,8 @@ class LayerwisePruningEnv(BestPlanResults):
             last = min((h for h in self.history if h.target == target), key=lambda h: abs(h.violation))
             raw = np.array([int(round(a * n)) for a, n in zip(last.amounts, self.n)], dtype=np.int64)
             projected = self.project(raw)
-            self._offer(*[self.evaluate(projected, full=True)] * 2, projected)
+            score = self.evaluate(projected, full=True)
+            self._offer(score, score, projected)
 
     def restore(self) -> None:
         """Put every tensor back exactly as it was before the search (and free any stored prefix)."""
