@@ -43,7 +43,7 @@ class AMCConfig:
     episodes: int = 100
     """Total episodes. Reference code: 800; paper: 400 for ImageNet. Anchored on a prior
     (``rl_prune``'s default) 300 episodes were no better than 100 on held-out test accuracy
-    (resnet18 Fashion-MNIST at 90/95% of weights, refitted: 89.31/88.11% vs 89.26/87.98%,
+    (resnet18 Fashion-MNIST at 90/95% of weights, refitted: 88.98/88.13% vs 88.93/88.00%,
     ``benchmarks/ablation.py``), so 100 gives the most quality per second."""
     warmup: Optional[int] = None
     """Random episodes that only fill the replay buffer; ``None``: ``warmup_fraction`` of the
