@@ -1,5 +1,6 @@
 """One validation for rl_prune, the command line and the gymnasium environment (options.py)."""
 import pytest
+import torch_pruning as tp
 
 from helpers import ModelState, inputs, seeded, small_cnn
 from torch_rlprune import rl_prune
@@ -50,6 +51,7 @@ BAD = [  # (options, what rl_prune's message says, what rlprune prune's says)
     (dict(patience=0), "patience must be a positive integer", "--patience must be a positive integer"),
     (dict(cache_mb=-1.0), "cache_mb must be a number of megabytes >= 0", "--cache-mb must be a number of megabytes"),
     (dict(cache_mb=True), "cache_mb must be a number of megabytes >= 0", "--cache-mb must be a number of megabytes"),
+    (dict(seed=-1), "seed must be an integer >= 0, got -1", "--seed must be an integer >= 0, got -1"),
 ]
 
 
@@ -76,7 +78,7 @@ def test_rl_prune_and_the_gym_refuse_with_the_shared_check(options):
         rl_prune(model, data=x, verbose=False, **options)
     assert str(from_api.value) == str(expected.value)
     gym_options = {k: v for k, v in options.items() if k in ("max_amount", "calibration_samples", "structure",
-                                                              "budget", "prior", "target")}
+                                                              "budget", "prior", "target", "seed")}
     if gym_options:
         with pytest.raises(ValueError) as from_gym:
             PruningGymEnv(model, data=x, **gym_options)
@@ -94,3 +96,33 @@ def test_without_data_the_search_is_budgeted_unless_told_otherwise():
     assert (mine.calibration_samples, mine.time_budget, mine.patience) == (64, 5.0, None)
     data = PruneOptions(target=0.5).checked()
     assert (data.calibration_samples, data.time_budget, data.patience) == (512, None, None)
+
+
+# --------------------------------------------------------------------------- channel importance
+@pytest.mark.parametrize("importance, hint", [
+    ("activation", "(importance='activation' applies to structure='unstructured')"), ("wanda", "got 'wanda'"),
+    (3, "got 3"), (tp.importance.GroupMagnitudeImportance, "a class: pass an instance, GroupMagnitudeImportance()"),
+], ids=["activation", "unknown name", "number", "class"])
+def test_channel_pruning_refuses_an_importance_it_cannot_call(importance, hint):
+    """Each would fail on every group and fall back to magnitude without a word."""
+    with pytest.raises(ValueError) as error:
+        PruneOptions(structure="channel", importance=importance).checked()
+    assert str(error.value).startswith("importance must be None or 'magnitude'"), error.value
+    assert "torch-pruning importance" in str(error.value) and hint in str(error.value), error.value
+
+
+def test_the_command_line_reads_the_channel_importance_refusal_in_flags():
+    with pytest.raises(ValueError) as error:
+        PruneOptions(structure="channel", importance="activation").checked(Flags())
+    message = str(error.value)
+    assert message.startswith("--importance must be None or 'magnitude'"), message
+    assert "with --structure channel" in message
+    assert "--importance activation applies to --structure unstructured" in message
+
+
+@pytest.mark.parametrize("importance", ["magnitude", None, tp.importance.LAMPImportance(), lambda group: None],
+                         ids=["magnitude", "none", "torch-pruning", "callable"])
+def test_channel_pruning_takes_magnitude_or_any_torch_pruning_importance(importance):
+    o = PruneOptions(structure="channel", importance=importance).checked()
+    # "magnitude" is the default (group magnitude), not a name torch-pruning would be asked to call
+    assert o.importance is (None if isinstance(importance, str) else importance)

@@ -172,6 +172,17 @@ def test_file_that_is_not_a_plan_raises_plan_error(content, fresh_model, tmp_pat
     state.assert_unchanged(fresh_model)
 
 
+@pytest.mark.parametrize("case", ["infinite amount", "unknown field", "missing target", "amounts and numels disagree"])
+def test_a_malformed_plan_file_is_named_in_the_error(case, plan, tmp_path):
+    mutate, mentioned = MALFORMED[case]
+    data = json.loads(json.dumps(plan.to_dict()))
+    mutate(data)
+    path = tmp_path / "untrusted_plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=rf"untrusted_plan\.json: .*{mentioned}"):
+        PruningPlan.load(path)
+
+
 def test_plan_that_fails_on_its_last_tensor_applies_nothing(plan, fresh_model):
     data = plan.to_dict()
     data["amounts"]["missing.weight"] = 0.5  # checked after the valid entries
@@ -190,3 +201,68 @@ def test_plan_for_another_architecture_is_refused(plan):
     with pytest.raises(PlanError, match="2.weight"):
         apply_plan(other, plan)
     state.assert_unchanged(other)
+
+
+# --------------------------------------------------------------------------- what apply_plan is given
+@pytest.fixture
+def channel_plan(small_cnn_model, cnn_batch):
+    from torch_rlprune import rl_prune
+    return rl_prune(small_cnn_model, 0.5, data=cnn_batch, structure="channel", agent="random", episodes=2, seed=0,
+                    verbose=False).plan
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("input_shape", [3, 65536, 65536], "'input_shape' .* elements a sample"),   # ~100 GB of random inputs
+    ("input_shape", [1, 16, -16], "'input_shape' must be a list of positive integers"),
+    ("input_shape", [1, True, 16], "'input_shape' must be a list of positive integers"),
+    ("input_shape", "1x16x16", "'input_shape' must be a list of positive integers"),
+    ("round_to", "x", "'round_to' must be null or a positive integer"),
+    ("round_to", 0, "'round_to' must be null or a positive integer"),
+    ("round_to", 2.5, "'round_to' must be null or a positive integer"),
+])
+def test_channel_plan_metadata_is_checked_before_use(field, value, words, channel_plan, tmp_path):
+    data = json.loads(json.dumps(channel_plan.to_dict()))
+    assert data["metadata"]["input_shape"] == [1, 16, 16]
+    data["metadata"][field] = value
+    path = tmp_path / "channel_plan.json"
+    path.write_text(json.dumps(data))
+    model = seeded(small_cnn, 0)
+    state = ModelState.of(model)
+    with pytest.raises(PlanError, match=words):
+        apply_plan(model, PruningPlan.load(path))
+    state.assert_unchanged(model)
+    apply_plan(model, PruningPlan.load(channel_plan.save(path)))   # the control: the plan as written applies
+    assert any(prune.is_pruned(m) for m in model.modules())
+
+
+def test_an_input_shape_the_plan_cannot_trace_with_is_not_needed_given_example_inputs(channel_plan, cnn_batch):
+    data = channel_plan.to_dict()
+    data["metadata"]["input_shape"] = [3, 65536, 65536]
+    model = seeded(small_cnn, 0)
+    apply_plan(model, PruningPlan.from_dict(data), example_inputs=cnn_batch[:2])
+    assert any(prune.is_pruned(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("scores, words", [
+    (lambda m: {"9.weight": torch.ones(3)}, r"importance_scores: '9\.weight' is not a tensor the plan prunes"),
+    (lambda m: {(m[5], "weight"): torch.ones(10, 1024)}, r"importance_scores: keys are .*\(module, name\) tuple"),
+    (lambda m: {"5.weight": torch.ones(3)}, r"importance_scores\['5\.weight'\] must be a tensor of shape"),
+    (lambda m: [torch.ones(10, 1024)], "importance_scores must be a dict"),
+])
+def test_importance_scores_that_would_go_unused_are_refused(scores, words, plan, fresh_model):
+    state = ModelState.of(fresh_model)
+    with pytest.raises(ValueError, match=words):
+        apply_plan(fresh_model, plan, importance_scores=scores(fresh_model))
+    state.assert_unchanged(fresh_model)
+    ranked = torch.arange(10 * 1024, dtype=torch.float32).reshape(10, 1024)   # the control: names work
+    apply_plan(fresh_model, plan, importance_scores={"5.weight": ranked})
+    removed = plan.counts()["5.weight"]
+    assert bool((fresh_model[5].weight_mask.reshape(-1)[:removed] == 0).all())
+
+
+def test_importance_scores_are_refused_for_a_channel_plan(channel_plan):
+    model = seeded(small_cnn, 0)
+    state = ModelState.of(model)
+    with pytest.raises(ValueError, match="importance_scores apply to structure='unstructured'"):
+        apply_plan(model, channel_plan, importance_scores={"0.weight": torch.ones(8, 1, 3, 3)})
+    state.assert_unchanged(model)

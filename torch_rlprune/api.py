@@ -118,7 +118,7 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         exclude: module names or modules to leave unpruned (with everything below them; for
             channels: their output channels stay).
         example_inputs: one input batch, used when ``data`` is None.
-        seed: makes the search bit-for-bit reproducible.
+        seed: an integer >= 0; makes the search bit-for-bit reproducible.
         verbose: show a progress bar.
         agent_config: the agent's config dataclass or a dict of overrides.
         calibration_samples: inputs taken from ``data`` to score plans on (default 512; without
@@ -128,8 +128,9 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         importance_scores: unstructured only: ``{name or (module, name): tensor}`` ranking
             entries (smallest pruned first) instead of weight magnitude.
         parameters: unstructured only: ``[(module, name), ...]`` restricting the search.
-        importance: channel only: a torch-pruning importance (``tp.importance.*``) choosing
-            which channels go; default group magnitude.
+        importance: unstructured: ``"magnitude"`` (default) or ``"activation"`` (Wanda). Channel: a
+            torch-pruning importance instance (``tp.importance.*()``) choosing which channels go;
+            ``None`` or ``"magnitude"``: group magnitude.
         round_to: channel only: what remains of each group is a multiple of this. Default
             ``None`` (any width), 8 with ``budget="latency"``: CPU conv kernels are much slower
             at odd widths than the timed grid predicts (resnet18 at a 0.3 latency target, batch 1:
@@ -137,10 +138,10 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
         bn_recalibration: re-estimate BatchNorm running statistics on this many calibration
             batches before every score (0: off). The final model gets the statistics
             re-estimated for the plan applied, so it is the model that was scored. Default 4
-            (EagleEye's adaptive BN; 4 batches of 128 beat 1 by +0.19 / +0.03 pp at 90 / 95% of
-            weights with the refit, more without it, ``benchmarks/ablation.py``). Measured on Fashion-MNIST resnet18, no fine-tune: channel
-            pruning at 50% MACs +9.7 pp test accuracy; LAMP at 80/90/95% of the weights 87.4 ->
-            89.3%, 52.1 -> 88.0%, 9.7 -> 84.1%; and the rewards rank plans like the test set
+            (EagleEye's adaptive BN; 4 batches of 128 against 1: +0.10 / -0.03 pp at 90 / 95% of
+            weights with the refit, within noise, ``benchmarks/ablation.py``). Measured on Fashion-MNIST
+            resnet18, no fine-tune (``make bench``): LAMP at 80/90/95% of the weights 87.4 -> 89.3%,
+            63.6 -> 88.0%, 19.3 -> 83.0%; and the rewards rank plans like the test set
             does far better with it (``benchmarks/reward_ranking.py``).
         repair: ``"lstsq"`` refits, after the search, every pruned layer's kept weights so that it
             reproduces the unpruned model's output on the calibration set (ridge least squares:

@@ -156,7 +156,8 @@ class PruneOptions:
     ``checked()`` validates them all and returns a copy with the structure's defaults filled in
     (``budget``, ``max_amount``, ``bn_recalibration``, ``repair``, ``round_to``), the targets as a
     sorted list (``targets``), the latency spec (``latency``), the agent's class (``agent_type``) and
-    the :class:`SearchQuality`. ``importance_scores`` and ``parameters`` are only checked for presence.
+    the :class:`SearchQuality`. ``importance_scores`` is checked for its type (a dict of tensors), not
+    against the model; ``parameters`` only for presence.
     """
 
     target: Any = 0.8
@@ -169,7 +170,7 @@ class PruneOptions:
     seed: int = 0
     calibration_samples: Optional[int] = None
     max_amount: Optional[float] = None
-    importance: Optional[str] = None
+    importance: Any = None             # a name, or channel: a torch-pruning importance
     importance_scores: Any = None
     parameters: Any = None
     round_to: Optional[int] = None
@@ -267,7 +268,9 @@ class PruneOptions:
                              f"got {self.reward!r}")
         check_count(self.episodes, "episodes", name, or_none=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
-            raise TypeError(f"{name('seed')} must be an integer, got {type(self.seed).__name__}")
+            raise TypeError(f"{name('seed')} must be an integer >= 0, got {type(self.seed).__name__}")
+        if self.seed < 0:
+            raise ValueError(f"{name('seed')} must be an integer >= 0, got {self.seed!r}")
         if self.calibration_samples is None:
             self.calibration_samples = NO_DATA.samples if self.synthetic_data else DATA_SAMPLES
         check_count(self.calibration_samples, "calibration_samples", name)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .env.spaces import SPACES, STRUCTURES, space_kind
-from .structure.apply import PlanError
+from .structure.apply import PlanError, check_channel_metadata
 from .structure.costs import budget_names
 
 __all__ = ["PruningPlan", "apply_plan", "PlanError"]
@@ -120,6 +120,8 @@ class PruningPlan:
 
     @classmethod
     def load(cls, path) -> "PruningPlan":
+        """Read and check a plan file: a :class:`PlanError` naming the file if it is missing or not a
+        valid plan; other ``OSError`` (no permission, ...) propagate as they are."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -130,7 +132,10 @@ class PruningPlan:
             raise PlanError(f"{path}: no such plan file") from None
         except IsADirectoryError:
             raise PlanError(f"{path}: a directory, not a plan file") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except PlanError as err:
+            raise PlanError(f"{path}: {err}") from None
 
 
 SPARSITY_RANGE_TEXT = "a number in [0, 1] (with budget 'latency' at most 1: a measured fraction below 0 is a slow-down)"
@@ -161,10 +166,20 @@ def apply_plan(model: nn.Module, plan: PruningPlan, importance_scores: Optional[
     (depth plans, ``agent="n2n"``) are masked to the identity with
     :func:`~torch_rlprune.structure.depth.mask_block`; :func:`~torch_rlprune.compact` then removes them.
 
+    ``importance_scores`` are keyed by the plan's parameter names, each a tensor of its parameter's
+    shape; a score that would go unused (another name, a ``(module, name)`` key, or any scores for a
+    channel plan, which ranks channels by group magnitude) raises ``ValueError`` before the model changes.
+
     Returns:
         the same ``model``.
     """
     if not isinstance(plan, PruningPlan):
         raise TypeError(f"plan must be a PruningPlan, got {type(plan).__name__}")
-    space_kind(plan.structure).apply_plan(model, plan, importance_scores, example_inputs)
+    kind = space_kind(plan.structure)
+    if kind.removes_channels:  # checked here, before the kind builds its example inputs from the metadata
+        if importance_scores is not None:
+            raise ValueError("importance_scores apply to structure='unstructured' plans only: a channel plan ranks "
+                             "channels by group magnitude")
+        check_channel_metadata(plan.metadata, example_inputs)
+    kind.apply_plan(model, plan, importance_scores, example_inputs)
     return model

@@ -19,6 +19,7 @@ from .structure.channel.counting import count_macs_params
 from .structure.compact import compact
 from .structure.costs import budget_measure, pruned_fraction
 from .structure.inputs import run_model
+from .structure.snapshot import ModelSnapshot
 from .structure.tensors import PrunableTensor, find_prunable, trace_execution
 
 __all__ = ["PruneResult", "MultiTargetResult", "pruned_fraction"]  # pruned_fraction: structure/costs.py
@@ -142,7 +143,10 @@ class MultiTargetResult(Mapping):
     def apply(self, model: Optional[nn.Module] = None, target: Optional[float] = None) -> float:
         """Prune ``model`` (default: the searched model) with the plan for ``target``; returns
         the sparsity achieved, read back from the masks (``budget="latency"``: predicted by the
-        search's latency table)."""
+        search's latency table).
+
+        If the plan, the refit, the BatchNorm re-estimate or the judge fails, or the call is
+        interrupted, ``model`` is left exactly as it was."""
         if target is None:
             raise ValueError(f"apply() needs target=, one of {sorted(self._results)}")
         result = self[target]
@@ -150,21 +154,33 @@ class MultiTargetResult(Mapping):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         plan = result.plan
-        scope = (refit_scope(self.repair, plan.sparsity, self.auto_refit_from, model, plan.amounts)
-                 if self.refit_batches else None)
-        refit = LeastSquaresRefit(model, self.refit_batches, seed=plan.seed, scope=scope) if scope else None
-        achieved = self._apply(model, result)
-        record = refit().as_dict() if refit is not None else None
+        snapshot = ModelSnapshot(model)  # prune hooks, masks and re-parametrised weights: references only
+        # created before the plan so that it holds the statistics to put back on failure
         recalibrate = BatchNormRecalibration(model, self.bn_batches)
-        if recalibrate:
-            recalibrate()
-        if record is not None:
-            def undo():
+        refit = None
+        try:
+            scope = (refit_scope(self.repair, plan.sparsity, self.auto_refit_from, model, plan.amounts)
+                     if self.refit_batches else None)
+            refit = LeastSquaresRefit(model, self.refit_batches, seed=plan.seed, scope=scope) if scope else None
+            achieved = self._apply(model, result)
+            record = refit().as_dict() if refit is not None else None
+            if recalibrate:
+                recalibrate()
+            if record is not None:
+                def undo():
+                    refit.restore()
+                    if recalibrate:
+                        recalibrate()
+                scores = self.judge(model) if self.judge is not None else {}
+                plan.metadata["repair"] = keep_or_undo({**record, **scores}, plan, undo)
+        except BaseException:
+            # the refit and the re-estimate write into tensors the snapshot only references: their
+            # values go back first (the refit's through the masks still on), then the structure
+            if refit is not None:
                 refit.restore()
-                if recalibrate:
-                    recalibrate()
-            scores = self.judge(model) if self.judge is not None else {}
-            plan.metadata["repair"] = keep_or_undo({**record, **scores}, plan, undo)
+            recalibrate.restore()
+            snapshot.restore()
+            raise
         return achieved
 
     def _apply(self, model: nn.Module, result: PruneResult) -> float:

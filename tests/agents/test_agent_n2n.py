@@ -164,6 +164,37 @@ def test_resnet18_plan_json_round_trip_reproduces_depth_and_width(resnet18_run, 
     assert (out(a, x) - out(b, x)).abs().max() < 1e-6
 
 
+
+def interrupt_the_channel_compaction(monkeypatch):
+    """A KeyboardInterrupt at the channel compaction's first count: after the blocks went."""
+    import torch_rlprune.structure.channel.apply as channel_apply
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(channel_apply, "count_macs_params", interrupted)
+
+
+@pytest.mark.parametrize("failure", ["wrong input", "interrupt"])
+def test_a_compact_that_fails_leaves_the_removed_blocks_in_place(resnet18_run, monkeypatch, failure):
+    """compact() replaces the masked blocks first; a failure in the channel compaction after
+    that must put the blocks back with everything else."""
+    model, _, x, result = resnet18_run
+    assert result.plan.metadata["removed_blocks"], "the plan removes blocks"
+    model = copy.deepcopy(model)
+    state = ModelState.of(model)
+    modules = [(name, type(module)) for name, module in model.named_modules()]
+    if failure == "wrong input":
+        call, error = lambda: compact(model, x[:2, :1]), RuntimeError   # one channel where the stem takes three
+    else:
+        interrupt_the_channel_compaction(monkeypatch)
+        call, error = lambda: compact(model, x[:2]), KeyboardInterrupt
+    with pytest.raises(error):
+        call()
+    state.assert_unchanged(model)
+    assert [(name, type(module)) for name, module in model.named_modules()] == modules
+    assert not any(isinstance(module, RemovedBlock) for module in model.modules())
+    assert masked_block_names(model) == result.plan.metadata["removed_blocks"]
+
 def test_same_seed_same_depth_and_width_plan():
     x = data_for("resnet18")
     runs = [rl_prune(timm_model("resnet18"), TARGET, data=x, structure="channel", agent="n2n", episodes=6, seed=3,

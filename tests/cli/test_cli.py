@@ -348,6 +348,9 @@ def test_module_and_console_script_run_as_processes(tmp_path):
      ["--latency-threads", "positive"]),
     (["--episodes", "0"], EXIT_USAGE, ["--episodes", "positive"]),
     (["--episodes", "abc"], EXIT_USAGE, ["--episodes", "abc"]),  # argparse's own
+    (["--seed", "-1"], EXIT_USAGE, ["--seed must be an integer >= 0", "-1"]),
+    (["--structure", "channel", "--importance", "activation"], EXIT_USAGE,
+     ["--importance must be None or 'magnitude'", "--structure channel", "'activation'"]),
 ])
 def test_bad_flag_values_exit_2_naming_the_flag(tmp_path, argv, code, words):
     out = tmp_path / "out"
@@ -408,6 +411,14 @@ def test_missing_or_hostile_plan_file_exits_3(tmp_path, content, words):
     assert code == EXIT_INPUT
     assert str(plan) in stderr and all(w in stderr for w in words), stderr
     assert "Traceback" not in stderr and not out.exists()
+
+
+def test_apply_refuses_a_negative_seed_as_prune_does(tmp_path):
+    out = tmp_path / "applied.pt"
+    code, stdout, stderr = run_cli("apply", tmp_path / "plan.json", MODEL, "--in-chans", 1, "--num-classes", 10,
+                                   "--seed", -1, "--out", out)
+    assert code == EXIT_USAGE and "--seed must be >= 0, got -1" in stderr, stderr
+    assert "Traceback" not in stderr and stdout == "" and not out.exists()
 
 
 def test_library_failure_exits_4_with_its_message(tmp_path, data_root, monkeypatch):

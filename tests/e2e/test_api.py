@@ -1,6 +1,8 @@
 """rl_prune and global_rl_unstructured: the public contract, end to end."""
+import numpy as np
 import pytest
 import torch
+import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
@@ -181,6 +183,37 @@ BAD_INPUTS = {
                                              ValueError, ["5.weight", "shape"]),
     "importance scores for an unknown tensor": (dict(importance_scores={"9.weight": torch.ones(3)}), small_cnn,
                                                 ValueError, ["9.weight"]),
+    # importance_scores: a dict {name or (module, name): tensor}, whatever its contents fail on later
+    "importance scores a list": (dict(importance_scores=[torch.ones(8, 1, 3, 3)]), small_cnn, TypeError,
+                                 ["importance_scores", "dict", "list"]),
+    "importance scores a tensor": (dict(importance_scores=torch.ones(8, 1, 3, 3)), small_cnn, TypeError,
+                                   ["importance_scores", "dict", "Tensor"]),
+    "importance scores of numpy arrays": (dict(importance_scores={"0.weight": np.ones((8, 1, 3, 3))}), small_cnn,
+                                          TypeError, ["importance_scores", "0.weight", "torch.Tensor", "ndarray"]),
+    "importance scores keyed by position": (dict(importance_scores={0: torch.ones(8, 1, 3, 3)}), small_cnn,
+                                            TypeError, ["importance_scores", "keys", r"\(module, name\)", "int"]),
+    # channel pruning ranks channels with a torch-pruning importance: a name it cannot call is not one
+    "channel importance 'activation'": (dict(structure="channel", importance="activation"), small_cnn, ValueError,
+                                        ["importance", "'magnitude'", "torch-pruning", "structure='unstructured'"]),
+    "channel importance a number": (dict(structure="channel", importance=0.5), small_cnn, ValueError,
+                                    ["importance", "'magnitude'", "torch-pruning", "0.5"]),
+    "channel importance a class": (dict(structure="channel", importance=tp.importance.GroupMagnitudeImportance),
+                                   small_cnn, ValueError, ["importance", "a class: pass an instance",
+                                                           r"GroupMagnitudeImportance\(\)"]),
+    "seed -1": (dict(seed=-1), small_cnn, ValueError, ["seed", ">= 0", "-1"]),
+    # agent_config's episodes count like episodes= (which FAST gives: left out here so that they are the count)
+    "agent_config episodes 0": (dict(episodes=None, agent_config={"episodes": 0}), small_cnn, ValueError,
+                                ["agent_config", "episodes", "positive integer"]),
+    "agent_config episodes -3": (dict(episodes=None, agent_config={"episodes": -3}), small_cnn, ValueError,
+                                 ["agent_config", "episodes", "-3"]),
+    "agent_config episodes 2.7": (dict(episodes=None, agent_config={"episodes": 2.7}), small_cnn, ValueError,
+                                  ["agent_config", "episodes", "2.7"]),
+    "agent_config episodes 'ten'": (dict(episodes=None, agent_config={"episodes": "ten"}), small_cnn, ValueError,
+                                    ["agent_config", "episodes", "'ten'"]),
+    "agent_config number a string": (dict(agent="amc", agent_config={"lr_actor": "fast"}), small_cnn, TypeError,
+                                     ["agent_config", "lr_actor", "number", "str"]),
+    "agent_config count a float": (dict(agent="amc", agent_config={"warmup": 2.5}), small_cnn, TypeError,
+                                   ["agent_config", "warmup", "integer or None", "float"]),
 }
 
 
@@ -196,6 +229,20 @@ def test_bad_input_is_rejected_before_the_model_changes(case, cnn_batch):
     for fragment in fragments:
         assert info.match(fragment), f"{case}: message {str(info.value)!r} does not mention {fragment!r}"
     state.assert_unchanged(model)
+
+
+def test_an_agent_built_on_its_own_checks_its_config_and_seed():
+    from torch_rlprune.agents import create_agent
+
+    with pytest.raises(ValueError, match=r"agent_config\['episodes'\] for agent 'amc' must be a positive integer"):
+        create_agent("amc", {"episodes": 0})
+    with pytest.raises(TypeError, match=r"agent_config\['overlap_updates'\] for agent 'amc' must be True or False"):
+        create_agent("amc", {"overlap_updates": 1})
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+        create_agent("random", seed=-1)
+    assert create_agent("prior", {"episodes": 0}).config.episodes == 0  # the prior agent's own default
+    agent = create_agent("amc", {"warmup": np.int64(2), "init_delta": np.float64(0.4), "delta_decay": None})
+    assert (agent.config.warmup, agent.config.init_delta) == (2, 0.4)
 
 
 def test_model_that_is_not_a_module_is_a_type_error(cnn_batch):

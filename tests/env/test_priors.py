@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from helpers import inputs, randomize_norms, seeded, small_cnn, weight_masks
+from helpers import ModelState, fmnist_cnn, inputs, randomize_norms, seeded, small_cnn, weight_masks
 from torch_rlprune import rl_prune
 from torch_rlprune.env.budget import AdditiveBudget
 from torch_rlprune.env.priors import (global_magnitude_unstructured, lamp_scores, lamp_unstructured,
@@ -101,6 +101,45 @@ def test_lamp_on_top_of_existing_masks_counts_the_alive_entries():
     dead = sum(int((m.weight_mask == 0).sum()) for m, _ in pairs(model))
     assert dead == dead_before + round(0.5 * alive)
     assert bool((model[0].weight_mask[model[0].weight_orig.abs() < 1e-12] == 0).all())
+
+
+TWINS = [uniform_unstructured, global_magnitude_unstructured, lamp_unstructured]
+# (the pair that goes wrong, the error, what it must name); fmnist_cnn: [1] is a BatchNorm, [-1] the Linear
+BAD_PAIRS = {
+    "misspelt name": (lambda m: (m[-1], "wieght"), ValueError, r"parameters .*'wieght'.*\['weight', 'bias'\]"),
+    "a buffer": (lambda m: (m[1], "running_mean"), ValueError, r"parameters .*'running_mean'"),
+    "not a module": (lambda m: ("fc", "weight"), TypeError, r"parameters .*'weight'.*str"),
+}
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("bad", list(BAD_PAIRS))
+def test_twins_check_every_pair_before_pruning_any(twin, bad):
+    """The bad pair comes last: uniform prunes pair by pair, and torch's global pruning registers the
+    masks pair by pair after computing them, so the pairs before a buffer were left pruned."""
+    model = randomize_norms(seeded(fmnist_cnn, 0))
+    prune.l1_unstructured(model[0], "weight", amount=0.3)   # a pruned tensor counts as its own name
+    make_pair, error, match = BAD_PAIRS[bad]
+    state = ModelState.of(model)
+    with pytest.raises(error, match=match):
+        twin(pairs(model) + [make_pair(model)], amount=0.5)
+    state.assert_unchanged(model)
+
+
+@pytest.mark.parametrize("twin", [global_magnitude_unstructured, lamp_unstructured], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("scores,match", [
+    (lambda m: {(m[0], "weight"): torch.rand(4)}, r"importance_scores .*'weight'.*\(16, 1, 3, 3\).*\(4,\)"),
+    (lambda m: {(m[0], "weight"): [0.5] * 144}, r"importance_scores .*'weight'.*list"),
+    (lambda m: [torch.rand(16, 1, 3, 3)], r"importance_scores must be a dict"),
+], ids=["wrong shape", "not a tensor", "not a dict"])
+def test_twins_refuse_importance_scores_that_do_not_fit_before_pruning(twin, scores, match):
+    """torch's own errors here named neither the argument nor the tensor (an IndexError on the sizes
+    of flattened masks, an AttributeError of a list)."""
+    model = seeded(fmnist_cnn, 0)
+    state = ModelState.of(model)
+    with pytest.raises((ValueError, TypeError), match=match):
+        twin(pairs(model), amount=0.5, importance_scores=scores(model))
+    state.assert_unchanged(model)
 
 
 # --------------------------------------------------------------------------- allocations on a budget

@@ -9,6 +9,7 @@ from helpers import ModelState, fmnist_cnn, inputs, seeded, weight_masks
 from torch_rlprune import rl_prune
 from torch_rlprune.structure.channel import compact
 from torch_rlprune.rewards import repair as repair_module
+from torch_rlprune.rewards.recalibration import BatchNormRecalibration
 from torch_rlprune.rewards.repair import (AUTO_REFIT_FROM, LeastSquaresRefit, keep_or_undo, masked_ridge_solve,
                                          refit_wanted)
 
@@ -259,6 +260,48 @@ def test_a_multi_target_search_refits_what_it_applies():
     kept = fresh[4].weight_mask.abs().sum((0, 2, 3)) > 0
     assert not torch.equal(fresh[4].weight_orig.detach()[:, kept], before[:, kept])
 
+
+
+@pytest.fixture(scope="module")
+def channel_targets():
+    model, x = trained_cnn()
+    multi = rl_prune(model, [0.3, 0.5], data=x, structure="channel", agent="random", episodes=2, seed=0,
+                     bn_recalibration=1, verbose=False)
+    return model, multi
+
+
+@pytest.mark.parametrize("error", [RuntimeError("step crashed"), KeyboardInterrupt()], ids=["error", "interrupt"])
+@pytest.mark.parametrize("step", ["recalibration", "judge"])
+def test_a_multi_target_apply_failing_after_the_refit_leaves_the_model_bit_identical(channel_targets, monkeypatch,
+                                                                                     step, error):
+    model, multi = channel_targets
+    host = seeded(fmnist_cnn)
+    host.load_state_dict(model.state_dict())
+    host.eval()
+    state, metadata = ModelState.of(host), dict(multi[0.5].plan.metadata)
+    weight, mean = host[4].weight.detach().clone(), host[5].running_mean.clone()
+    changed = {}
+
+    def fail(*_):
+        # what was already changed when the step failed: the failure must undo all of it
+        changed.update(masked=prune.is_pruned(host), refitted=not torch.equal(host[4].weight_orig, weight),
+                       recalibrated=not torch.equal(host[5].running_mean, mean))
+        raise error
+
+    if step == "recalibration":
+        recalibrate = BatchNormRecalibration.__call__
+
+        def recalibrate_then_fail(self):
+            recalibrate(self)
+            fail()
+        monkeypatch.setattr(BatchNormRecalibration, "__call__", recalibrate_then_fail)
+    else:
+        monkeypatch.setattr(multi, "judge", fail)
+    with pytest.raises(type(error)):
+        multi.apply(host, target=0.5)
+    assert changed == {"masked": True, "refitted": True, "recalibrated": True}
+    state.assert_unchanged(host)
+    assert multi[0.5].plan.metadata == metadata
 
 # --------------------------------------------------------------------------- unstructured, through rl_prune
 def unstructured(model, x, target=0.9, **options):

@@ -328,6 +328,22 @@ def test_non_finite_records_are_refused_at_load(edit, _trained_fmnist_cnn, calib
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("seconds", [float("inf"), float("nan"), -1.0])
+def test_impossible_episode_seconds_are_refused_at_load(seconds, tmp_path):
+    """A recorded episode time flows into the reported ``episode_seconds``: it must be a real duration."""
+    def checkpoint(value):
+        return resealed({"format": CHECKPOINT_FORMAT, "fingerprint": {}, "best": [],
+                         "plans": torch.zeros(1, 2, dtype=torch.int64), "scores": torch.zeros(1, dtype=torch.float64),
+                         "history": [{"amounts": [0.5, 0.5], "reward": 0.25, "seconds": 0.5},
+                                     {"amounts": [0.5, 0.5], "reward": 0.25, "seconds": value}]})
+    path = tmp_path / "c.pt"
+    torch.save(checkpoint(0.0), path)
+    assert load_checkpoint(path)["history"][1]["seconds"] == 0.0   # the control: a real duration loads
+    torch.save(checkpoint(seconds), path)
+    with pytest.raises(CheckpointError, match=r"c\.pt .*history\[1\]\['seconds'\]"):
+        load_checkpoint(path)
+
+
 @pytest.mark.filterwarnings("ignore:resume. replaying:RuntimeWarning")   # the replay notices too
 def test_recorded_scores_the_model_does_not_reproduce_are_refused(_trained_fmnist_cnn, calibration, tmp_path):
     """The audit's case: every recorded score set to 1.0 (digest recomputed). Resume re-measures what it

@@ -104,6 +104,18 @@ def test_a_file_that_is_not_what_it_says_is_refused(tmp_path, content, words):
         load_sparse(path)
 
 
+@pytest.mark.parametrize("shape, words", [
+    ([2 ** 32, 2 ** 32], "0 bitmask bytes for 18446744073709551616 entries"),   # an int64 product wraps to 0
+    ([2 ** 63], "shape must be"),                                                # not even an int64
+    ([2 ** 62, 2 ** 62, 0], "not a tensor torch can build"),                     # empty, but torch's numel overflows
+])
+def test_a_shape_too_big_for_the_file_is_refused_naming_file_and_tensor(tmp_path, shape, words):
+    path = tmp_path / "bad.pt"
+    torch.save(entry(shape=shape, bits=torch.zeros(0, dtype=torch.uint8), values=torch.zeros(0)), path)
+    with pytest.raises(SparseFormatError, match=rf"bad\.pt: .*tensor 'w': .*{words}"):
+        load_sparse(path)
+
+
 def test_a_file_with_code_in_it_is_never_run(tmp_path):
     class Payload:
         def __reduce__(self):

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional
+import numbers
+import types
+from typing import Any, Dict, Optional, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 
@@ -48,6 +50,9 @@ class Agent:
             raise ValueError(f"agent_config: unknown option(s) {unknown} for agent {self.name!r}; "
                              f"allowed: {sorted(known)}")
         self.config = dataclasses.replace(config, **overrides)
+        _check_config(self.name, self.config, self.Config)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         self.seed = seed
         self.rng = np.random.default_rng(seed)
 
@@ -60,3 +65,35 @@ class Agent:
 
     def hyperparameters(self) -> Dict[str, Any]:
         return dataclasses.asdict(self.config)
+
+
+# what a Config field's annotation checks: the class a value must be an instance of, and its name in messages
+_FIELD_KINDS = {int: (numbers.Integral, "an integer"), float: (numbers.Real, "a number"), bool: (bool, "True or False")}
+
+
+def _check_config(agent: str, config, config_class) -> None:
+    """``episodes`` as rl_prune's ``episodes=`` (0 where the agent's own default is 0), and every int, float
+    and bool field (``Optional`` ones: or None) of the right type. Other annotations: the agent's business."""
+    default = {f.name: f.default for f in dataclasses.fields(config_class)}.get("episodes")
+    episodes = getattr(config, "episodes", 1)
+    least = 0 if default == 0 else 1
+    if isinstance(episodes, bool) or not isinstance(episodes, numbers.Integral) or episodes < least:
+        what = "a positive integer" if least else "an integer >= 0"
+        raise ValueError(f"agent_config['episodes'] for agent {agent!r} must be {what} (as episodes=), "
+                         f"got {episodes!r}")
+    try:
+        hints = get_type_hints(config_class)
+    except Exception:  # annotations that cannot be resolved here: nothing to check them against
+        return
+    for f in dataclasses.fields(config_class):
+        hint, value = hints.get(f.name), getattr(config, f.name)
+        optional = get_origin(hint) in (Union, types.UnionType) and type(None) in get_args(hint)
+        if optional:
+            if value is None:
+                continue
+            rest = [a for a in get_args(hint) if a is not type(None)]
+            hint = rest[0] if len(rest) == 1 else None
+        kind = _FIELD_KINDS.get(hint)
+        if kind is not None and (not isinstance(value, kind[0]) or (isinstance(value, bool) and hint is not bool)):
+            raise TypeError(f"agent_config[{f.name!r}] for agent {agent!r} must be {kind[1]}"
+                            f"{' or None' if optional else ''}, got {type(value).__name__}")

@@ -35,6 +35,7 @@ def cmd_apply(args) -> int:
     out = _output_path(args.out, Path(f"{model_label(args.model)}_pruned.pt"), [plan_path, model_path],
                        args.force)
     positive("--num-classes", args.num_classes)
+    positive("--seed", args.seed, zero=True)  # as prune's --seed, which built the untrained model
     in_chans, num_classes = args.in_chans, args.num_classes
     if args.data is not None:
         data = load_data(args.data, args.data_root or "data", args.in_chans, args.image_size, splits=False)

@@ -26,6 +26,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn.utils import prune
 
 from .budget import Budget
@@ -147,6 +148,41 @@ def _pairs(parameters) -> list:
     return pairs
 
 
+def _prunable_names(module: nn.Module) -> list:
+    """The tensors ``torch.nn.utils.prune`` can prune on ``module``: its own parameters, a tensor
+    pruned before under its own name (``weight`` for ``weight_orig`` + ``weight_mask``)."""
+    buffers = dict(module.named_buffers(recurse=False))
+    names = []
+    for name, _ in module.named_parameters(recurse=False):
+        base = name[:-len("_orig")]
+        names.append(base if name.endswith("_orig") and base + "_mask" in buffers else name)
+    return names
+
+
+def _checked_pairs(parameters, importance_scores: Optional[Dict] = None) -> list:
+    """``parameters`` as a list, every pair checked before any tensor is pruned: the prune calls go
+    pair by pair, so a bad pair found there would leave the pairs before it pruned."""
+    pairs = _pairs(parameters)
+    if importance_scores is not None and not isinstance(importance_scores, dict):
+        raise TypeError(f"importance_scores must be a dict {{(module, name): tensor}}, "
+                        f"got {type(importance_scores).__name__}")
+    for module, name in pairs:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"parameters must hold (torch.nn.Module, name) tuples; the pair for {name!r} "
+                            f"holds a {type(module).__name__}")
+        prunable = _prunable_names(module)
+        if name not in prunable:
+            raise ValueError(f"parameters names {name!r} of a {type(module).__name__}, which has no such "
+                             f"parameter to prune; it has {prunable}")
+        score = (importance_scores or {}).get((module, name))
+        shape = _live(module, name).shape
+        if score is not None and (not isinstance(score, torch.Tensor) or score.shape != shape):
+            got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+            raise ValueError(f"importance_scores for {name!r} of a {type(module).__name__} must be a tensor "
+                             f"of the parameter's shape {tuple(shape)}, got {got}")
+    return pairs
+
+
 def _live(module, name: str) -> torch.Tensor:
     """The values the forward uses (``orig * mask`` when already pruned)."""
     orig = getattr(module, name + "_orig", None)
@@ -173,7 +209,7 @@ def lamp_unstructured(parameters, amount, importance_scores: Optional[Dict] = No
         >>> int(m[0].weight_mask.sum() + m[1].weight_mask.sum())
         40
     """
-    pairs = _pairs(parameters)
+    pairs = _checked_pairs(parameters, importance_scores)
     _check_amount(amount)
     importance_scores = importance_scores or {}
     scores = {}
@@ -189,14 +225,14 @@ def lamp_unstructured(parameters, amount, importance_scores: Optional[Dict] = No
 def global_magnitude_unstructured(parameters, amount, importance_scores: Optional[Dict] = None) -> None:
     """Global magnitude pruning: ``prune.global_unstructured(parameters, L1Unstructured, amount)``,
     named for symmetry with :func:`lamp_unstructured`."""
-    pairs = _pairs(parameters)
+    pairs = _checked_pairs(parameters, importance_scores)
     _check_amount(amount)
     prune.global_unstructured(pairs, prune.L1Unstructured, importance_scores=importance_scores, amount=amount)
 
 
 def uniform_unstructured(parameters, amount) -> None:
     """The same fraction of every tensor by magnitude: ``prune.l1_unstructured`` on each."""
-    pairs = _pairs(parameters)
+    pairs = _checked_pairs(parameters)
     _check_amount(amount)
     if isinstance(amount, numbers.Integral) and not isinstance(amount, bool):
         raise ValueError("uniform_unstructured takes a fraction (every tensor loses the same share), "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -347,7 +348,31 @@ def _apply_channel(model, plan, importance_scores, example_inputs) -> None:
     apply_group_counts(model, plan.numels, plan.counts(), plan.metadata, example_inputs)
 
 
+def _check_importance_scores(scores, name) -> None:
+    """``importance_scores``: ``None`` or a dict ``{parameter name or (module, name): torch.Tensor}``
+    (as :func:`importance_by_name` reads it); a TypeError naming the argument otherwise."""
+    if scores is None:
+        return
+    argument = name("importance_scores")
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"{argument} must be a dict {{parameter name or (module, name): torch.Tensor}}, "
+                        f"got {type(scores).__name__}")
+    for key, value in scores.items():
+        named = isinstance(key, str) or (isinstance(key, tuple) and len(key) == 2
+                                         and isinstance(key[0], nn.Module) and isinstance(key[1], str))
+        if not named:
+            shown = (f"({', '.join(type(k).__name__ for k in key)})" if isinstance(key, tuple)
+                     else type(key).__name__)
+            raise TypeError(f"{argument}: keys must be parameter names ('0.weight') or (module, name) tuples, "
+                            f"got a key of type {shown}")
+        if not isinstance(value, torch.Tensor):
+            shown = repr(key) if isinstance(key, str) else f"({type(key[0]).__name__}, {key[1]!r})"
+            raise TypeError(f"{argument}[{shown}] must be a torch.Tensor of the parameter's shape, "
+                            f"got {type(value).__name__}")
+
+
 def _check_unstructured_options(o, name) -> None:
+    _check_importance_scores(o.importance_scores, name)
     if o.round_to is not None:
         raise ValueError(f"{name('round_to')}= applies to {name.given('structure', 'channel')} (what remains of a "
                          f"channel group)")
@@ -362,11 +387,32 @@ def _check_unstructured_options(o, name) -> None:
                          f"{name('importance_scores')}= or {name.given('importance', 'activation')}, not both")
 
 
+def _check_channel_importance(o, name) -> None:
+    """None or ``"magnitude"`` (group magnitude, torch-pruning's default) or a torch-pruning importance:
+    anything else would fail on every group and fall back to magnitude without a word."""
+    importance = o.importance
+    if isinstance(importance, str) and importance == "magnitude":
+        o.importance = None   # the default itself, not a callable that fails on every group
+        return
+    if importance is None or (callable(importance) and not isinstance(importance, (str, type))):
+        return
+    if isinstance(importance, type):
+        why = f" (a class: pass an instance, {importance.__name__}())"
+    elif isinstance(importance, str) and importance in IMPORTANCES:
+        why = f" ({name.given('importance', importance)} applies to {name.given('structure', 'unstructured')})"
+    else:
+        why = ""
+    raise ValueError(f"{name('importance')} must be None or 'magnitude' (group magnitude) or a torch-pruning "
+                     f"importance instance (e.g. tp.importance.GroupMagnitudeImportance(), any callable(group) -> "
+                     f"per-channel scores) with {name.given('structure', 'channel')}, got {importance!r}{why}")
+
+
 def _check_channel_options(o, name) -> None:
     for argument in ("importance_scores", "parameters"):
         if getattr(o, argument) is not None:
             raise ValueError(f"{name(argument)} applies to {name.given('structure', 'unstructured')} only; for "
                              f"channels pass {name('importance')}=")
+    _check_channel_importance(o, name)
     check_count(o.round_to, "round_to", name, or_none=True)
     if o.round_to is None and o.budget == "latency":
         o.round_to = LATENCY_ROUND_TO

@@ -191,6 +191,9 @@ def load_checkpoint(path) -> dict:
     _require(all(isinstance(h, dict) and isinstance(h.get("amounts"), list) and isinstance(h.get("reward"), float)
                  and math.isfinite(h["reward"]) and isinstance(h.get("seconds"), float)
                  for h in data["history"]), path, "history entries")
+    for i, h in enumerate(data["history"]):  # replayed into the reported episode_seconds
+        _require(math.isfinite(h["seconds"]) and h["seconds"] >= 0, path,
+                 f"history[{i}]['seconds'] is {h['seconds']!r}, not a finite non-negative number of seconds")
     agent = data.get("agent")
     _require(agent is None or (isinstance(agent, dict) and isinstance(agent.get("episode"), int)
                                and isinstance(agent.get("state"), dict)), path, "agent snapshot")

@@ -6,6 +6,7 @@ model as it was. :func:`torch_rlprune.plan.apply_plan` chooses between the two b
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional
 
 import torch
@@ -17,7 +18,14 @@ from .depth import find_removable_blocks, mask_block
 from .methods import PolicyUnstructured
 from .snapshot import ModelSnapshot
 
-__all__ = ["PlanError", "apply_tensor_amounts", "apply_group_counts", "tie_shared_masks", "keep_inner_masks_live"]
+__all__ = ["PlanError", "apply_tensor_amounts", "apply_group_counts", "tie_shared_masks", "keep_inner_masks_live",
+           "check_channel_metadata", "MAX_TRACE_ELEMENTS"]
+
+# A channel plan without example_inputs= traces the model on two random samples shaped like its recorded
+# ``input_shape``, an untrusted number that sets an allocation. Real inputs are far smaller than this cap
+# (3x224x224 = 150,528 elements, 3x1024x1024 = 3.1M, a 256**3 volume = 16.8M); at 2**26 the two samples
+# take 512 MiB in float32, where a hostile [3, 65536, 65536] would ask for about 100 GB.
+MAX_TRACE_ELEMENTS = 2 ** 26
 
 
 class PlanError(ValueError):
@@ -43,8 +51,7 @@ def apply_tensor_amounts(model: nn.Module, amounts: Dict[str, float], numels: Di
     """Give each named tensor a :class:`PolicyUnstructured` hook removing its fraction of smallest-magnitude
     entries (or smallest ``importance_scores[name]``); existing masks count towards the fraction. Checked
     against the model before anything changes; a failure part-way leaves the model as it was."""
-    importance_scores = importance_scores or {}
-    resolved, names_of = [], {}
+    resolved, names_of, shapes = [], {}, {}
     for name, amount in amounts.items():
         module, param_name, tensor = _resolve(model, name)
         if id(tensor) in names_of:
@@ -55,6 +62,8 @@ def apply_tensor_amounts(model: nn.Module, amounts: Dict[str, float], numels: Di
             raise PlanError(f"{name!r} has {tensor.numel()} entries but the plan was made for "
                             f"{numels[name]}")
         resolved.append((name, module, param_name, int(round(amount * tensor.numel()))))
+        shapes[name] = tuple(tensor.shape)
+    importance_scores = _check_importance_scores(importance_scores, shapes)
     snapshot = ModelSnapshot(model)
     try:
         with torch.no_grad():
@@ -68,6 +77,29 @@ def apply_tensor_amounts(model: nn.Module, amounts: Dict[str, float], numels: Di
     except BaseException:
         snapshot.restore()
         raise
+
+
+def _check_importance_scores(importance_scores, shapes: Dict[str, tuple]) -> Dict[str, torch.Tensor]:
+    """``importance_scores`` as ``{name: tensor}``, every entry one the plan uses: a score that would be
+    ignored (an unknown name, a ``(module, name)`` key) is an error, not a silent magnitude ranking."""
+    if importance_scores is None:
+        return {}
+    if not isinstance(importance_scores, dict):
+        raise ValueError(f"importance_scores must be a dict of parameter name -> tensor, "
+                         f"got {type(importance_scores).__name__}")
+    example = next(iter(shapes), "layer.weight")
+    for key, scores in importance_scores.items():
+        if not isinstance(key, str):
+            form = "a (module, name) tuple" if isinstance(key, tuple) else f"a {type(key).__name__}"
+            raise ValueError(f"importance_scores: keys are the plan's parameter names (e.g. {example!r}), "
+                             f"got {form}")
+        if key not in shapes:
+            raise ValueError(f"importance_scores: {key!r} is not a tensor the plan prunes "
+                             f"(it prunes {sorted(shapes)[:6]}{' ...' if len(shapes) > 6 else ''})")
+        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != shapes[key]:
+            got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise ValueError(f"importance_scores[{key!r}] must be a tensor of shape {shapes[key]}, got {got}")
+    return importance_scores
 
 
 def tie_shared_masks(model: nn.Module) -> int:
@@ -119,20 +151,41 @@ def keep_inner_masks_live(model: nn.Module) -> int:
     return added
 
 
+def check_channel_metadata(metadata, example_inputs=None) -> None:
+    """Refuse the metadata of a channel plan (untrusted, like the file it came from) that applying it would
+    misuse, with a :class:`PlanError` naming the field: ``input_shape`` (only read without
+    ``example_inputs``), ``round_to`` and ``removed_blocks``."""
+    if not isinstance(metadata, dict):
+        raise PlanError(f"plan 'metadata' must be an object, got {type(metadata).__name__}")
+    if example_inputs is None:
+        shape = metadata.get("input_shape")
+        if shape is None:
+            raise PlanError("a channel plan needs example_inputs= (the plan records no input_shape)")
+        if not (isinstance(shape, list) and shape and
+                all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+            raise PlanError(f"plan metadata 'input_shape' must be a list of positive integers, got {shape!r}; "
+                            "or pass example_inputs=")
+        if math.prod(shape) > MAX_TRACE_ELEMENTS:
+            raise PlanError(f"plan metadata 'input_shape' {shape} is {math.prod(shape):,} elements a sample, more "
+                            f"than the {MAX_TRACE_ELEMENTS:,} a plan may ask to trace with; pass example_inputs=")
+    round_to = metadata.get("round_to")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise PlanError(f"plan metadata 'round_to' must be null or a positive integer, got {round_to!r}")
+    removed_blocks = metadata.get("removed_blocks") or []
+    if not isinstance(removed_blocks, list) or not all(isinstance(n, str) for n in removed_blocks):
+        raise PlanError("plan metadata 'removed_blocks' must be a list of module names")
+
+
 def apply_group_counts(model: nn.Module, numels: Dict[str, int], counts: Dict[str, int], metadata: dict,
                        example_inputs=None) -> None:
     """Remove ``counts[key]`` channels of every dependency group (its least important, by group magnitude)
     and mask the residual blocks ``metadata["removed_blocks"]`` names to the identity; ``example_inputs``
     (default: shaped like ``metadata["input_shape"]``) trace the model. Checked first, undone on failure."""
+    check_channel_metadata(metadata, example_inputs)
     if example_inputs is None:
-        shape = metadata.get("input_shape")
-        if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
-            raise PlanError("a channel plan needs example_inputs= (the plan records no valid input_shape)")
-        example_inputs = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+        example_inputs = torch.randn(2, *metadata["input_shape"], generator=torch.Generator().manual_seed(0))
     round_to = metadata.get("round_to")
     removed_blocks = metadata.get("removed_blocks") or []
-    if not isinstance(removed_blocks, list) or not all(isinstance(n, str) for n in removed_blocks):
-        raise PlanError("plan metadata 'removed_blocks' must be a list of module names")
     snapshot = ModelSnapshot(model)
     try:
         structure = ChannelStructure(model, example_inputs, round_to=round_to)

@@ -16,6 +16,7 @@ every entry before it builds a tensor: a file is never trusted to be what it say
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Dict, Union
 
@@ -28,6 +29,7 @@ __all__ = ["save_sparse", "load_sparse", "sparse_state_dict", "dense_state_dict"
 FORMAT = "torch_rlprune.sparse"
 VERSION = 1
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAX_DIM = 2 ** 63   # torch sizes are int64
 
 
 class SparseFormatError(ValueError):
@@ -125,11 +127,14 @@ def _decode(name: str, entry, path) -> torch.Tensor:
     if not isinstance(entry, dict) or set(entry) != {"shape", "bits", "values", "negative_zeros"}:
         raise _fail(path, f"tensor {name!r} is neither a tensor nor a {{shape, bits, values, negative_zeros}} entry")
     shape, values = entry["shape"], entry["values"]
-    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise _fail(path, f"tensor {name!r}: shape must be a list of sizes, got {shape!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < _MAX_DIM
+                                            for d in shape)):
+        raise _fail(path, f"tensor {name!r}: shape must be a list of sizes (0 to 2**63 - 1), got {shape!r}")
     if not (isinstance(values, torch.Tensor) and values.dtype in _FLOATS and values.dim() == 1):
         raise _fail(path, f"tensor {name!r}: values must be a 1-D float tensor")
-    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    # Python ints: a product in int64 wraps ([2**32, 2**32] -> 0). The bitmask in the file holds one bit
+    # an entry, so a shape bigger than the file is refused by its length below, before anything is allocated.
+    numel = math.prod(shape)
     nonzero = _unpack(name, entry["bits"], numel, "bitmask", path)
     if int(nonzero.sum()) != values.numel():
         raise _fail(path, f"tensor {name!r}: the bitmask marks {int(nonzero.sum())} entries, the file holds "
@@ -141,7 +146,10 @@ def _decode(name: str, entry, path) -> torch.Tensor:
         zeros = (~nonzero).nonzero().squeeze(1)
         negative = _unpack(name, negative_zeros, len(zeros), "negative_zeros", path)
         out[zeros[negative]] = -0.0
-    return out.reshape(shape)
+    try:
+        return out.reshape(shape)
+    except (RuntimeError, OverflowError) as error:  # e.g. an empty tensor of sizes torch cannot stride
+        raise _fail(path, f"tensor {name!r}: shape {shape!r} is not a tensor torch can build ({error})") from None
 
 
 def dense_state_dict(content: dict, path="the content") -> Dict[str, torch.Tensor]:
