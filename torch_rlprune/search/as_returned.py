@@ -2,9 +2,9 @@
 squares, BatchNorm re-estimated, scored on the search part, and every change undone.
 
 A search scores its plans with in-place masks and no refit: a refit costs seconds a plan (resnet18
-at 50% of the MACs: about 9 s), a search scores hundreds. Mostly the ranking survives the refit
-(benchmarks/refit_landscape.py: Spearman +0.68 between the search's score and the refitted plan's
-test accuracy), but not between removing residual blocks and narrowing layers: the refit restores
+at 50% of the MACs: about 9 s), a search scores hundreds. The ranking partly survives the refit
+(benchmarks/refit_landscape.py: Spearman +0.40 to +0.68 between the search's score and the refitted
+plan's test accuracy), but not between removing residual blocks and narrowing layers: the refit restores
 narrowed layers, not removed blocks. On the bench's resnet18 (seed 0) N2N's best stage-1 plan, three
 blocks removed, scored 0.911 before the refit against the prior's 0.813, and 0.958 after it against
 the prior's 0.984. So N2N asks for this score once, to choose which architecture its shrink stage narrows
@@ -97,7 +97,7 @@ def held_out_as_returned(prepared, options: PruneOptions,
     it: at 90% LAMP's and global magnitude's plans score within 0.03 of each other there unrefitted,
     and 97.0-97.1% against 96.1-96.3% test accuracy refitted. About two seconds a candidate there.
     Where convolutions are pruned too, a candidate is not refitted: their refit takes seconds to a
-    minute and mostly keeps the ranking (benchmarks/refit_landscape.py)."""
+    minute, and on resnet18's channel plans scores after it ranked them no better (benchmarks/refit_landscape.py)."""
     p, o = prepared, options
     if key is None or p.selector is None:
         return None
