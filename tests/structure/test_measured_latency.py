@@ -284,6 +284,10 @@ def test_measurements_are_cached_so_a_seeded_rerun_measures_nothing_and_returns_
     assert measured >= 3 and len(calls) == measured
     assert second.plan.metadata["latency"]["measured"]["measurements"] == 0
     assert second.plan.counts() == first.plan.counts() and second.sparsity == first.sparsity
+    # the summary says where the readings came from: the second run timed nothing
+    assert f"{first.plan.metadata['latency']['measured']['measurements']} timed now" in first.summary()
+    assert "latency cache" not in first.summary()
+    assert "every reading from the latency cache of an earlier run, none timed now" in second.summary()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs the deploy extra")

@@ -336,6 +336,13 @@ def _score_meaning(record: dict) -> str:
     return f"  (score: {what}; {unpruned})"
 
 
+def _cache_note(measurements) -> str:
+    """Readings timed in an earlier run come from the latency cache: say so, rather than call them this run's."""
+    if measurements == 0:
+        return ", every reading from the latency cache of an earlier run, none timed now"
+    return f", {measurements} timed now" if isinstance(measurements, int) and measurements > 0 else ""
+
+
 def _architecture_lines(choice) -> List[str]:
     """N2N's choice of the architecture it shrank: each candidate's score as searched and as returned
     (refit included), the one chosen marked (nothing for a record without one, or one that is not a
@@ -375,6 +382,7 @@ def format_summary(record: dict) -> str:
             lines.append(f"measured after compact on {spec.get('runtime')}: {measured['measured_fraction']:.1%} of the "
                          f"latency removed (batch {spec.get('batch')}, {spec.get('threads')} threads, "
                          f"{len(measured.get('rounds') or [])} measured round(s)"
+                         f"{_cache_note(measured.get('measurements'))}"
                          f"{'' if measured.get('met') else ', target missed'})")
     if "removed_blocks" in record:
         removable = (record.get("plan") or {}).get("metadata", {}).get("removable_blocks", [])
