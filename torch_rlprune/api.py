@@ -229,8 +229,10 @@ def rl_prune(model: nn.Module, target: Union[float, Sequence[float], None] = 0.8
             several = options.targets is not None and len(options.targets) > 1
             outcome = search.results(started) if several else search.apply(started)
     except BaseException:  # the search saved its checkpoint itself (run_search)
-        search.undo()
-        snapshot.restore()
+        try:
+            search.undo()
+        finally:  # the structure goes back even if putting the values back failed
+            snapshot.restore()
         raise
     snapshot.restore_training()
     return outcome

@@ -8,6 +8,7 @@ from torch.nn.utils import prune
 
 from helpers import Encoder, HeadsAttention, ModelState, RaisingReward, TiedConvs, TiedLM, seeded
 from torch_rlprune import apply_plan, rl_prune
+from torch_rlprune.search.engine import Search
 from torch_rlprune.structure.channel import ChannelStructure, ChannelTimeoutError, compact
 
 
@@ -62,6 +63,21 @@ def test_an_interrupted_search_leaves_the_model_bit_identical(name):
     reward = RaisingReward(data[:8], fail_at=4, error=KeyboardInterrupt())
     fails_cleanly(model, KeyboardInterrupt, lambda: rl_prune(model, 0.6, data=data, reward=reward, agent="amc",
                                                              episodes=5, verbose=False))
+
+
+def test_a_failing_undo_still_puts_the_structure_back(monkeypatch):
+    """The search fails, then putting its values back fails too: the masks and hooks it added still go."""
+    undo = Search.undo
+
+    def undo_then_break(self):
+        undo(self)
+        raise RuntimeError("undo broke")
+
+    monkeypatch.setattr(Search, "undo", undo_then_break)
+    model, data = already_pruned("encoder")
+    reward = RaisingReward(data[:8], fail_at=2, error=ValueError("reward service down"))
+    fails_cleanly(model, RuntimeError, lambda: rl_prune(model, 0.3, data=data, reward=reward, agent="random",
+                                                        episodes=4, verbose=False), match="undo broke")
 
 
 @pytest.mark.parametrize("name", UNTIED)
