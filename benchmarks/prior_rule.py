@@ -29,7 +29,7 @@ from study import study_main  # noqa: E402
 
 from torch_rlprune import rl_prune  # noqa: E402
 from torch_rlprune.demo.training import evaluate_accuracy  # noqa: E402
-from torch_rlprune.search import engine  # noqa: E402
+from torch_rlprune.search import selection  # noqa: E402
 from torch_rlprune.search.selection import PRIOR_MARGIN_Z  # noqa: E402
 
 TARGETS = (0.8, 0.9, 0.95)
@@ -43,7 +43,7 @@ class BothPlansMeasured:
     scored first, so its search score is on record)."""
 
     def __init__(self):
-        self.choose, self.last, self.return_prior = engine.select_plans, None, False
+        self.choose, self.last, self.return_prior = selection.select_plans, None, False
 
     def __call__(self, env, keys, measure, priors=None, as_returned=None):
         chosen = self.choose(env, keys, measure, priors, as_returned)
@@ -83,7 +83,7 @@ def run(quick: bool) -> dict:
     torch.set_num_threads(2)
     suite = Suite(QUICK if quick else FULL)
     probe = BothPlansMeasured()
-    engine.select_plans = probe
+    selection.select_plans = probe
     rows = []
     try:
         for target in TARGETS[1:2] if quick else TARGETS:
@@ -91,7 +91,7 @@ def run(quick: bool) -> dict:
                 rows.append(one(suite, probe, target, seed))
                 print(rows[-1], flush=True)
     finally:
-        engine.select_plans = probe.choose
+        selection.select_plans = probe.choose
     return {"episodes": EPISODES, "calibration": len(suite.x_cal), "z": PRIOR_MARGIN_Z,
             "dense_test": suite.dense_acc, "rows": rows}
 
