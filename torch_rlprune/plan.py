@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .env.spaces import SPACES, STRUCTURES, space_kind
-from .structure.apply import PlanError, check_channel_metadata
+from .structure.apply import PlanError
 from .structure.costs import budget_names
 
 __all__ = ["PruningPlan", "apply_plan", "PlanError"]
@@ -175,11 +175,5 @@ def apply_plan(model: nn.Module, plan: PruningPlan, importance_scores: Optional[
     """
     if not isinstance(plan, PruningPlan):
         raise TypeError(f"plan must be a PruningPlan, got {type(plan).__name__}")
-    kind = space_kind(plan.structure)
-    if kind.removes_channels:  # checked here, before the kind builds its example inputs from the metadata
-        if importance_scores is not None:
-            raise ValueError("importance_scores apply to structure='unstructured' plans only: a channel plan ranks "
-                             "channels by group magnitude")
-        check_channel_metadata(plan.metadata, example_inputs)
-    kind.apply_plan(model, plan, importance_scores, example_inputs)
+    space_kind(plan.structure).apply_plan(model, plan, importance_scores, example_inputs)
     return model

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..rewards.repair import AUTO_REFIT_FROM
-from ..structure.apply import PlanError, apply_group_counts, apply_tensor_amounts
+from ..structure.apply import apply_group_counts, apply_tensor_amounts
 from ..structure.channel import ChannelStructure, apply_channel_plan, count_macs_params
 from ..structure.channel.latency import LatencyTable
 from ..structure.channel.measured import (CalibratedLatency, CompactedTimer, Latency, MeasuredCalibration, WidthPlans,
@@ -340,11 +340,10 @@ def _apply_unstructured(model, plan, importance_scores, example_inputs) -> None:
 
 
 def _apply_channel(model, plan, importance_scores, example_inputs) -> None:
-    if example_inputs is None:
-        shape = plan.metadata.get("input_shape")
-        if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
-            raise PlanError("a channel plan needs example_inputs= (the plan records no valid input_shape)")
-        example_inputs = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    if importance_scores is not None:
+        raise ValueError("importance_scores apply to structure='unstructured' plans only: a channel plan ranks "
+                         "channels by group magnitude")
+    # the metadata (an untrusted file's) is checked there, before it builds inputs from its input_shape
     apply_group_counts(model, plan.numels, plan.counts(), plan.metadata, example_inputs)
 
 

@@ -19,7 +19,7 @@ from .methods import PolicyUnstructured
 from .snapshot import ModelSnapshot
 
 __all__ = ["PlanError", "apply_tensor_amounts", "apply_group_counts", "tie_shared_masks", "keep_inner_masks_live",
-           "check_channel_metadata", "MAX_TRACE_ELEMENTS"]
+           "MAX_TRACE_ELEMENTS"]
 
 # A channel plan without example_inputs= traces the model on two random samples shaped like its recorded
 # ``input_shape``, an untrusted number that sets an allocation. Real inputs are far smaller than this cap
@@ -151,7 +151,7 @@ def keep_inner_masks_live(model: nn.Module) -> int:
     return added
 
 
-def check_channel_metadata(metadata, example_inputs=None) -> None:
+def _check_channel_metadata(metadata, example_inputs=None) -> None:
     """Refuse the metadata of a channel plan (untrusted, like the file it came from) that applying it would
     misuse, with a :class:`PlanError` naming the field: ``input_shape`` (only read without
     ``example_inputs``), ``round_to`` and ``removed_blocks``."""
@@ -181,7 +181,7 @@ def apply_group_counts(model: nn.Module, numels: Dict[str, int], counts: Dict[st
     """Remove ``counts[key]`` channels of every dependency group (its least important, by group magnitude)
     and mask the residual blocks ``metadata["removed_blocks"]`` names to the identity; ``example_inputs``
     (default: shaped like ``metadata["input_shape"]``) trace the model. Checked first, undone on failure."""
-    check_channel_metadata(metadata, example_inputs)
+    _check_channel_metadata(metadata, example_inputs)
     if example_inputs is None:
         example_inputs = torch.randn(2, *metadata["input_shape"], generator=torch.Generator().manual_seed(0))
     round_to = metadata.get("round_to")
